@@ -1,0 +1,66 @@
+// The one registry of cnnext ops: every schema is defined here, once. This file is compiled into
+// both extensions: `cnnext._C` defines the namespace `cnnext` (CPU and CUDA kernels) and
+// `cnnext._C_emu` defines `cnnext_emu` (the CUDA kernels run by the CPU emulator), so the two
+// namespaces can never drift apart. Kernels register per backend in csrc/<op>/{cpu.cpp,cuda.cu}.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common/library.h"
+
+CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
+  // ---- pooling (csrc/pool2d) ----
+  m.def(
+      "max_pool2d_with_argmax(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor argmax, int[] input_size) -> Tensor");
+  m.def(
+      "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def(
+      "avg_pool2d_backward(Tensor grad_output, int[] input_size, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
+      "int? divisor_override) -> Tensor");
+
+  // ---- direct convolution (csrc/conv2d_direct) ----
+  m.def(
+      "conv2d_direct(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, str variant) -> Tensor");
+  m.def(
+      "conv2d_direct_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+
+  // ---- im2col + GEMM convolution (csrc/conv2d_im2col) ----
+  m.def(
+      "conv2d_im2col(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int max_col_bytes) -> Tensor");
+  m.def(
+      "conv2d_im2col_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, int max_col_bytes) "
+      "-> (Tensor, Tensor, Tensor)");
+
+  // ---- fused conv + batch norm + ReLU (csrc/conv_bn_relu) ----
+
+  // ---- test hooks (not part of the public API) ----
+  // The GEMM wrapper of csrc/common/gemm.cuh, exposed so tests can hold it against torch.matmul
+  // and check its cuBLAS argument validation. Returns alpha*op(A)op(B) + beta*C in a copy of c.
+  m.def(
+      "_gemm(Tensor a, Tensor b, Tensor c, str transa, str transb, int m, int n, int k, "
+      "float alpha, float beta, int lda, int ldb, int ldc, int stride_a, int stride_b, "
+      "int stride_c, int batch) -> Tensor");
+}
+
+// Importing the extension module registers the ops above (extension-cpp's pattern: no pybind).
+#ifdef CNNEXT_CUDA_EMULATION
+#define CNNEXT_MODULE_NAME "_C_emu"
+#define CNNEXT_PYINIT PyInit__C_emu
+#else
+#define CNNEXT_MODULE_NAME "_C"
+#define CNNEXT_PYINIT PyInit__C
+#endif
+
+extern "C" PyMODINIT_FUNC CNNEXT_PYINIT(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, CNNEXT_MODULE_NAME, nullptr, -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}

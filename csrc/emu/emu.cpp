@@ -1,0 +1,701 @@
+// The emulator's scheduler: one fiber per CUDA thread, blocks run one after another.
+//
+// A block runs in rounds. Each round resumes every runnable thread (in forward, reverse or random
+// order) until it reaches a barrier or returns. Then warp barriers whose lanes have all arrived
+// open; failing that, the block barrier opens if every live thread waits at the same call site.
+// If nothing can open, the block is deadlocked or its threads wait at different barriers: both
+// are errors, as they are undefined behaviour on a GPU.
+#include "emu/emu.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#ifdef CNNEXT_EMU_BOOST
+#include <boost/context/detail/fcontext.hpp>
+#else
+#include <ucontext.h>
+#endif
+
+#ifdef CNNEXT_EMU_TSAN
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+#endif
+#ifdef CNNEXT_EMU_ASAN
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+thread_local dim3 threadIdx;
+thread_local dim3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
+namespace cnnext::emu {
+namespace {
+
+[[noreturn]] void raise(const std::string& msg) { throw std::runtime_error(msg); }
+
+// ---- schedule ---------------------------------------------------------------------------------
+enum class Order { Forward, Reverse, Random };
+struct Schedule {
+  Order order = Order::Forward;
+  std::uint64_t seed = 0;
+  std::string text = "forward";
+};
+
+Schedule parse_schedule(const std::string& s) {
+  Schedule out;
+  out.text = s;
+  if (s == "forward") {
+    out.order = Order::Forward;
+  } else if (s == "reverse") {
+    out.order = Order::Reverse;
+  } else if (s.rfind("random", 0) == 0) {
+    out.order = Order::Random;
+    if (s.size() > 6) {
+      if (s[6] != ':' || s.size() == 7) raise("cnnext emulator: bad schedule '" + s + "'");
+      char* end = nullptr;
+      out.seed = std::strtoull(s.c_str() + 7, &end, 10);
+      if (*end != '\0') raise("cnnext emulator: bad schedule seed in '" + s + "'");
+    }
+  } else {
+    raise("cnnext emulator: schedule must be 'forward', 'reverse' or 'random:SEED', got '" + s +
+          "'");
+  }
+  return out;
+}
+
+Schedule& current_schedule() {
+  thread_local Schedule schedule = [] {
+    const char* env = std::getenv("CNNEXT_EMU_SCHEDULE");
+    return parse_schedule(env && *env ? env : "forward");
+  }();
+  return schedule;
+}
+
+// ---- fiber stacks -------------------------------------------------------------------------------
+std::size_t stack_bytes() {
+  static const std::size_t bytes = [] {
+    const char* env = std::getenv("CNNEXT_EMU_STACK_KB");
+#if defined(CNNEXT_EMU_ASAN) || defined(CNNEXT_EMU_TSAN)
+    std::size_t kb = 1024;
+#else
+    std::size_t kb = 256;
+#endif
+    if (env && *env) kb = std::strtoull(env, nullptr, 10);
+    return std::max<std::size_t>(kb, 64) * 1024;
+  }();
+  return bytes;
+}
+
+// mmap'd stacks with a guard page below, so an overflow faults instead of corrupting memory.
+struct StackPool {
+  std::vector<char*> free_list;
+  ~StackPool() {
+    for (char* s : free_list) munmap(s - page(), stack_bytes() + page());
+  }
+  static std::size_t page() { return static_cast<std::size_t>(sysconf(_SC_PAGESIZE)); }
+  char* get() {
+    if (!free_list.empty()) {
+      char* s = free_list.back();
+      free_list.pop_back();
+      return s;
+    }
+    void* p = mmap(nullptr, stack_bytes() + page(), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) raise("cnnext emulator: out of memory for fiber stacks");
+    mprotect(p, page(), PROT_NONE);
+    return static_cast<char*>(p) + page();
+  }
+  void put(char* s) { free_list.push_back(s); }
+};
+thread_local StackPool stack_pool;
+
+// ---- per-thread and per-block state -------------------------------------------------------------
+enum class Status : std::uint8_t { NotStarted, Runnable, AtBlockBarrier, AtWarpBarrier, Done };
+
+struct Thread {
+  Status status = Status::NotStarted;
+  const char* file = nullptr;  // call site of the barrier this thread waits at
+  int line = 0;
+  unsigned mask = 0;  // warp barriers: the lanes that take part
+  char* stack = nullptr;
+#ifdef CNNEXT_EMU_BOOST
+  boost::context::detail::fcontext_t ctx = nullptr;
+#else
+  ucontext_t ctx;
+#endif
+#ifdef CNNEXT_EMU_TSAN
+  void* tsan_fiber = nullptr;
+#endif
+#ifdef CNNEXT_EMU_ASAN
+  void* asan_fake_stack = nullptr;
+#endif
+};
+
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kSlotBytes = 16;
+
+struct Block {
+  const char* kernel = nullptr;
+  void (*body)(void*) = nullptr;
+  void* payload = nullptr;
+  dim3 dims;
+  unsigned n = 0;
+  std::vector<Thread> threads;
+  std::vector<unsigned> order;
+  std::uint64_t block_generation = 0;
+  std::uint64_t warp_generation[kMaxWarps] = {};
+  // Shuffle lane slots, double-buffered by warp generation: a lane that races ahead to the next
+  // shuffle writes the other buffer while slow lanes still read this one.
+  unsigned char slots[2][kMaxThreads][kSlotBytes];
+  std::vector<unsigned char> dynamic_smem;
+  std::exception_ptr error;
+  std::string error_site;
+#ifdef CNNEXT_EMU_TSAN
+  // Barrier generations alternate between two sync objects so that a thread released from
+  // barrier k does not acquire what a faster thread released at barrier k + 1.
+  char block_token[2] = {};
+  char warp_token[kMaxWarps][2] = {};
+  char done_token = 0;
+#endif
+#ifdef CNNEXT_EMU_BOOST
+  boost::context::detail::fcontext_t scheduler_ctx = nullptr;
+#else
+  ucontext_t scheduler_ctx;
+#endif
+#ifdef CNNEXT_EMU_TSAN
+  void* scheduler_tsan = nullptr;
+#endif
+#ifdef CNNEXT_EMU_ASAN
+  void* scheduler_fake_stack = nullptr;
+  const void* scheduler_stack_bottom = nullptr;
+  std::size_t scheduler_stack_size = 0;
+#endif
+};
+
+// Under TSan, emulator bookkeeping touched by fibers (thread states, lane slots) is not kernel
+// memory: fibers ignore their own accesses while inside the emulator, so only kernel code is
+// checked. Sync annotations still count while accesses are ignored.
+struct EmulatorScope {
+#ifdef CNNEXT_EMU_TSAN
+  EmulatorScope() { __tsan_ignore_thread_begin(); }
+  ~EmulatorScope() { __tsan_ignore_thread_end(); }
+#endif
+};
+
+thread_local Block* tl_block = nullptr;  // the block being run on this OS thread
+thread_local unsigned tl_tid = 0;        // the emulated thread now running
+
+Block& current_block() {
+  if (!tl_block) raise("cnnext emulator: a device function was called outside a kernel launch");
+  return *tl_block;
+}
+
+std::string site(const char* file, int line) {
+  std::ostringstream os;
+  os << (file ? file : "?") << ":" << line;
+  return os.str();
+}
+
+// ---- context switching -------------------------------------------------------------------------
+void fiber_main();
+
+#ifdef CNNEXT_EMU_BOOST
+namespace bctx = boost::context::detail;
+void fiber_entry(bctx::transfer_t t) {
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_ignore_thread_begin();
+#endif
+  tl_block->scheduler_ctx = t.fctx;
+  fiber_main();
+}
+#else
+void fiber_entry() {
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_ignore_thread_begin();
+#endif
+  fiber_main();
+}
+#endif
+
+// Fiber side: hand control back to the scheduler. `finished` marks the last switch.
+void switch_to_scheduler(bool finished) {
+  Block& b = *tl_block;
+#ifdef CNNEXT_EMU_ASAN
+  Thread& t = b.threads[tl_tid];
+  __sanitizer_start_switch_fiber(finished ? nullptr : &t.asan_fake_stack,
+                                 b.scheduler_stack_bottom, b.scheduler_stack_size);
+#endif
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_switch_to_fiber(b.scheduler_tsan, __tsan_switch_to_fiber_no_sync);
+#endif
+#ifdef CNNEXT_EMU_BOOST
+  bctx::transfer_t back = bctx::jump_fcontext(b.scheduler_ctx, nullptr);
+  tl_block->scheduler_ctx = back.fctx;
+#else
+  swapcontext(&b.threads[tl_tid].ctx, &b.scheduler_ctx);
+#endif
+  (void)finished;
+#ifdef CNNEXT_EMU_ASAN
+  __sanitizer_finish_switch_fiber(tl_block->threads[tl_tid].asan_fake_stack, nullptr, nullptr);
+#endif
+}
+
+void fiber_main() {
+#ifdef CNNEXT_EMU_ASAN
+  {
+    Block& b = *tl_block;
+    __sanitizer_finish_switch_fiber(nullptr, &b.scheduler_stack_bottom, &b.scheduler_stack_size);
+  }
+#endif
+  Block& b = *tl_block;
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_ignore_thread_end();  // fiber_entry began ignoring; the kernel body is checked
+#endif
+  try {
+    b.body(b.payload);
+  } catch (...) {
+#ifdef CNNEXT_EMU_TSAN
+    __tsan_ignore_thread_begin();
+    __tsan_ignore_thread_end();
+#endif
+    if (!b.error) {
+      b.error = std::current_exception();
+      b.error_site = "thread (" + std::to_string(threadIdx.x) + "," +
+                     std::to_string(threadIdx.y) + "," + std::to_string(threadIdx.z) + ")";
+    }
+  }
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_release(&b.done_token);
+  __tsan_ignore_thread_begin();
+#endif
+  b.threads[tl_tid].status = Status::Done;
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_ignore_thread_end();  // a fiber must not end while ignoring
+#endif
+  switch_to_scheduler(true);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// Scheduler side: run thread `tid` until it reaches a barrier or returns.
+void resume(Block& b, unsigned tid) {
+  Thread& t = b.threads[tid];
+  const unsigned x = tid % b.dims.x, y = (tid / b.dims.x) % b.dims.y,
+                 z = tid / (b.dims.x * b.dims.y);
+  threadIdx = dim3(x, y, z);
+  tl_tid = tid;
+  if (t.status == Status::NotStarted) {
+    t.stack = stack_pool.get();
+#ifdef CNNEXT_EMU_BOOST
+    t.ctx = bctx::make_fcontext(t.stack + stack_bytes(), stack_bytes(), &fiber_entry);
+#else
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = t.stack;
+    t.ctx.uc_stack.ss_size = stack_bytes();
+    t.ctx.uc_link = nullptr;
+    makecontext(&t.ctx, &fiber_entry, 0);
+#endif
+#ifdef CNNEXT_EMU_TSAN
+    t.tsan_fiber = __tsan_create_fiber(0);
+#endif
+  }
+  t.status = Status::Runnable;
+#ifdef CNNEXT_EMU_ASAN
+  __sanitizer_start_switch_fiber(&b.scheduler_fake_stack, t.stack, stack_bytes());
+#endif
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_switch_to_fiber(t.tsan_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
+#ifdef CNNEXT_EMU_BOOST
+  bctx::transfer_t back = bctx::jump_fcontext(t.ctx, nullptr);
+  t.ctx = back.fctx;
+#else
+  swapcontext(&b.scheduler_ctx, &t.ctx);
+#endif
+#ifdef CNNEXT_EMU_ASAN
+  __sanitizer_finish_switch_fiber(b.scheduler_fake_stack, nullptr, nullptr);
+#endif
+#ifndef CNNEXT_EMU_TSAN
+  // Under TSan a stack is reused only after the block, when its fibers are known to be done;
+  // reusing it sooner would look like a race between two threads of the block.
+  if (t.status == Status::Done) {
+    stack_pool.put(t.stack);
+    t.stack = nullptr;
+  }
+#endif
+}
+
+void release_stacks(Block& b) {
+  for (unsigned i = 0; i < b.n; ++i) {
+    Thread& t = b.threads[i];
+    if (t.stack) stack_pool.put(t.stack);  // an abandoned fiber's stack holds nothing we need
+    t.stack = nullptr;
+#ifdef CNNEXT_EMU_TSAN
+    if (t.tsan_fiber) __tsan_destroy_fiber(t.tsan_fiber);
+    t.tsan_fiber = nullptr;
+#endif
+  }
+}
+
+// ---- barriers -----------------------------------------------------------------------------------
+void wait_at(Status status, unsigned mask, const char* file, int line) {
+  Block& b = current_block();
+  Thread& t = b.threads[tl_tid];
+  t.status = status;
+  t.file = file;
+  t.line = line;
+  t.mask = mask;
+  switch_to_scheduler(false);
+}
+
+unsigned warp_of(unsigned tid) { return tid / 32; }
+
+[[noreturn]] void report_stuck(Block& b) {
+  std::ostringstream os;
+  os << "cnnext emulator: kernel " << b.kernel << " block (" << blockIdx.x << "," << blockIdx.y
+     << "," << blockIdx.z << ") cannot make progress: ";
+  // Group waiting threads by call site so the message points at the offending barriers.
+  std::vector<std::pair<std::string, std::vector<unsigned>>> groups;
+  for (unsigned i = 0; i < b.n; ++i) {
+    const Thread& t = b.threads[i];
+    if (t.status != Status::AtBlockBarrier && t.status != Status::AtWarpBarrier) continue;
+    std::string key = std::string(t.status == Status::AtBlockBarrier ? "__syncthreads"
+                                                                     : "warp barrier") +
+                      " at " + site(t.file, t.line);
+    auto it = std::find_if(groups.begin(), groups.end(), [&](auto& g) { return g.first == key; });
+    if (it == groups.end()) {
+      groups.push_back({key, {i}});
+    } else {
+      it->second.push_back(i);
+    }
+  }
+  unsigned done = 0;
+  for (unsigned i = 0; i < b.n; ++i) done += b.threads[i].status == Status::Done;
+  bool warp_waiters = false;
+  for (auto& g : groups) warp_waiters |= g.first.rfind("warp", 0) == 0;
+  if (groups.size() > 1 && !warp_waiters) {
+    os << "threads wait at different __syncthreads (barrier mismatch): ";
+  } else {
+    os << "deadlock (no barrier can open): ";
+  }
+  for (auto& [key, tids] : groups) {
+    os << tids.size() << " thread(s) [first " << tids.front() << "] at " << key << "; ";
+  }
+  os << done << " thread(s) exited";
+  raise(os.str());
+}
+
+// Opens at most one warp barrier or the block barrier; false when none can open.
+bool open_barriers(Block& b) {
+  bool opened = false;
+  const unsigned warps = (b.n + 31) / 32;
+  for (unsigned w = 0; w < warps; ++w) {
+    const unsigned first = w * 32, last = std::min(b.n, first + 32);
+    int lead = -1;
+    for (unsigned i = first; i < last; ++i) {
+      if (b.threads[i].status == Status::AtWarpBarrier) {
+        lead = static_cast<int>(i);
+        break;
+      }
+    }
+    if (lead < 0) continue;
+    const Thread& L = b.threads[lead];
+    bool complete = true;
+    for (unsigned i = first; i < last; ++i) {
+      const Thread& t = b.threads[i];
+      const bool member = (L.mask >> (i - first)) & 1u;
+      if (t.status == Status::AtWarpBarrier &&
+          (t.mask != L.mask || t.line != L.line || t.file != L.file)) {
+        raise("cnnext emulator: kernel " + std::string(b.kernel) + ": lanes of warp " +
+              std::to_string(w) + " wait at different warp operations: " + site(L.file, L.line) +
+              " (mask " + std::to_string(L.mask) + ") and " + site(t.file, t.line) + " (mask " +
+              std::to_string(t.mask) + ")");
+      }
+      if (!member) continue;
+      if (t.status == Status::Done) {
+        raise("cnnext emulator: kernel " + std::string(b.kernel) + ": lane " +
+              std::to_string(i - first) + " of warp " + std::to_string(w) +
+              " exited but is named in the mask of the warp operation at " +
+              site(L.file, L.line));
+      }
+      if (t.status != Status::AtWarpBarrier) complete = false;
+    }
+    if (!complete) continue;
+    for (unsigned i = first; i < last; ++i) {
+      if (b.threads[i].status == Status::AtWarpBarrier) b.threads[i].status = Status::Runnable;
+    }
+    ++b.warp_generation[w];
+    opened = true;
+  }
+  if (opened) return true;
+
+  unsigned live = 0, at_barrier = 0;
+  const Thread* lead = nullptr;
+  for (unsigned i = 0; i < b.n; ++i) {
+    const Thread& t = b.threads[i];
+    if (t.status == Status::Done) continue;
+    ++live;
+    if (t.status != Status::AtBlockBarrier) continue;
+    ++at_barrier;
+    if (!lead) lead = &t;
+    if (t.file != lead->file || t.line != lead->line) report_stuck(b);
+  }
+  if (live == 0 || at_barrier != live) return false;
+  for (unsigned i = 0; i < b.n; ++i) {
+    if (b.threads[i].status == Status::AtBlockBarrier) b.threads[i].status = Status::Runnable;
+  }
+  ++b.block_generation;
+  return true;
+}
+
+void run_block(Block& b, std::uint64_t block_linear, const Schedule& sched) {
+  for (unsigned i = 0; i < b.n; ++i) b.threads[i] = Thread{};
+  b.block_generation = 0;
+  std::fill(std::begin(b.warp_generation), std::end(b.warp_generation), 0);
+  b.error = nullptr;
+  if (!b.dynamic_smem.empty()) std::fill(b.dynamic_smem.begin(), b.dynamic_smem.end(), 0xFF);
+  std::mt19937_64 rng(sched.seed * 0x9E3779B97F4A7C15ull + block_linear);
+
+  for (std::uint64_t round = 0;; ++round) {
+    b.order.clear();
+    for (unsigned i = 0; i < b.n; ++i) {
+      const Status s = b.threads[i].status;
+      if (s == Status::NotStarted || s == Status::Runnable) b.order.push_back(i);
+    }
+    if (sched.order == Order::Reverse) std::reverse(b.order.begin(), b.order.end());
+    if (sched.order == Order::Random) std::shuffle(b.order.begin(), b.order.end(), rng);
+    for (unsigned tid : b.order) {
+      resume(b, tid);
+      if (b.error) return;
+    }
+    bool all_done = true;
+    for (unsigned i = 0; i < b.n && all_done; ++i) all_done = b.threads[i].status == Status::Done;
+    if (all_done) return;
+    if (!open_barriers(b)) report_stuck(b);
+  }
+}
+
+std::mutex& launch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+}  // namespace
+
+// ---- public API ---------------------------------------------------------------------------------
+void set_schedule(const std::string& schedule) { current_schedule() = parse_schedule(schedule); }
+std::string get_schedule() { return current_schedule().text; }
+
+const char* fiber_backend() {
+#ifdef CNNEXT_EMU_BOOST
+  return "boost.context";
+#else
+  return "ucontext";
+#endif
+}
+
+void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem,
+            void (*body)(void*), void* payload) {
+  const std::string name = kernel_name ? kernel_name : "kernel";
+  auto invalid = [&](const std::string& why) {
+    raise("cnnext emulator: invalid launch of " + name + ": " + why +
+          " (a GPU would fail with cudaErrorInvalidConfiguration)");
+  };
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) invalid("a grid dimension is 0");
+  if (grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u)
+    invalid("grid dimensions exceed (2^31-1, 65535, 65535)");
+  if (block.x == 0 || block.y == 0 || block.z == 0) invalid("a block dimension is 0");
+  if (block.x > 1024u || block.y > 1024u || block.z > 64u)
+    invalid("block dimensions exceed (1024, 1024, 64)");
+  const std::uint64_t threads = std::uint64_t(block.x) * block.y * block.z;
+  if (threads > 1024u) invalid(std::to_string(threads) + " threads per block exceed 1024");
+  if (smem > 48u * 1024u)
+    invalid(std::to_string(smem) + " bytes of dynamic shared memory exceed 48 KiB");
+  if (tl_block) raise("cnnext emulator: kernel " + name + " launched from inside a kernel");
+
+#ifdef CNNEXT_EMU_PLAIN_SHARED
+  // Plain static shared memory is one copy per process: one launch at a time.
+  std::lock_guard<std::mutex> lock(launch_mutex());
+#else
+  (void)launch_mutex;
+#endif
+#ifdef CNNEXT_EMU_TSAN
+  // The scheduler's own bookkeeping is not kernel memory: only fibers are checked for races.
+  __tsan_ignore_thread_begin();
+#endif
+
+  const Schedule sched = current_schedule();
+  auto state = std::make_unique<Block>();
+  Block& b = *state;
+  b.kernel = name.c_str();
+  b.body = body;
+  b.payload = payload;
+  b.dims = block;
+  b.n = static_cast<unsigned>(threads);
+  b.threads.resize(b.n);
+  b.order.reserve(b.n);
+  b.dynamic_smem.assign(smem, 0xFF);
+#ifdef CNNEXT_EMU_TSAN
+  b.scheduler_tsan = __tsan_get_current_fiber();
+#endif
+
+  const std::uint64_t nblocks = std::uint64_t(grid.x) * grid.y * grid.z;
+  std::vector<std::uint64_t> block_order;
+  if (sched.order != Order::Forward) {
+    block_order.resize(nblocks);
+    std::iota(block_order.begin(), block_order.end(), 0);
+    if (sched.order == Order::Reverse) std::reverse(block_order.begin(), block_order.end());
+    else {
+      std::mt19937_64 rng(sched.seed);
+      std::shuffle(block_order.begin(), block_order.end(), rng);
+    }
+  }
+  gridDim = grid;
+  blockDim = block;
+  tl_block = &b;
+  try {
+    for (std::uint64_t k = 0; k < nblocks; ++k) {
+      const std::uint64_t lin = block_order.empty() ? k : block_order[k];
+      blockIdx = dim3(static_cast<unsigned>(lin % grid.x),
+                      static_cast<unsigned>((lin / grid.x) % grid.y),
+                      static_cast<unsigned>(lin / (std::uint64_t(grid.x) * grid.y)));
+      run_block(b, lin, sched);
+#ifdef CNNEXT_EMU_TSAN
+      __tsan_acquire(&b.done_token);
+#endif
+      release_stacks(b);
+      if (b.error) {
+        std::string where = " in kernel " + name + ", block (" + std::to_string(blockIdx.x) +
+                            "," + std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) +
+                            "), " + b.error_site;
+        try {
+          std::rethrow_exception(b.error);
+        } catch (const std::exception& e) {
+          raise(std::string(e.what()) + where);
+        }
+      }
+    }
+  } catch (...) {
+    release_stacks(b);
+    tl_block = nullptr;
+#ifdef CNNEXT_EMU_TSAN
+    __tsan_ignore_thread_end();
+#endif
+    throw;
+  }
+  tl_block = nullptr;
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_ignore_thread_end();
+#endif
+}
+
+void block_barrier(const char* file, int line) {
+  EmulatorScope scope;
+  Block& b = current_block();
+#ifdef CNNEXT_EMU_TSAN
+  const std::uint64_t gen = b.block_generation;
+  __tsan_release(&b.block_token[gen & 1]);
+#endif
+  wait_at(Status::AtBlockBarrier, 0, file, line);
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_acquire(&tl_block->block_token[gen & 1]);
+#endif
+  (void)b;
+}
+
+void warp_barrier(unsigned mask, const char* file, int line) {
+  EmulatorScope scope;
+  Block& b = current_block();
+  const unsigned w = warp_of(tl_tid);
+  const unsigned lane = tl_tid % 32;
+  if (!((mask >> lane) & 1u)) {
+    raise("cnnext emulator: lane " + std::to_string(lane) + " calls a warp operation at " +
+          site(file, line) + " with a mask that does not include it");
+  }
+#ifdef CNNEXT_EMU_TSAN
+  const std::uint64_t gen = b.warp_generation[w];
+  __tsan_release(&b.warp_token[w][gen & 1]);
+#endif
+  wait_at(Status::AtWarpBarrier, mask, file, line);
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_acquire(&tl_block->warp_token[w][gen & 1]);
+#endif
+  (void)w;
+  (void)b;
+}
+
+void warp_shuffle(unsigned mask, const void* in, void* out, std::size_t bytes, int kind, int arg,
+                  int width, const char* file, int line) {
+  EmulatorScope scope;
+  Block& b = current_block();
+  if (width <= 0 || width > 32 || (width & (width - 1)) != 0) {
+    raise("cnnext emulator: shuffle width must be a power of two in [1, 32], got " +
+          std::to_string(width) + " at " + site(file, line));
+  }
+  const unsigned tid = tl_tid, w = warp_of(tid), lane = tid % 32;
+  const std::uint64_t gen = b.warp_generation[w];
+  std::memcpy(b.slots[gen & 1][tid], in, bytes);
+  warp_barrier(mask, file, line);
+  // Source lane, with CUDA's segment rules: lanes are split into segments of `width`.
+  const int seg = static_cast<int>(lane) / width * width;
+  const int pos = static_cast<int>(lane) - seg;
+  int src = static_cast<int>(lane);
+  switch (kind) {
+    case 0: src = seg + ((arg % width) + width) % width; break;
+    case 1: src = pos - arg >= 0 ? static_cast<int>(lane) - arg : static_cast<int>(lane); break;
+    case 2: src = pos + arg < width ? static_cast<int>(lane) + arg : static_cast<int>(lane); break;
+    case 3: {
+      const int x = static_cast<int>(lane) ^ arg;
+      src = (x / width == static_cast<int>(lane) / width) ? x : static_cast<int>(lane);
+      break;
+    }
+    default: raise("cnnext emulator: bad shuffle kind");
+  }
+  const unsigned src_tid = w * 32 + static_cast<unsigned>(src);
+  if (src_tid >= b.n || !((mask >> src) & 1u)) {
+    raise("cnnext emulator: shuffle at " + site(file, line) + " reads lane " +
+          std::to_string(src) + ", which is not in the mask (undefined on a GPU)");
+  }
+  std::memcpy(out, b.slots[gen & 1][src_tid], bytes);
+}
+
+unsigned warp_vote(unsigned mask, bool pred, int kind, const char* file, int line) {
+  EmulatorScope scope;
+  Block& b = current_block();
+  const unsigned tid = tl_tid, w = warp_of(tid);
+  const std::uint64_t gen = b.warp_generation[w];
+  b.slots[gen & 1][tid][0] = pred ? 1 : 0;
+  warp_barrier(mask, file, line);
+  unsigned ballot = 0, members = 0;
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned t = w * 32 + l;
+    if (t >= b.n || !((mask >> l) & 1u)) continue;
+    members |= 1u << l;
+    if (b.slots[gen & 1][t][0]) ballot |= 1u << l;
+  }
+  if (kind == 0) return ballot;
+  if (kind == 1) return ballot != 0;
+  return ballot == members;
+}
+
+void* dynamic_shared() {
+  Block& b = current_block();
+  return b.dynamic_smem.empty() ? nullptr : b.dynamic_smem.data();
+}
+
+void fail(const std::string& message) { raise(message); }
+
+}  // namespace cnnext::emu

@@ -1,0 +1,188 @@
+// CUDA execution model on the CPU (see DESIGN.md, "The CUDA emulator").
+//
+// A .cu file compiled by g++ with -DCNNEXT_CUDA_EMULATION sees this header instead of the CUDA
+// runtime. Each CUDA thread of a block runs as a fiber; __syncthreads() and warp shuffles yield to
+// the block's scheduler, which resumes the fibers in forward, reverse or random order. Blocks run
+// one after another on the launching OS thread. This header has no torch dependency so that the
+// emulator's self-tests build as a small standalone program (also under TSan/ASan).
+#pragma once
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+// ---- CUDA built-in types and qualifiers -------------------------------------------------------
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1)
+      : x(vx), y(vy), z(vz) {}
+};
+using cudaStream_t = void*;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+// A block runs to completion on one OS thread, so static storage per OS thread is exactly a
+// block's shared memory. The sanitizer build makes it plain static storage so ASan sees overflows.
+#ifdef CNNEXT_EMU_PLAIN_SHARED
+#define __shared__ static
+#else
+#define __shared__ static thread_local
+#endif
+
+// Set by the scheduler before it resumes each emulated thread.
+extern thread_local dim3 threadIdx;
+extern thread_local dim3 blockIdx;
+extern thread_local dim3 blockDim;
+extern thread_local dim3 gridDim;
+constexpr int warpSize = 32;
+
+namespace cnnext::emu {
+
+// Runs `body` once per thread of every block of the grid. Throws std::runtime_error for an
+// invalid launch (CUDA's limits), a barrier mismatch, a deadlock, or an error raised by a thread.
+void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t dynamic_smem_bytes,
+            void (*body)(void*), void* payload);
+
+template <typename F>
+void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem, F& body) {
+  launch(kernel_name, grid, block, smem, [](void* p) { (*static_cast<F*>(p))(); }, &body);
+}
+
+// "forward", "reverse" or "random:SEED". Per OS thread; the initial value comes from the
+// environment variable CNNEXT_EMU_SCHEDULE (default "forward").
+void set_schedule(const std::string& schedule);
+std::string get_schedule();
+const char* fiber_backend();  // "boost.context" or "ucontext"
+
+// Barrier and warp primitives (the public CUDA names are defined below).
+void block_barrier(const char* file, int line);
+void warp_barrier(unsigned mask, const char* file, int line);
+// kind: 0 idx, 1 up, 2 down, 3 xor.
+void warp_shuffle(unsigned mask, const void* in, void* out, std::size_t bytes, int kind, int arg,
+                  int width, const char* file, int line);
+// kind: 0 ballot (bit mask of lanes with pred), 1 any, 2 all.
+unsigned warp_vote(unsigned mask, bool pred, int kind, const char* file, int line);
+void* dynamic_shared();  // this block's dynamic shared memory, poisoned with 0xFF bytes
+void fail(const std::string& message);  // raise from inside a kernel
+
+}  // namespace cnnext::emu
+
+// ---- synchronisation ---------------------------------------------------------------------------
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  cnnext::emu::block_barrier(file, line);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(),
+                       int line = __builtin_LINE()) {
+  cnnext::emu::warp_barrier(mask, file, line);
+}
+
+template <typename T>
+T cnnext_emu_shuffle(unsigned mask, T var, int kind, int arg, int width, const char* file,
+                     int line) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 16, "shuffle of a large type");
+  T out;
+  cnnext::emu::warp_shuffle(mask, &var, &out, sizeof(T), kind, arg, width, file, line);
+  return out;
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize,
+              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return cnnext_emu_shuffle(mask, var, 0, src_lane, width, file, line);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
+                 const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return cnnext_emu_shuffle(mask, var, 1, static_cast<int>(delta), width, file, line);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
+                   const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return cnnext_emu_shuffle(mask, var, 2, static_cast<int>(delta), width, file, line);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
+                  const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return cnnext_emu_shuffle(mask, var, 3, lane_mask, width, file, line);
+}
+inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  return cnnext::emu::warp_vote(mask, pred != 0, 0, file, line);
+}
+inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
+                      int line = __builtin_LINE()) {
+  return static_cast<int>(cnnext::emu::warp_vote(mask, pred != 0, 1, file, line));
+}
+inline int __all_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
+                      int line = __builtin_LINE()) {
+  return static_cast<int>(cnnext::emu::warp_vote(mask, pred != 0, 2, file, line));
+}
+
+// ---- atomics: real atomics, because blocks may one day run on several OS threads and because
+// ThreadSanitizer must see them as atomics (a plain += between fibers is reported as a race).
+template <typename T>
+T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
+template <typename T>
+T atomicSub(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_sub(value);
+}
+template <typename T>
+T atomicExch(T* address, T value) {
+  return std::atomic_ref<T>(*address).exchange(value);
+}
+template <typename T>
+T atomicCAS(T* address, T compare, T value) {
+  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
+  return compare;  // holds the old value whether or not the exchange happened
+}
+template <typename T>
+T atomicMax(T* address, T value) {
+  std::atomic_ref<T> ref(*address);
+  T old = ref.load();
+  while (old < value && !ref.compare_exchange_weak(old, value)) {
+  }
+  return old;
+}
+template <typename T>
+T atomicMin(T* address, T value) {
+  std::atomic_ref<T> ref(*address);
+  T old = ref.load();
+  while (value < old && !ref.compare_exchange_weak(old, value)) {
+  }
+  return old;
+}
+
+// ---- math intrinsics used by the kernels ---------------------------------------------------------
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+inline float __int_as_float(int v) {
+  float f;
+  std::memcpy(&f, &v, sizeof f);
+  return f;
+}
+inline int __float_as_int(float f) {
+  int v;
+  std::memcpy(&v, &f, sizeof v);
+  return v;
+}
+
+// Dynamic shared memory: `extern __shared__` has no C++ meaning, so kernels use this macro.
+#define CNNEXT_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::cnnext::emu::dynamic_shared())

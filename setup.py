@@ -1,0 +1,225 @@
+"""Build cnnext's extensions.
+
+- ``cnnext._C``: CPU kernels, plus the CUDA kernels when torch has CUDA and nvcc is found
+  (``CNNEXT_CUDA=0|1`` overrides the detection).
+- ``cnnext._C_emu``: the same ``.cu`` sources compiled by g++ against the CPU emulator of the
+  CUDA execution model (``csrc/emu``), registered for CPU tensors in the ``cnnext_emu``
+  namespace. It needs neither nvcc nor a CUDA torch. ``CNNEXT_EMU=0`` skips it.
+- ``CNNEXT_EMU_SANITIZE=address|thread`` builds the emulator with a sanitizer (tests only).
+
+Install with ``pip install --no-build-isolation -e .`` so the installed torch is used.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = "csrc"
+VERSION = "0.1.0"
+
+# CUDA_HOME must be known before torch.utils.cpp_extension is imported: it resolves it then,
+# and the auto-detected /usr/local is wrong on machines where nvcc is a symlink there.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+
+def env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda() -> bool:
+    forced = env_flag("CNNEXT_CUDA")
+    found = torch.version.cuda is not None and CUDA_HOME is not None
+    found = found and os.path.exists(os.path.join(CUDA_HOME or "", "bin", "nvcc"))
+    if forced is True and not found:
+        sys.exit("CNNEXT_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
+    return found if forced is None else forced
+
+
+def nvidia_include_dirs() -> list[str]:
+    """Headers of the pip-installed CUDA libraries (cuBLAS, cuSPARSE, ...), which
+    ATen/cuda/CUDAContext.h includes."""
+    try:
+        import nvidia  # namespace package installed with torch's CUDA wheels
+    except ImportError:
+        return []
+    dirs: list[str] = []
+    for base in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
+def cuda_arch_list() -> str:
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # With no GPU visible torch cannot pick the archs itself (it raises IndexError).
+        if not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    return os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+
+
+def has_boost_context() -> bool:
+    cxx = os.environ.get("CXX", "c++")
+    probe = "#include <boost/context/detail/fcontext.hpp>\nint main() { return 0; }\n"
+    try:
+        result = subprocess.run(
+            [cxx, "-x", "c++", "-", "-o", os.devnull, "-lboost_context"],
+            input=probe.encode(),
+            capture_output=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        return False
+    return result.returncode == 0
+
+
+def op_dirs() -> list[str]:
+    return sorted(
+        d
+        for d in os.listdir(CSRC)
+        if os.path.isdir(os.path.join(CSRC, d)) and d not in ("common", "emu")
+    )
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def emu_sources(tag: str) -> list[str]:
+    """g++ compiles .cu files only through a .cpp wrapper; the wrappers also give the emulator
+    build its own object files, apart from those of cnnext._C."""
+    out_dir = ROOT / "build" / f"emu_src{tag}"
+    units = {"cnnext_emu.cpp": "cnnext.cpp", "params.cpp": "common/params.cpp"}
+    units["emu.cpp"] = "emu/emu.cpp"
+    units["control.cpp"] = "emu/control.cpp"
+    for op in op_dirs():
+        if os.path.exists(os.path.join(CSRC, op, "cuda.cu")):
+            units[f"{op}_cuda.cpp"] = f"{op}/cuda.cu"
+    sources = []
+    for name, target in units.items():
+        write_if_changed(out_dir / name, f'#include "{target}"\n')
+        sources.append(os.path.relpath(out_dir / name, ROOT))
+    return sources
+
+
+def build_info(cuda: bool, archs: str, emu: bool, fiber: str) -> None:
+    text = (
+        "# Written by setup.py at build time.\n"
+        f"VERSION = {VERSION!r}\n"
+        f"CUDA_COMPILED = {cuda!r}\n"
+        f"CUDA_ARCHS = {archs.split(';') if cuda else []!r}\n"
+        f"CUDA_VERSION = {torch.version.cuda if cuda else None!r}\n"
+        f"EMULATOR_BUILT = {emu!r}\n"
+        f"EMULATOR_FIBERS = {fiber!r}\n"
+        f"EMULATOR_SANITIZER = {os.environ.get('CNNEXT_EMU_SANITIZE') or None!r}\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+    )
+    write_if_changed(ROOT / "cnnext" / "_build_info.py", text)
+
+
+def extensions() -> list:
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    common = {
+        "include_dirs": [str(ROOT / CSRC)],
+        "extra_link_args": ["-fopenmp"],
+    }
+    ops = op_dirs()
+    cpu_sources = [f"{CSRC}/cnnext.cpp", f"{CSRC}/common/params.cpp"]
+    cpu_sources += [f"{CSRC}/{op}/cpu.cpp" for op in ops if os.path.exists(f"{CSRC}/{op}/cpu.cpp")]
+    exts = []
+    cuda = want_cuda()
+    archs = ""
+    if cuda:
+        archs = cuda_arch_list()
+        cuda_sources = [f"{CSRC}/{op}/cuda.cu" for op in ops if os.path.exists(f"{CSRC}/{op}/cuda.cu")]
+        exts.append(
+            CUDAExtension(
+                "cnnext._C",
+                cpu_sources + cuda_sources,
+                include_dirs=common["include_dirs"] + nvidia_include_dirs(),
+                extra_compile_args={
+                    "cxx": cxx_flags,
+                    "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+                },
+                extra_link_args=common["extra_link_args"],
+                libraries=["cublas"],
+            )
+        )
+    else:
+        exts.append(CppExtension("cnnext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, **common))
+
+    emu = env_flag("CNNEXT_EMU") is not False
+    fiber = ""
+    if emu:
+        boost = has_boost_context()
+        fiber = "boost.context" if boost else "ucontext"
+        sanitize = os.environ.get("CNNEXT_EMU_SANITIZE", "")
+        emu_flags = ["-O2", "-fopenmp", "-DCNNEXT_CUDA_EMULATION", "-Wall", "-Wno-unused-function"]
+        link = ["-fopenmp"]
+        if boost:
+            emu_flags.append("-DCNNEXT_EMU_BOOST")
+        if sanitize == "address":
+            emu_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-DCNNEXT_EMU_ASAN",
+                          "-DCNNEXT_EMU_PLAIN_SHARED", "-O1", "-g"]
+            link.append("-fsanitize=address")
+        elif sanitize == "thread":
+            emu_flags += ["-fsanitize=thread", "-DCNNEXT_EMU_TSAN", "-O1", "-g"]
+            link.append("-fsanitize=thread")
+        elif sanitize:
+            sys.exit(f"CNNEXT_EMU_SANITIZE must be 'address' or 'thread', got {sanitize!r}")
+        exts.append(
+            CppExtension(
+                "cnnext._C_emu",
+                emu_sources(f"_{sanitize}" if sanitize else ""),
+                include_dirs=common["include_dirs"],
+                extra_compile_args={"cxx": emu_flags},
+                extra_link_args=link,
+                libraries=["boost_context"] if boost else [],
+            )
+        )
+    build_info(cuda, archs, emu, fiber)
+    return exts
+
+
+class Build(BuildExtension):
+    """BuildExtension with ninja; MAX_JOBS bounds the parallel compiles."""
+
+    def run(self) -> None:  # noqa: D102
+        if shutil.which("ninja") is None:
+            self.use_ninja = False
+        super().run()
+
+
+setup(
+    name="cnnext",
+    version=VERSION,
+    description="Verified CNN layer kernels for PyTorch: direct and im2col convolution, "
+    "pooling, fused Conv+BN+ReLU, on CPU and CUDA",
+    packages=find_packages(include=["cnnext", "cnnext.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch"],
+    zip_safe=False,
+)

@@ -1,0 +1,313 @@
+// Self-tests of the CUDA emulator: small kernels in plain CUDA, each checked against a CPU
+// reference, and planted-bug twins the emulator must catch. Built without torch by
+// tests/test_emulator.py (g++, optionally with -fsanitize=thread), and run as
+//   selftest CASE SCHEDULE     -> prints "PASS", "WRONG ..." (exit 1) or "ERROR ..." (exit 2).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "emu/emu.h"
+
+template <typename... KArgs, typename... Args>
+void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+            Args... args) {
+  auto body = [&]() { kernel(args...); };
+  cnnext::emu::launch(name, grid, block, smem, body);
+}
+
+// ---- tiled transpose: a 32x32 tile through shared memory, one barrier ---------------------------
+constexpr int TILE = 32, ROWS = 8;
+template <bool kBarrier>
+__global__ void transpose_kernel(const float* in, float* out, int h, int w) {
+  __shared__ float tile[TILE][TILE + 1];
+  int x = blockIdx.x * TILE + threadIdx.x, y = blockIdx.y * TILE + threadIdx.y;
+  for (int j = 0; j < TILE; j += ROWS)
+    if (x < w && y + j < h) tile[threadIdx.y + j][threadIdx.x] = in[(y + j) * w + x];
+  if (kBarrier) __syncthreads();
+  x = blockIdx.y * TILE + threadIdx.x;
+  y = blockIdx.x * TILE + threadIdx.y;
+  for (int j = 0; j < TILE; j += ROWS)
+    if (x < h && y + j < w) out[(y + j) * h + x] = tile[threadIdx.x][threadIdx.y + j];
+}
+
+// ---- tiled matmul: two barriers per K step --------------------------------------------------------
+constexpr int MT = 16;
+template <bool kSecondBarrier>
+__global__ void matmul_kernel(const float* a, const float* b, float* c, int m, int n, int k) {
+  __shared__ float sa[MT][MT];
+  __shared__ float sb[MT][MT];
+  const int row = blockIdx.y * MT + threadIdx.y, col = blockIdx.x * MT + threadIdx.x;
+  float acc = 0.f;
+  for (int t = 0; t < k; t += MT) {
+    sa[threadIdx.y][threadIdx.x] =
+        (row < m && t + threadIdx.x < k) ? a[row * k + t + threadIdx.x] : 0.f;
+    sb[threadIdx.y][threadIdx.x] =
+        (t + threadIdx.y < k && col < n) ? b[(t + threadIdx.y) * n + col] : 0.f;
+    __syncthreads();
+    for (int p = 0; p < MT; ++p) acc += sa[threadIdx.y][p] * sb[p][threadIdx.x];
+    if (kSecondBarrier) __syncthreads();  // the tile may be overwritten only after everyone used it
+  }
+  if (row < m && col < n) c[row * n + col] = acc;
+}
+
+// ---- block reduction: warp shuffles, then one warp reduces the per-warp partials ----------------
+template <bool kBarrier>
+__global__ void reduce_kernel(const float* in, float* out, int n) {
+  __shared__ float partial[32];
+  const int tid = threadIdx.x, i = blockIdx.x * blockDim.x + tid;
+  float v = i < n ? in[i] : 0.f;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  if (tid % 32 == 0) partial[tid / 32] = v;
+  if (kBarrier) __syncthreads();
+  if (tid < 32) {
+    v = tid < (int)(blockDim.x / 32) ? partial[tid] : 0.f;
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (tid == 0) out[blockIdx.x] = v;
+  }
+}
+
+// ---- shared-memory histogram with atomics -------------------------------------------------------
+constexpr int BINS = 16;
+template <bool kAtomic>
+__global__ void histogram_kernel(const int* in, int* hist, int n) {
+  __shared__ int local[BINS];
+  if (threadIdx.x < BINS) local[threadIdx.x] = 0;
+  __syncthreads();
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    if (kAtomic) {
+      atomicAdd(&local[in[i]], 1);
+    } else {
+      local[in[i]] += 1;  // planted bug: a read-modify-write race between threads
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < BINS) atomicAdd(&hist[threadIdx.x], local[threadIdx.x]);
+}
+
+// ---- stencil: each thread reads its left neighbour's shared slot ---------------------------------
+template <bool kBarrier>
+__global__ void stencil_kernel(const float* in, float* out, int n) {
+  __shared__ float s[256];
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  s[threadIdx.x] = i < n ? in[i] : 0.f;
+  if (kBarrier) __syncthreads();
+  const float left = threadIdx.x > 0 ? s[threadIdx.x - 1] : (i > 0 && i - 1 < n ? in[i - 1] : 0.f);
+  if (i < n) out[i] = s[threadIdx.x] + left;
+}
+
+// ---- barrier misuse ------------------------------------------------------------------------------
+__global__ void divergent_barrier_kernel(float* out) {
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+  } else {
+    __syncthreads();  // a different barrier: undefined behaviour on a GPU
+  }
+  out[threadIdx.x] = 1.f;
+}
+
+__global__ void deadlock_kernel(float* out) {
+  // Lane 0 waits at the block barrier while lanes 1..31 wait for it in a full-warp shuffle.
+  float v = threadIdx.x;
+  if (threadIdx.x == 0) __syncthreads();
+  else v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+__global__ void early_exit_kernel(float* out) {
+  // Threads that exit do not hold a barrier back (modern CUDA semantics).
+  if (threadIdx.x >= 16) return;
+  __syncthreads();
+  out[threadIdx.x] = 2.f;
+}
+
+// ---- warp primitives and dynamic shared memory ----------------------------------------------------
+__global__ void shuffle_modes_kernel(int* out, int width) {
+  const int lane = threadIdx.x % 32, v = 100 + lane;
+  out[threadIdx.x * 5 + 0] = __shfl_sync(0xffffffffu, v, 3, width);
+  out[threadIdx.x * 5 + 1] = __shfl_up_sync(0xffffffffu, v, 2, width);
+  out[threadIdx.x * 5 + 2] = __shfl_down_sync(0xffffffffu, v, 2, width);
+  out[threadIdx.x * 5 + 3] = __shfl_xor_sync(0xffffffffu, v, 5, width);
+  out[threadIdx.x * 5 + 4] = __ballot_sync(0xffffffffu, lane % 3 == 0);
+}
+
+__global__ void dynamic_smem_kernel(float* out) {
+  CNNEXT_DYNAMIC_SHARED(float, buf);
+  out[threadIdx.x] = buf[threadIdx.x];  // read before any write: must not look like real data
+}
+
+// ---- cases ----------------------------------------------------------------------------------------
+struct Wrong : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename T>
+void expect_equal(const std::vector<T>& got, const std::vector<T>& want, double tol = 0) {
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (!(std::fabs(double(got[i]) - double(want[i])) <= tol)) {
+      throw Wrong("element " + std::to_string(i) + ": got " + std::to_string(double(got[i])) +
+                  ", want " + std::to_string(double(want[i])));
+    }
+  }
+}
+
+std::vector<float> random_floats(size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+template <bool kBarrier>
+void run_transpose() {
+  const int h = 45, w = 67;
+  auto in = random_floats(h * w, 1);
+  std::vector<float> out(h * w, 0.f), want(h * w);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x) want[x * h + y] = in[y * w + x];
+  launch("transpose", transpose_kernel<kBarrier>, dim3((w + TILE - 1) / TILE, (h + TILE - 1) / TILE),
+         dim3(TILE, ROWS), 0, in.data(), out.data(), h, w);
+  expect_equal(out, want);
+}
+
+template <bool kSecond>
+void run_matmul() {
+  const int m = 37, n = 29, k = 53;
+  auto a = random_floats(m * k, 2), b = random_floats(k * n, 3);
+  std::vector<float> c(m * n, 0.f), want(m * n, 0.f);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      float s = 0;
+      for (int p = 0; p < k; ++p) s += a[i * k + p] * b[p * n + j];
+      want[i * n + j] = s;
+    }
+  launch("matmul", matmul_kernel<kSecond>, dim3((n + MT - 1) / MT, (m + MT - 1) / MT), dim3(MT, MT),
+         0, a.data(), b.data(), c.data(), m, n, k);
+  expect_equal(c, want, 1e-4);
+}
+
+template <bool kBarrier>
+void run_reduce() {
+  const int n = 1000, threads = 256, blocks = (n + threads - 1) / threads;
+  auto in = random_floats(n, 4);
+  std::vector<float> out(blocks, 0.f), want(blocks, 0.f);
+  for (int i = 0; i < n; ++i) want[i / threads] += in[i];
+  launch("reduce", reduce_kernel<kBarrier>, dim3(blocks), dim3(threads), 0, in.data(), out.data(),
+         n);
+  expect_equal(out, want, 1e-4);
+}
+
+template <bool kAtomic>
+void run_histogram() {
+  const int n = 5000;
+  std::mt19937 rng(5);
+  std::vector<int> in(n), hist(BINS, 0), want(BINS, 0);
+  for (auto& x : in) x = static_cast<int>(rng() % BINS);
+  for (int x : in) want[x]++;
+  launch("histogram", histogram_kernel<kAtomic>, dim3(4), dim3(128), 0, in.data(), hist.data(), n);
+  expect_equal(hist, want);
+}
+
+template <bool kBarrier>
+void run_stencil() {
+  const int n = 700;
+  auto in = random_floats(n, 6);
+  std::vector<float> out(n, 0.f), want(n);
+  for (int i = 0; i < n; ++i) want[i] = in[i] + (i > 0 ? in[i - 1] : 0.f);
+  launch("stencil", stencil_kernel<kBarrier>, dim3((n + 255) / 256), dim3(256), 0, in.data(),
+         out.data(), n);
+  expect_equal(out, want, 1e-6);
+}
+
+void run_shuffle_modes() {
+  for (int width : {32, 8}) {
+    std::vector<int> out(64 * 5, 0), want(64 * 5);
+    for (int t = 0; t < 64; ++t) {
+      const int lane = t % 32, seg = lane / width * width, pos = lane - seg;
+      want[t * 5 + 0] = 100 + seg + 3 % width;
+      want[t * 5 + 1] = 100 + (pos >= 2 ? lane - 2 : lane);
+      want[t * 5 + 2] = 100 + (pos + 2 < width ? lane + 2 : lane);
+      const int x = lane ^ 5;
+      want[t * 5 + 3] = 100 + (x / width == lane / width ? x : lane);
+      unsigned ballot = 0;
+      for (int l = 0; l < 32; ++l) ballot |= (l % 3 == 0 ? 1u : 0u) << l;
+      want[t * 5 + 4] = static_cast<int>(ballot);
+    }
+    launch("shuffle_modes", shuffle_modes_kernel, dim3(1), dim3(64), 0, out.data(), width);
+    expect_equal(out, want);
+  }
+}
+
+void run_dynamic_smem() {
+  std::vector<float> out(64, 0.f);
+  launch("dynamic_smem", dynamic_smem_kernel, dim3(2), dim3(64), 64 * sizeof(float), out.data());
+  for (float v : out)
+    if (!std::isnan(v)) throw Wrong("dynamic shared memory was not poisoned");
+}
+
+void run_early_exit() {
+  std::vector<float> out(32, 0.f), want(32, 0.f);
+  for (int i = 0; i < 16; ++i) want[i] = 2.f;
+  launch("early_exit", early_exit_kernel, dim3(1), dim3(32), 0, out.data());
+  expect_equal(out, want);
+}
+
+void run_divergent_barrier() {
+  std::vector<float> out(64);
+  launch("divergent_barrier", divergent_barrier_kernel, dim3(1), dim3(64), 0, out.data());
+}
+
+void run_deadlock() {
+  std::vector<float> out(32);
+  launch("deadlock", deadlock_kernel, dim3(1), dim3(32), 0, out.data());
+}
+
+void run_too_many_threads() {
+  std::vector<float> out(2048);
+  launch("early_exit", early_exit_kernel, dim3(1), dim3(2048), 0, out.data());
+}
+
+int main(int argc, char** argv) {
+  const std::map<std::string, std::function<void()>> cases = {
+      {"transpose", run_transpose<true>},
+      {"transpose_missing_barrier", run_transpose<false>},
+      {"matmul", run_matmul<true>},
+      {"matmul_missing_barrier", run_matmul<false>},
+      {"reduce", run_reduce<true>},
+      {"reduce_missing_barrier", run_reduce<false>},
+      {"histogram", run_histogram<true>},
+      {"histogram_missing_atomic", run_histogram<false>},
+      {"stencil", run_stencil<true>},
+      {"stencil_missing_barrier", run_stencil<false>},
+      {"shuffle_modes", run_shuffle_modes},
+      {"dynamic_smem_poisoned", run_dynamic_smem},
+      {"early_exit", run_early_exit},
+      {"divergent_barrier", run_divergent_barrier},
+      {"deadlock", run_deadlock},
+      {"too_many_threads", run_too_many_threads},
+  };
+  if (argc < 2 || !cases.count(argv[1])) {
+    std::fprintf(stderr, "usage: selftest CASE [SCHEDULE]; cases:");
+    for (auto& [name, fn] : cases) std::fprintf(stderr, " %s", name.c_str());
+    std::fprintf(stderr, "\n");
+    return 3;
+  }
+  try {
+    if (argc > 2) cnnext::emu::set_schedule(argv[2]);
+    cases.at(argv[1])();
+  } catch (const Wrong& e) {
+    std::printf("WRONG %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::printf("ERROR %s\n", e.what());
+    return 2;
+  }
+  std::printf("PASS\n");
+  return 0;
+}
