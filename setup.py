@@ -69,6 +69,25 @@ def nvidia_include_dirs() -> list[str]:
     return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
 
 
+def cublas_link_args() -> list[str]:
+    """Link cuBLAS by file name: the pip wheels ship libcublas.so.N without the unversioned
+    symlink. At run time torch has already loaded the same library, so the soname resolves."""
+    dirs = [os.path.join(CUDA_HOME or "", "lib64")]
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "*", "lib")))
+    except ImportError:
+        pass
+    for d in dirs:
+        for name in ("libcublas.so", *sorted(glob.glob(os.path.join(d, "libcublas.so.*")))):
+            path = os.path.join(d, os.path.basename(name))
+            if os.path.exists(path):
+                return [f"-L{d}", f"-l:{os.path.basename(path)}"]
+    sys.exit("cnnext: CUDA build needs cuBLAS, but libcublas.so was not found")
+
+
 def cuda_arch_list() -> str:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # With no GPU visible torch cannot pick the archs itself (it raises IndexError).
@@ -152,7 +171,9 @@ def extensions() -> list:
     archs = ""
     if cuda:
         archs = cuda_arch_list()
-        cuda_sources = [f"{CSRC}/{op}/cuda.cu" for op in ops if os.path.exists(f"{CSRC}/{op}/cuda.cu")]
+        cuda_sources = [
+            f"{CSRC}/{op}/cuda.cu" for op in ops if os.path.exists(f"{CSRC}/{op}/cuda.cu")
+        ]
         exts.append(
             CUDAExtension(
                 "cnnext._C",
@@ -162,12 +183,13 @@ def extensions() -> list:
                     "cxx": cxx_flags,
                     "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
                 },
-                extra_link_args=common["extra_link_args"],
-                libraries=["cublas"],
+                extra_link_args=common["extra_link_args"] + cublas_link_args(),
             )
         )
     else:
-        exts.append(CppExtension("cnnext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, **common))
+        exts.append(
+            CppExtension("cnnext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, **common)
+        )
 
     emu = env_flag("CNNEXT_EMU") is not False
     fiber = ""
@@ -180,8 +202,14 @@ def extensions() -> list:
         if boost:
             emu_flags.append("-DCNNEXT_EMU_BOOST")
         if sanitize == "address":
-            emu_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-DCNNEXT_EMU_ASAN",
-                          "-DCNNEXT_EMU_PLAIN_SHARED", "-O1", "-g"]
+            emu_flags += [
+                "-fsanitize=address",
+                "-fno-omit-frame-pointer",
+                "-DCNNEXT_EMU_ASAN",
+                "-DCNNEXT_EMU_PLAIN_SHARED",
+                "-O1",
+                "-g",
+            ]
             link.append("-fsanitize=address")
         elif sanitize == "thread":
             emu_flags += ["-fsanitize=thread", "-DCNNEXT_EMU_TSAN", "-O1", "-g"]
@@ -203,7 +231,15 @@ def extensions() -> list:
 
 
 class Build(BuildExtension):
-    """BuildExtension with ninja; MAX_JOBS bounds the parallel compiles."""
+    """BuildExtension with ninja; MAX_JOBS bounds the parallel compiles. Objects live in a
+    persistent build/temp* folder (pip's editable install would use a fresh temp folder), so
+    ninja rebuilds only what changed."""
+
+    def finalize_options(self) -> None:  # noqa: D102
+        if self.build_temp is None:
+            tag = os.environ.get("CNNEXT_EMU_SANITIZE", "")
+            self.build_temp = str(ROOT / "build" / (f"temp-{tag}" if tag else "temp"))
+        super().finalize_options()
 
     def run(self) -> None:  # noqa: D102
         if shutil.which("ninja") is None:

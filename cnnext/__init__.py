@@ -10,8 +10,12 @@ Quick start::
 
 from __future__ import annotations
 
-from . import _fake  # noqa: F401  (fake kernels for torch.compile)
-from . import autograd, nn, ops
+from . import (
+    _fake,  # noqa: F401  (fake kernels for torch.compile)
+    autograd,
+    nn,
+    ops,
+)
 from ._backend import EMULATOR_AVAILABLE, emulate_cuda, emulating
 from ._info import info
 

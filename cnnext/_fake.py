@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from . import _backend
-from ._shapes import conv_output_size, pair, pool_output_size  # noqa: F401
+from ._shapes import conv_output_size, pair, pool_output_size
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -26,31 +27,120 @@ def register_fake(name: str) -> Callable[[F], F]:
     return decorate
 
 
+def memory_format(ref: torch.Tensor) -> torch.memory_format:
+    """The memory format torch's ops give an output computed from ``ref`` (the C++ twin is
+    ``Tensor::suggest_memory_format``): channels_last for channels_last 4D input."""
+    if ref.dim() == 4 and suggest_memory_format(ref) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def empty_like_format(
     ref: torch.Tensor, sizes: Sequence[object], dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """An empty tensor of ``sizes`` in ``ref``'s memory format (channels_last kept for 4D)."""
-    out = ref.new_empty(sizes, dtype=dtype)  # type: ignore[arg-type]
-    if ref.dim() == 4 and len(sizes) == 4 and ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    """An empty tensor of ``sizes`` in ``ref``'s memory format."""
+    fmt = memory_format(ref) if len(sizes) == 4 else torch.contiguous_format
+    return ref.new_empty(sizes, dtype=dtype).contiguous(memory_format=fmt)  # type: ignore[arg-type]
+
+
+def _pool_sizes(input, kernel_size, stride, padding, dilation, ceil_mode):
+    kh, kw = pair(kernel_size)
+    sh, sw = pair(stride) if len(stride) else (kh, kw)
+    ph, pw = pair(padding)
+    dh, dw = pair(dilation)
+    h_out = pool_output_size(input.shape[-2], kh, sh, ph, dh, ceil_mode)
+    w_out = pool_output_size(input.shape[-1], kw, sw, pw, dw, ceil_mode)
+    return (*input.shape[:-2], h_out, w_out)
+
+
+def _conv_sizes(input, weight, stride, padding, dilation):
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    h_out = conv_output_size(input.shape[-2], weight.shape[2], sh, ph, dh)
+    w_out = conv_output_size(input.shape[-1], weight.shape[3], sw, pw, dw)
+    return (*input.shape[:-3], weight.shape[0], h_out, w_out)
+
+
+def _conv_backward_fake(grad_output, input, weight, output_mask):
+    # Masked-off gradients come back as empty tensors of shape [0].
+    grad_input = (
+        empty_like_format(grad_output, input.shape) if output_mask[0] else input.new_empty(0)
+    )
+    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0)
+    grad_bias = weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0)
+    return grad_input, grad_weight, grad_bias
 
 
 # ---- test hooks ---------------------------------------------------------------------------------
 
 
 @register_fake("_gemm")
-def _gemm_fake(a, b, c, transa, transb, m, n, k, alpha, beta, lda, ldb, ldc, sa, sb, sc, batch):  # noqa: ANN001, ANN202
+def _gemm_fake(a, b, c, transa, transb, m, n, k, alpha, beta, lda, ldb, ldc, sa, sb, sc, batch):
     return torch.empty_like(c)
 
 
 # ---- pooling ------------------------------------------------------------------------------------
 
 
+@register_fake("max_pool2d_with_argmax")
+def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    sizes = _pool_sizes(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return empty_like_format(input, sizes), empty_like_format(input, sizes, dtype=torch.int64)
+
+
+@register_fake("max_pool2d_backward")
+def _max_pool2d_backward_fake(grad_output, argmax, input_size):
+    return empty_like_format(grad_output, input_size)
+
+
+@register_fake("avg_pool2d")
+def _avg_pool2d_fake(
+    input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+):
+    return empty_like_format(input, _pool_sizes(input, kernel_size, stride, padding, 1, ceil_mode))
+
+
+@register_fake("avg_pool2d_backward")
+def _avg_pool2d_backward_fake(
+    grad_output,
+    input_size,
+    kernel_size,
+    stride,
+    padding,
+    ceil_mode,
+    count_include_pad,
+    divisor_override,
+):
+    return empty_like_format(grad_output, input_size)
+
+
 # ---- direct convolution -------------------------------------------------------------------------
 
 
+@register_fake("conv2d_direct")
+def _conv2d_direct_fake(input, weight, bias, stride, padding, dilation, groups, variant):
+    return empty_like_format(input, _conv_sizes(input, weight, stride, padding, dilation))
+
+
+@register_fake("conv2d_direct_backward")
+def _conv2d_direct_backward_fake(
+    grad_output, input, weight, stride, padding, dilation, groups, output_mask
+):
+    return _conv_backward_fake(grad_output, input, weight, output_mask)
+
+
 # ---- im2col convolution -------------------------------------------------------------------------
+
+
+@register_fake("conv2d_im2col")
+def _conv2d_im2col_fake(input, weight, bias, stride, padding, dilation, groups, max_col_bytes):
+    return empty_like_format(input, _conv_sizes(input, weight, stride, padding, dilation))
+
+
+@register_fake("conv2d_im2col_backward")
+def _conv2d_im2col_backward_fake(
+    grad_output, input, weight, stride, padding, dilation, groups, output_mask, max_col_bytes
+):
+    return _conv_backward_fake(grad_output, input, weight, output_mask)
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------

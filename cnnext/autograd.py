@@ -12,7 +12,7 @@ import torch
 from . import _backend
 from ._backend import lib
 
-__all__: list[str] = []
+__all__ = ["AvgPool2dFunction", "Conv2dFunction", "MaxPool2dFunction"]
 
 
 def _mark(ctx: Any, tensor: torch.Tensor) -> Any:
@@ -24,7 +24,130 @@ def _mark(ctx: Any, tensor: torch.Tensor) -> Any:
 # ---- pooling ------------------------------------------------------------------------------------
 
 
+class MaxPool2dFunction(torch.autograd.Function):
+    """Max pooling that returns the argmax (flat ``h * W + w`` index per plane) and scatters
+    gradients back through it. Args are normalised pairs (see ``cnnext.ops.max_pool2d``)."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any,
+        input: torch.Tensor,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        ceil_mode: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ns = _mark(ctx, input)
+        output, argmax = ns.max_pool2d_with_argmax(
+            input, kernel_size, stride, padding, dilation, ceil_mode
+        )
+        ctx.save_for_backward(argmax)
+        ctx.input_size = tuple(input.shape)
+        ctx.mark_non_differentiable(argmax)
+        return output, argmax
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor, _grad_argmax: Any) -> tuple[Any, ...]:  # noqa: D102
+        (argmax,) = ctx.saved_tensors
+        grad_input = lib(ctx.emulated).max_pool2d_backward(grad_output, argmax, ctx.input_size)
+        return grad_input, None, None, None, None, None
+
+
+class AvgPool2dFunction(torch.autograd.Function):
+    """Average pooling; backward spreads each output gradient over its window."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any,
+        input: torch.Tensor,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        ceil_mode: bool,
+        count_include_pad: bool,
+        divisor_override: int | None,
+    ) -> torch.Tensor:
+        ns = _mark(ctx, input)
+        ctx.args = (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        ctx.input_size = tuple(input.shape)
+        return ns.avg_pool2d(input, *ctx.args)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # noqa: D102
+        grad_input = lib(ctx.emulated).avg_pool2d_backward(grad_output, ctx.input_size, *ctx.args)
+        return grad_input, None, None, None, None, None, None
+
+
 # ---- convolution (direct and im2col) ------------------------------------------------------------
+
+
+class Conv2dFunction(torch.autograd.Function):
+    """2D convolution by ``algo`` = ``"direct"`` (``variant`` picks the CUDA kernel: ``"auto"``,
+    ``"naive"`` or ``"tiled"``) or ``"im2col"`` (column buffer bounded by ``max_col_bytes``).
+
+    Saves the input only if the weight needs a gradient and the weight only if the input does;
+    ``ctx.needs_input_grad`` becomes the backward op's ``output_mask``. A tensor not saved is
+    passed to the backward op as a one-element placeholder of the right shape (the op reads
+    ``input`` only for ``output_mask[1]`` and ``weight`` only for ``output_mask[0]``).
+    """
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        algo: str,
+        variant: str,
+        max_col_bytes: int,
+    ) -> torch.Tensor:
+        ns = _mark(ctx, input)
+        if algo == "direct":
+            output = ns.conv2d_direct(
+                input, weight, bias, stride, padding, dilation, groups, variant
+            )
+        elif algo == "im2col":
+            output = ns.conv2d_im2col(
+                input, weight, bias, stride, padding, dilation, groups, max_col_bytes
+            )
+        else:
+            raise ValueError(f"cnnext.conv2d: algo must be 'direct' or 'im2col', got {algo!r}")
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+        ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
+        ctx.has_bias = bias is not None
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.algo, ctx.max_col_bytes = algo, max_col_bytes
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # noqa: D102
+        input, weight = ctx.saved_tensors
+        if input is None:
+            input = grad_output.new_zeros(()).expand(ctx.input_shape)
+        if weight is None:
+            weight = grad_output.new_zeros(()).expand(ctx.weight_shape)
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2],
+        ]
+        ns = lib(ctx.emulated)
+        if ctx.algo == "direct":
+            grads = ns.conv2d_direct_backward(grad_output, input, weight, *ctx.conf, mask)
+        else:
+            grads = ns.conv2d_im2col_backward(
+                grad_output, input, weight, *ctx.conf, mask, ctx.max_col_bytes
+            )
+        grad_input, grad_weight, grad_bias = (
+            g if m else None for g, m in zip(grads, mask, strict=True)
+        )
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------

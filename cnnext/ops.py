@@ -3,18 +3,172 @@ Each is differentiable through the Functions in ``cnnext.autograd``."""
 
 from __future__ import annotations
 
-import torch  # noqa: F401
+from collections.abc import Sequence
 
-from . import autograd  # noqa: F401
-from ._shapes import pair  # noqa: F401
+import torch
 
-__all__: list[str] = []
+from ._shapes import pair
+from .autograd import AvgPool2dFunction, Conv2dFunction, MaxPool2dFunction
+
+__all__ = [
+    "avg_pool2d",
+    "conv2d",
+    "get_im2col_workspace_limit",
+    "max_pool2d",
+    "set_im2col_workspace_limit",
+]
+
+ALGOS = ("direct", "im2col")
+VARIANTS = ("auto", "naive", "tiled")
+
+# The im2col column buffer is built per chunk of the batch so that it stays under this many
+# bytes (a whole-batch buffer of a ResNet layer at N=128 is ~300 MB).
+_im2col_workspace_limit = 64 << 20
+
+
+def set_im2col_workspace_limit(num_bytes: int) -> None:
+    """Bound the im2col column buffer (per call) to ``num_bytes``; at least one sample's
+    columns are always built, whatever the limit."""
+    global _im2col_workspace_limit
+    if num_bytes <= 0:
+        raise ValueError(f"cnnext: im2col workspace limit must be positive, got {num_bytes}")
+    _im2col_workspace_limit = int(num_bytes)
+
+
+def get_im2col_workspace_limit() -> int:
+    """The current im2col column-buffer bound in bytes."""
+    return _im2col_workspace_limit
+
+
+IntPair = int | Sequence[int]
+
+
+def _stride(stride: IntPair | None, kernel: tuple[int, int]) -> tuple[int, int]:
+    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+        return kernel
+    return pair(stride, "stride")
 
 
 # ---- pooling ------------------------------------------------------------------------------------
 
 
+def max_pool2d(
+    input: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Max pooling, as ``torch.nn.functional.max_pool2d``.
+
+    Args:
+        input: ``Tensor[N, C, H, W]`` or ``Tensor[C, H, W]``, contiguous or channels_last.
+        kernel_size, stride (default: kernel_size), padding, dilation: ints or pairs.
+        ceil_mode: round the output size up (the last window must start inside the input or
+            its left padding).
+        return_indices: also return the int64 argmax, the flat ``h * W + w`` index into each
+            input plane (what ``F.max_unpool2d`` takes).
+
+    Returns:
+        ``Tensor[N, C, H_out, W_out]`` (in the input's memory format), and the argmax if asked.
+    """
+    k = pair(kernel_size, "kernel_size")
+    output, argmax = MaxPool2dFunction.apply(
+        input,
+        k,
+        _stride(stride, k),
+        pair(padding, "padding"),
+        pair(dilation, "dilation"),
+        ceil_mode,
+    )
+    return (output, argmax) if return_indices else output
+
+
+def avg_pool2d(
+    input: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> torch.Tensor:
+    """Average pooling, as ``torch.nn.functional.avg_pool2d``.
+
+    Args:
+        input: ``Tensor[N, C, H, W]`` or ``Tensor[C, H, W]``, contiguous or channels_last.
+        kernel_size, stride (default: kernel_size), padding: ints or pairs.
+        ceil_mode: round the output size up.
+        count_include_pad: count padded zeros in the divisor.
+        divisor_override: divide by this instead of the window size.
+
+    Returns:
+        ``Tensor[N, C, H_out, W_out]`` in the input's memory format.
+    """
+    k = pair(kernel_size, "kernel_size")
+    return AvgPool2dFunction.apply(
+        input,
+        k,
+        _stride(stride, k),
+        pair(padding, "padding"),
+        ceil_mode,
+        count_include_pad,
+        divisor_override,
+    )
+
+
 # ---- convolution (direct and im2col) ------------------------------------------------------------
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    algo: str = "direct",
+    variant: str = "auto",
+) -> torch.Tensor:
+    """2D convolution (cross-correlation), as ``torch.nn.functional.conv2d``.
+
+    Args:
+        input: ``Tensor[N, C_in, H, W]`` or ``Tensor[C_in, H, W]``, contiguous or channels_last.
+        weight: ``Tensor[C_out, C_in / groups, kH, kW]``.
+        bias: optional ``Tensor[C_out]``.
+        stride, padding, dilation: ints or pairs (padding is zero padding).
+        groups: number of channel groups (``groups == C_in`` is depthwise).
+        algo: ``"direct"`` or ``"im2col"`` (im2col + GEMM: BLAS on CPU, cuBLAS on CUDA).
+        variant: direct CUDA kernel: ``"auto"``, ``"naive"`` (one thread per output) or
+            ``"tiled"`` (shared-memory tiles); ignored on CPU and by im2col.
+
+    Returns:
+        ``Tensor[N, C_out, H_out, W_out]``, channels_last when the input is.
+    """
+    if algo not in ALGOS:
+        raise ValueError(f"cnnext.conv2d: algo must be one of {ALGOS}, got {algo!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"cnnext.conv2d: variant must be one of {VARIANTS}, got {variant!r}")
+    if isinstance(padding, str):
+        raise ValueError(
+            "cnnext.conv2d: string padding ('same'/'valid') is resolved by cnnext.nn.Conv2d; "
+            "pass explicit integers here"
+        )
+    return Conv2dFunction.apply(
+        input,
+        weight,
+        bias,
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(dilation, "dilation"),
+        groups,
+        algo,
+        variant,
+        _im2col_workspace_limit,
+    )
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------

@@ -36,8 +36,8 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
 }
 
 // Same dtype and device as the reference tensor.
-inline void check_same(const char* op, const char* name, const at::Tensor& t,
-                       const char* ref_name, const at::Tensor& ref) {
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
   CNNEXT_CHECK(t.device() == ref.device(), op, "expected ", name, " on the same device as ",
                ref_name, " (", ref.device(), "), got ", t.device());
   CNNEXT_CHECK(t.scalar_type() == ref.scalar_type(), op, "expected ", name,

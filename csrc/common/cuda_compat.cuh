@@ -40,7 +40,7 @@ void launch_kernel(const char* name, void (*kernel)(KernelArgs...), dim3 grid, d
 #define CNNEXT_DEVICE_GUARD(tensor) \
   const at::cuda::OptionalCUDAGuard cnnext_device_guard_(at::device_of(tensor))
 #define CNNEXT_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
-#define CNNEXT_DYNAMIC_SHARED(T, name)                    \
+#define CNNEXT_DYNAMIC_SHARED(T, name)                         \
   extern __shared__ __align__(16) unsigned char name##_raw_[]; \
   T* name = reinterpret_cast<T*>(name##_raw_)
 
@@ -50,17 +50,17 @@ inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); 
 template <typename... KernelArgs, typename... Args>
 void launch_kernel(const char* /*name*/, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
                    std::size_t smem, cudaStream_t stream, Args&&... args) {
-  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  kernel<<<grid, block, smem, stream> > >(std::forward<Args>(args)...);
 }
 }  // namespace cnnext
 #endif
 
 // The one way to launch a kernel. Wrap a template kernel in parentheses:
 //   CNNEXT_LAUNCH((my_kernel<scalar_t, 4>), grid, block, smem, stream, arg0, arg1);
-#define CNNEXT_LAUNCH(kernel, grid, block, smem, stream, ...)                            \
-  do {                                                                                   \
-    ::cnnext::launch_kernel(#kernel, kernel, grid, block, smem, stream, __VA_ARGS__);    \
-    CNNEXT_KERNEL_LAUNCH_CHECK();                                                        \
+#define CNNEXT_LAUNCH(kernel, grid, block, smem, stream, ...)                         \
+  do {                                                                                \
+    ::cnnext::launch_kernel(#kernel, kernel, grid, block, smem, stream, __VA_ARGS__); \
+    CNNEXT_KERNEL_LAUNCH_CHECK();                                                     \
   } while (0)
 
 namespace cnnext {

@@ -106,29 +106,28 @@ void gemm_strided_batched(char transa, char transb, int64_t m, int64_t n, int64_
   const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb),
             ildc = static_cast<int>(ldc), ibatch = static_cast<int>(batch);
   if constexpr (std::is_same_v<scalar_t, double>) {
-    detail::check_cublas(cublasDgemmStridedBatched(handle, opa, opb, im, in, ik, &alpha, a, ilda,
-                                                   stride_a, b, ildb, stride_b, &beta, c, ildc,
-                                                   stride_c, ibatch),
-                         "cublasDgemmStridedBatched");
+    detail::check_cublas(
+        cublasDgemmStridedBatched(handle, opa, opb, im, in, ik, &alpha, a, ilda, stride_a, b, ildb,
+                                  stride_b, &beta, c, ildc, stride_c, ibatch),
+        "cublasDgemmStridedBatched");
   } else if constexpr (std::is_same_v<scalar_t, float>) {
     // fp32 follows torch.backends.cuda.matmul.allow_tf32, as torch's own matmuls do.
     const bool tf32 = at::globalContext().allowTF32CuBLAS();
     detail::check_cublas(
         cublasSetMathMode(handle, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH),
         "cublasSetMathMode");
-    detail::check_cublas(cublasSgemmStridedBatched(handle, opa, opb, im, in, ik, &alpha, a, ilda,
-                                                   stride_a, b, ildb, stride_b, &beta, c, ildc,
-                                                   stride_c, ibatch),
-                         "cublasSgemmStridedBatched");
+    detail::check_cublas(
+        cublasSgemmStridedBatched(handle, opa, opb, im, in, ik, &alpha, a, ilda, stride_a, b, ildb,
+                                  stride_b, &beta, c, ildc, stride_c, ibatch),
+        "cublasSgemmStridedBatched");
   } else {
     // half / bfloat16 storage with fp32 accumulation.
-    const cudaDataType_t type =
-        std::is_same_v<scalar_t, at::Half> ? CUDA_R_16F : CUDA_R_16BF;
+    const cudaDataType_t type = std::is_same_v<scalar_t, at::Half> ? CUDA_R_16F : CUDA_R_16BF;
     const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
     detail::check_cublas(
-        cublasGemmStridedBatchedEx(handle, opa, opb, im, in, ik, &alpha_f, a, type, ilda,
-                                   stride_a, b, type, ildb, stride_b, &beta_f, c, type, ildc,
-                                   stride_c, ibatch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        cublasGemmStridedBatchedEx(handle, opa, opb, im, in, ik, &alpha_f, a, type, ilda, stride_a,
+                                   b, type, ildb, stride_b, &beta_f, c, type, ildc, stride_c,
+                                   ibatch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         "cublasGemmStridedBatchedEx");
   }
 }
@@ -137,10 +136,10 @@ void gemm_strided_batched(char transa, char transb, int64_t m, int64_t n, int64_
 
 template <typename scalar_t>
 void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, cuda_acc_t<scalar_t> alpha,
-          const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb,
-          cuda_acc_t<scalar_t> beta, scalar_t* c, int64_t ldc) {
-  gemm_strided_batched<scalar_t>(transa, transb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c,
-                                 ldc, 0, 1);
+          const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, cuda_acc_t<scalar_t> beta,
+          scalar_t* c, int64_t ldc) {
+  gemm_strided_batched<scalar_t>(transa, transb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc,
+                                 0, 1);
 }
 
 }  // namespace cnnext

@@ -43,12 +43,12 @@ Conv2dParams conv2d_params(const char* op, const at::Tensor& input, const at::Te
   const Pair d = pair_arg(op, "dilation", dilation);
   p.sh = s.h, p.sw = s.w, p.ph = pad.h, p.pw = pad.w, p.dh = d.h, p.dw = d.w;
   p.groups = groups;
-  CNNEXT_CHECK(p.sh > 0 && p.sw > 0, op, "expected stride to be positive, got (", p.sh, ", ",
-               p.sw, ")");
+  CNNEXT_CHECK(p.sh > 0 && p.sw > 0, op, "expected stride to be positive, got (", p.sh, ", ", p.sw,
+               ")");
   CNNEXT_CHECK(p.dh > 0 && p.dw > 0, op, "expected dilation to be positive, got (", p.dh, ", ",
                p.dw, ")");
-  CNNEXT_CHECK(p.ph >= 0 && p.pw >= 0, op, "expected padding to be non-negative, got (", p.ph,
-               ", ", p.pw, ")");
+  CNNEXT_CHECK(p.ph >= 0 && p.pw >= 0, op, "expected padding to be non-negative, got (", p.ph, ", ",
+               p.pw, ")");
   CNNEXT_CHECK(groups > 0, op, "expected groups to be positive, got ", groups);
   CNNEXT_CHECK(p.c_in > 0 && p.h > 0 && p.w > 0, op,
                "expected input with non-zero channels, height and width, got shape ",
@@ -68,8 +68,8 @@ Conv2dParams conv2d_params(const char* op, const at::Tensor& input, const at::Te
     check_vector(op, "bias", *bias, p.c_out);
   }
   const int64_t ekh = p.dh * (p.kh - 1) + 1, ekw = p.dw * (p.kw - 1) + 1;
-  CNNEXT_CHECK(ekh <= p.h + 2 * p.ph && ekw <= p.w + 2 * p.pw, op, "kernel size (", ekh, " x ",
-               ekw, " after dilation) is larger than the padded input (", p.h + 2 * p.ph, " x ",
+  CNNEXT_CHECK(ekh <= p.h + 2 * p.ph && ekw <= p.w + 2 * p.pw, op, "kernel size (", ekh, " x ", ekw,
+               " after dilation) is larger than the padded input (", p.h + 2 * p.ph, " x ",
                p.w + 2 * p.pw, ")");
   p.h_out = (p.h + 2 * p.ph - ekh) / p.sh + 1;
   p.w_out = (p.w + 2 * p.pw - ekw) / p.sw + 1;
@@ -86,8 +86,8 @@ std::vector<int64_t> Pool2dParams::input_sizes() const {
   return {c, h, w};
 }
 
-int64_t pool_output_size(int64_t in, int64_t kernel, int64_t pad, int64_t stride,
-                         int64_t dilation, bool ceil_mode) {
+int64_t pool_output_size(int64_t in, int64_t kernel, int64_t pad, int64_t stride, int64_t dilation,
+                         bool ceil_mode) {
   const int64_t span = in + 2 * pad - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
   // Floor division (torch's div_rtn): span may be negative for a window larger than the input.
   int64_t out = (span >= 0 ? span / stride : -((-span + stride - 1) / stride)) + 1;
@@ -119,12 +119,12 @@ Pool2dParams pool2d_params(const char* op, const at::Tensor& input, at::IntArray
   p.ceil_mode = ceil_mode;
   CNNEXT_CHECK(p.kh > 0 && p.kw > 0, op, "expected kernel_size to be positive, got (", p.kh, ", ",
                p.kw, ")");
-  CNNEXT_CHECK(p.sh > 0 && p.sw > 0, op, "expected stride to be positive, got (", p.sh, ", ",
-               p.sw, ")");
+  CNNEXT_CHECK(p.sh > 0 && p.sw > 0, op, "expected stride to be positive, got (", p.sh, ", ", p.sw,
+               ")");
   CNNEXT_CHECK(p.dh > 0 && p.dw > 0, op, "expected dilation to be positive, got (", p.dh, ", ",
                p.dw, ")");
-  CNNEXT_CHECK(p.ph >= 0 && p.pw >= 0, op, "expected padding to be non-negative, got (", p.ph,
-               ", ", p.pw, ")");
+  CNNEXT_CHECK(p.ph >= 0 && p.pw >= 0, op, "expected padding to be non-negative, got (", p.ph, ", ",
+               p.pw, ")");
   CNNEXT_CHECK(p.ph <= p.kh / 2 && p.pw <= p.kw / 2, op,
                "expected padding to be at most half of kernel_size, got padding (", p.ph, ", ",
                p.pw, ") for kernel_size (", p.kh, ", ", p.kw, ")");

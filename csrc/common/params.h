@@ -51,8 +51,8 @@ struct Pool2dParams {
 };
 
 // PyTorch's rule: the last window must start inside the input or its left padding.
-int64_t pool_output_size(int64_t in, int64_t kernel, int64_t pad, int64_t stride,
-                         int64_t dilation, bool ceil_mode);
+int64_t pool_output_size(int64_t in, int64_t kernel, int64_t pad, int64_t stride, int64_t dilation,
+                         bool ceil_mode);
 
 // An empty `stride` means stride = kernel_size, as in torch.
 Pool2dParams pool2d_params(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,

@@ -236,8 +236,8 @@ void switch_to_scheduler(bool finished) {
   Block& b = *tl_block;
 #ifdef CNNEXT_EMU_ASAN
   Thread& t = b.threads[tl_tid];
-  __sanitizer_start_switch_fiber(finished ? nullptr : &t.asan_fake_stack,
-                                 b.scheduler_stack_bottom, b.scheduler_stack_size);
+  __sanitizer_start_switch_fiber(finished ? nullptr : &t.asan_fake_stack, b.scheduler_stack_bottom,
+                                 b.scheduler_stack_size);
 #endif
 #ifdef CNNEXT_EMU_TSAN
   __tsan_switch_to_fiber(b.scheduler_tsan, __tsan_switch_to_fiber_no_sync);
@@ -274,8 +274,8 @@ void fiber_main() {
 #endif
     if (!b.error) {
       b.error = std::current_exception();
-      b.error_site = "thread (" + std::to_string(threadIdx.x) + "," +
-                     std::to_string(threadIdx.y) + "," + std::to_string(threadIdx.z) + ")";
+      b.error_site = "thread (" + std::to_string(threadIdx.x) + "," + std::to_string(threadIdx.y) +
+                     "," + std::to_string(threadIdx.z) + ")";
     }
   }
 #ifdef CNNEXT_EMU_TSAN
@@ -372,9 +372,9 @@ unsigned warp_of(unsigned tid) { return tid / 32; }
   for (unsigned i = 0; i < b.n; ++i) {
     const Thread& t = b.threads[i];
     if (t.status != Status::AtBlockBarrier && t.status != Status::AtWarpBarrier) continue;
-    std::string key = std::string(t.status == Status::AtBlockBarrier ? "__syncthreads"
-                                                                     : "warp barrier") +
-                      " at " + site(t.file, t.line);
+    std::string key =
+        std::string(t.status == Status::AtBlockBarrier ? "__syncthreads" : "warp barrier") +
+        " at " + site(t.file, t.line);
     auto it = std::find_if(groups.begin(), groups.end(), [&](auto& g) { return g.first == key; });
     if (it == groups.end()) {
       groups.push_back({key, {i}});
@@ -428,8 +428,7 @@ bool open_barriers(Block& b) {
       if (t.status == Status::Done) {
         raise("cnnext emulator: kernel " + std::string(b.kernel) + ": lane " +
               std::to_string(i - first) + " of warp " + std::to_string(w) +
-              " exited but is named in the mask of the warp operation at " +
-              site(L.file, L.line));
+              " exited but is named in the mask of the warp operation at " + site(L.file, L.line));
       }
       if (t.status != Status::AtWarpBarrier) complete = false;
     }
@@ -507,8 +506,8 @@ const char* fiber_backend() {
 #endif
 }
 
-void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem,
-            void (*body)(void*), void* payload) {
+void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem, void (*body)(void*),
+            void* payload) {
   const std::string name = kernel_name ? kernel_name : "kernel";
   auto invalid = [&](const std::string& why) {
     raise("cnnext emulator: invalid launch of " + name + ": " + why +
@@ -557,7 +556,8 @@ void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem,
   if (sched.order != Order::Forward) {
     block_order.resize(nblocks);
     std::iota(block_order.begin(), block_order.end(), 0);
-    if (sched.order == Order::Reverse) std::reverse(block_order.begin(), block_order.end());
+    if (sched.order == Order::Reverse)
+      std::reverse(block_order.begin(), block_order.end());
     else {
       std::mt19937_64 rng(sched.seed);
       std::shuffle(block_order.begin(), block_order.end(), rng);
@@ -569,18 +569,18 @@ void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem,
   try {
     for (std::uint64_t k = 0; k < nblocks; ++k) {
       const std::uint64_t lin = block_order.empty() ? k : block_order[k];
-      blockIdx = dim3(static_cast<unsigned>(lin % grid.x),
-                      static_cast<unsigned>((lin / grid.x) % grid.y),
-                      static_cast<unsigned>(lin / (std::uint64_t(grid.x) * grid.y)));
+      blockIdx =
+          dim3(static_cast<unsigned>(lin % grid.x), static_cast<unsigned>((lin / grid.x) % grid.y),
+               static_cast<unsigned>(lin / (std::uint64_t(grid.x) * grid.y)));
       run_block(b, lin, sched);
 #ifdef CNNEXT_EMU_TSAN
       __tsan_acquire(&b.done_token);
 #endif
       release_stacks(b);
       if (b.error) {
-        std::string where = " in kernel " + name + ", block (" + std::to_string(blockIdx.x) +
-                            "," + std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) +
-                            "), " + b.error_site;
+        std::string where = " in kernel " + name + ", block (" + std::to_string(blockIdx.x) + "," +
+                            std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + "), " +
+                            b.error_site;
         try {
           std::rethrow_exception(b.error);
         } catch (const std::exception& e) {
@@ -654,20 +654,27 @@ void warp_shuffle(unsigned mask, const void* in, void* out, std::size_t bytes, i
   const int pos = static_cast<int>(lane) - seg;
   int src = static_cast<int>(lane);
   switch (kind) {
-    case 0: src = seg + ((arg % width) + width) % width; break;
-    case 1: src = pos - arg >= 0 ? static_cast<int>(lane) - arg : static_cast<int>(lane); break;
-    case 2: src = pos + arg < width ? static_cast<int>(lane) + arg : static_cast<int>(lane); break;
+    case 0:
+      src = seg + ((arg % width) + width) % width;
+      break;
+    case 1:
+      src = pos - arg >= 0 ? static_cast<int>(lane) - arg : static_cast<int>(lane);
+      break;
+    case 2:
+      src = pos + arg < width ? static_cast<int>(lane) + arg : static_cast<int>(lane);
+      break;
     case 3: {
       const int x = static_cast<int>(lane) ^ arg;
       src = (x / width == static_cast<int>(lane) / width) ? x : static_cast<int>(lane);
       break;
     }
-    default: raise("cnnext emulator: bad shuffle kind");
+    default:
+      raise("cnnext emulator: bad shuffle kind");
   }
   const unsigned src_tid = w * 32 + static_cast<unsigned>(src);
   if (src_tid >= b.n || !((mask >> src) & 1u)) {
-    raise("cnnext emulator: shuffle at " + site(file, line) + " reads lane " +
-          std::to_string(src) + ", which is not in the mask (undefined on a GPU)");
+    raise("cnnext emulator: shuffle at " + site(file, line) + " reads lane " + std::to_string(src) +
+          ", which is not in the mask (undefined on a GPU)");
   }
   std::memcpy(out, b.slots[gen & 1][src_tid], bytes);
 }

@@ -161,7 +161,8 @@ T atomicMin(T* address, T value) {
   return old;
 }
 
-// ---- math intrinsics used by the kernels ---------------------------------------------------------
+// ---- math intrinsics used by the kernels
+// ---------------------------------------------------------
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;

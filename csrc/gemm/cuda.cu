@@ -27,11 +27,10 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   at::Tensor out = c.clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cnnext_gemm", [&] {
     using acc_t = cuda_acc_t<scalar_t>;
-    gemm_strided_batched<scalar_t>(transa[0], transb[0], m, n, k, static_cast<acc_t>(alpha),
-                                   a.const_data_ptr<scalar_t>(), lda, stride_a,
-                                   b.const_data_ptr<scalar_t>(), ldb, stride_b,
-                                   static_cast<acc_t>(beta), out.mutable_data_ptr<scalar_t>(),
-                                   ldc, stride_c, batch);
+    gemm_strided_batched<scalar_t>(
+        transa[0], transb[0], m, n, k, static_cast<acc_t>(alpha), a.const_data_ptr<scalar_t>(), lda,
+        stride_a, b.const_data_ptr<scalar_t>(), ldb, stride_b, static_cast<acc_t>(beta),
+        out.mutable_data_ptr<scalar_t>(), ldc, stride_c, batch);
   });
   return out;
 }

@@ -36,7 +36,8 @@ __global__ void transpose_kernel(const float* in, float* out, int h, int w) {
     if (x < h && y + j < w) out[(y + j) * h + x] = tile[threadIdx.x][threadIdx.y + j];
 }
 
-// ---- tiled matmul: two barriers per K step --------------------------------------------------------
+// ---- tiled matmul: two barriers per K step
+// --------------------------------------------------------
 constexpr int MT = 16;
 template <bool kSecondBarrier>
 __global__ void matmul_kernel(const float* a, const float* b, float* c, int m, int n, int k) {
@@ -90,7 +91,8 @@ __global__ void histogram_kernel(const int* in, int* hist, int n) {
   if (threadIdx.x < BINS) atomicAdd(&hist[threadIdx.x], local[threadIdx.x]);
 }
 
-// ---- stencil: each thread reads its left neighbour's shared slot ---------------------------------
+// ---- stencil: each thread reads its left neighbour's shared slot
+// ---------------------------------
 template <bool kBarrier>
 __global__ void stencil_kernel(const float* in, float* out, int n) {
   __shared__ float s[256];
@@ -101,7 +103,8 @@ __global__ void stencil_kernel(const float* in, float* out, int n) {
   if (i < n) out[i] = s[threadIdx.x] + left;
 }
 
-// ---- barrier misuse ------------------------------------------------------------------------------
+// ---- barrier misuse
+// ------------------------------------------------------------------------------
 __global__ void divergent_barrier_kernel(float* out) {
   if (threadIdx.x % 2 == 0) {
     __syncthreads();
@@ -114,8 +117,10 @@ __global__ void divergent_barrier_kernel(float* out) {
 __global__ void deadlock_kernel(float* out) {
   // Lane 0 waits at the block barrier while lanes 1..31 wait for it in a full-warp shuffle.
   float v = threadIdx.x;
-  if (threadIdx.x == 0) __syncthreads();
-  else v = __shfl_xor_sync(0xffffffffu, v, 1);
+  if (threadIdx.x == 0)
+    __syncthreads();
+  else
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
   out[threadIdx.x] = v;
 }
 
@@ -126,7 +131,8 @@ __global__ void early_exit_kernel(float* out) {
   out[threadIdx.x] = 2.f;
 }
 
-// ---- warp primitives and dynamic shared memory ----------------------------------------------------
+// ---- warp primitives and dynamic shared memory
+// ----------------------------------------------------
 __global__ void shuffle_modes_kernel(int* out, int width) {
   const int lane = threadIdx.x % 32, v = 100 + lane;
   out[threadIdx.x * 5 + 0] = __shfl_sync(0xffffffffu, v, 3, width);
@@ -141,7 +147,8 @@ __global__ void dynamic_smem_kernel(float* out) {
   out[threadIdx.x] = buf[threadIdx.x];  // read before any write: must not look like real data
 }
 
-// ---- cases ----------------------------------------------------------------------------------------
+// ---- cases
+// ----------------------------------------------------------------------------------------
 struct Wrong : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -171,8 +178,9 @@ void run_transpose() {
   std::vector<float> out(h * w, 0.f), want(h * w);
   for (int y = 0; y < h; ++y)
     for (int x = 0; x < w; ++x) want[x * h + y] = in[y * w + x];
-  launch("transpose", transpose_kernel<kBarrier>, dim3((w + TILE - 1) / TILE, (h + TILE - 1) / TILE),
-         dim3(TILE, ROWS), 0, in.data(), out.data(), h, w);
+  launch("transpose", transpose_kernel<kBarrier>,
+         dim3((w + TILE - 1) / TILE, (h + TILE - 1) / TILE), dim3(TILE, ROWS), 0, in.data(),
+         out.data(), h, w);
   expect_equal(out, want);
 }
 
@@ -275,22 +283,14 @@ void run_too_many_threads() {
 
 int main(int argc, char** argv) {
   const std::map<std::string, std::function<void()>> cases = {
-      {"transpose", run_transpose<true>},
-      {"transpose_missing_barrier", run_transpose<false>},
-      {"matmul", run_matmul<true>},
-      {"matmul_missing_barrier", run_matmul<false>},
-      {"reduce", run_reduce<true>},
-      {"reduce_missing_barrier", run_reduce<false>},
-      {"histogram", run_histogram<true>},
-      {"histogram_missing_atomic", run_histogram<false>},
-      {"stencil", run_stencil<true>},
-      {"stencil_missing_barrier", run_stencil<false>},
-      {"shuffle_modes", run_shuffle_modes},
-      {"dynamic_smem_poisoned", run_dynamic_smem},
-      {"early_exit", run_early_exit},
-      {"divergent_barrier", run_divergent_barrier},
-      {"deadlock", run_deadlock},
-      {"too_many_threads", run_too_many_threads},
+      {"transpose", run_transpose<true>},   {"transpose_missing_barrier", run_transpose<false>},
+      {"matmul", run_matmul<true>},         {"matmul_missing_barrier", run_matmul<false>},
+      {"reduce", run_reduce<true>},         {"reduce_missing_barrier", run_reduce<false>},
+      {"histogram", run_histogram<true>},   {"histogram_missing_atomic", run_histogram<false>},
+      {"stencil", run_stencil<true>},       {"stencil_missing_barrier", run_stencil<false>},
+      {"shuffle_modes", run_shuffle_modes}, {"dynamic_smem_poisoned", run_dynamic_smem},
+      {"early_exit", run_early_exit},       {"divergent_barrier", run_divergent_barrier},
+      {"deadlock", run_deadlock},           {"too_many_threads", run_too_many_threads},
   };
   if (argc < 2 || !cases.count(argv[1])) {
     std::fprintf(stderr, "usage: selftest CASE [SCHEDULE]; cases:");
