@@ -1,0 +1,298 @@
+"""Both convolutions (algo="direct" and algo="im2col") against torch.nn.functional.conv2d:
+outputs, gradients, float64 gradcheck, opcheck, torch.compile and bad input, on cpu, the
+emulated CUDA device in every schedule order, and cuda."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnext
+
+from .reference import assert_close, dtypes_for, make_input
+
+ALGOS = ["direct", "im2col"]
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    kh: int
+    kw: int
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = True
+
+    def __str__(self) -> str:
+        return (
+            f"n{self.n}c{self.c_in}x{self.h}x{self.w}-o{self.c_out}k{self.kh}x{self.kw}"
+            f"s{self.stride[0]}{self.stride[1]}p{self.padding[0]}{self.padding[1]}"
+            f"d{self.dilation[0]}{self.dilation[1]}g{self.groups}{'b' if self.bias else ''}"
+        )
+
+    def tensors(self, device: str, dtype: torch.dtype, layout: str = "contiguous"):
+        x = make_input((self.n, self.c_in, self.h, self.w), device, dtype, layout)
+        w = (
+            torch.randn(
+                self.c_out, self.c_in // self.groups, self.kh, self.kw, device=device, dtype=dtype
+            )
+            / (self.c_in // self.groups * self.kh * self.kw) ** 0.5
+        )
+        b = torch.randn(self.c_out, device=device, dtype=dtype) if self.bias else None
+        return x, w, b
+
+    def kwargs(self) -> dict:
+        return dict(
+            stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups
+        )
+
+    @property
+    def reduction(self) -> int:
+        return self.c_in // self.groups * self.kh * self.kw
+
+
+# Odd sizes on purpose: 7, 13, odd channel counts, non-square kernels.
+CASES = [
+    Case(1, 1, 7, 7, 1, 1, 1, bias=False),
+    Case(2, 3, 13, 13, 5, 3, 3, padding=(1, 1)),
+    Case(3, 3, 13, 7, 4, 5, 5, stride=(2, 2), padding=(2, 2)),
+    Case(1, 5, 13, 13, 7, 7, 7, padding=(3, 3)),
+    Case(2, 4, 13, 11, 6, 3, 5, stride=(1, 2), padding=(1, 2), bias=False),
+    Case(2, 3, 13, 13, 4, 3, 3, stride=(3, 3), padding=(0, 1), dilation=(2, 2)),
+    Case(2, 4, 9, 9, 6, 3, 3, padding=(1, 1), groups=2),
+    Case(2, 6, 9, 11, 6, 3, 3, padding=(1, 1), groups=6),  # depthwise
+    Case(1, 6, 8, 8, 12, 3, 3, stride=(2, 2), padding=(1, 1), groups=6),  # depthwise multiplier 2
+    Case(3, 7, 10, 10, 9, 1, 1),  # 1x1 stride 1: im2col skips the column buffer
+    Case(2, 7, 10, 10, 9, 1, 1, stride=(2, 2)),
+    Case(1, 2, 5, 5, 3, 3, 3, padding=(3, 3), dilation=(2, 1)),
+    Case(1, 16, 12, 12, 20, 3, 3, padding=(1, 1)),  # enough channels for several tiles
+]
+SMALL = [CASES[1], CASES[4], CASES[5], CASES[7]]
+
+
+def run(case: Case, x, w, b, algo: str, variant: str = "auto") -> torch.Tensor:
+    return cnnext.ops.conv2d(x, w, b, algo=algo, variant=variant, **case.kwargs())
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_forward_matches_torch(device: str, algo: str, case: Case) -> None:
+    for dtype in dtypes_for(device):
+        x, w, b = case.tensors(device, dtype)
+        expected = F.conv2d(x, w, b, **case.kwargs())
+        out = run(case, x, w, b, algo)
+        assert out.shape == expected.shape and out.dtype == dtype
+        assert_close(out, expected, scale=max(1.0, case.reduction / 16))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_backward_matches_torch(device: str, algo: str, case: Case) -> None:
+    dtype = torch.float32
+    x, w, b = case.tensors(device, dtype)
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    grad = torch.randn_like(F.conv2d(x, w, b, **case.kwargs()))
+    expected = torch.autograd.grad(F.conv2d(x, w, b, **case.kwargs()), params, grad)
+    got = torch.autograd.grad(run(case, x, w, b, algo), params, grad)
+    scale = max(1.0, case.n * case.h * case.w / 64, case.reduction / 16)
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e, scale=scale)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_layouts(device: str, algo: str, layout: str) -> None:
+    case = CASES[4]
+    x, w, b = case.tensors(device, torch.float32, layout)
+    x.requires_grad_()
+    expected = F.conv2d(x, w, b, **case.kwargs())
+    out = run(case, x, w, b, algo)
+    assert_close(out, expected)
+    # Memory format follows torch's: channels_last in, channels_last out.
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(expected)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    (ex,) = torch.autograd.grad(expected, x, grad)
+    assert_close(gx, ex, scale=4)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_batch_zero_and_unbatched(device: str, algo: str) -> None:
+    case = CASES[1]
+    _, w, b = case.tensors(device, torch.float32)
+    x0 = torch.randn(0, case.c_in, case.h, case.w, device=device, requires_grad=True)
+    out = run(case, x0, w, b, algo)
+    assert out.shape == F.conv2d(x0, w, b, **case.kwargs()).shape
+    out.sum().backward()
+    assert x0.grad.shape == x0.shape
+    x3 = torch.randn(case.c_in, case.h, case.w, device=device)
+    assert_close(run(case, x3, w, b, algo), F.conv2d(x3, w, b, **case.kwargs()))
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "bias"])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_partial_gradients(device: str, algo: str, which: str) -> None:
+    """Only the requested gradient is computed (output_mask), and it is right."""
+    case = CASES[2]
+    x, w, b = case.tensors(device, torch.float32)
+    target = {"input": x, "weight": w, "bias": b}[which].requires_grad_()
+    grad = torch.randn_like(F.conv2d(x, w, b, **case.kwargs()))
+    (got,) = torch.autograd.grad(run(case, x, w, b, algo), target, grad)
+    (expected,) = torch.autograd.grad(F.conv2d(x, w, b, **case.kwargs()), target, grad)
+    assert_close(got, expected, scale=8)
+
+
+@pytest.mark.parametrize("case", SMALL, ids=str)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_gradcheck(device: str, algo: str, case: Case) -> None:
+    small = Case(
+        1,
+        case.c_in,
+        min(case.h, 7),
+        min(case.w, 6),
+        case.c_out,
+        case.kh,
+        case.kw,
+        case.stride,
+        case.padding,
+        case.dilation,
+        case.groups,
+        case.bias,
+    )
+    x, w, b = small.tensors(device, torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+    def fn(*args):
+        return run(small, args[0], args[1], args[2] if small.bias else None, algo)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def _namespaces() -> list:
+    return [torch.ops.cnnext, torch.ops.cnnext_emu]
+
+
+@pytest.mark.parametrize("ns", ["cnnext", "cnnext_emu"])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_opcheck(ns: str, algo: str) -> None:
+    lib = getattr(torch.ops, ns)
+    for case in [CASES[1], CASES[6]]:
+        x, w, b = case.tensors("cpu", torch.float32)
+        conf = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
+        extra = ["auto"] if algo == "direct" else [1 << 20]
+        forward = getattr(lib, f"conv2d_{algo}")
+        backward = getattr(lib, f"conv2d_{algo}_backward")
+        torch.library.opcheck(forward, (x, w, b, *conf, *extra))
+        grad = torch.randn_like(F.conv2d(x, w, b, **case.kwargs()))
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            bextra = [] if algo == "direct" else [1 << 20]
+            torch.library.opcheck(backward, (grad, x, w, *conf, mask, *bextra))
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_compile_fullgraph(algo: str) -> None:
+    case = CASES[1]
+    x, w, b = case.tensors("cpu", torch.float32)
+
+    def model(x, w, b):
+        return torch.relu(cnnext.ops.conv2d(x, w, b, padding=1, algo=algo)).sum()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    xs = [t.clone().requires_grad_() for t in (x, w, b)]
+    ys = [t.clone().requires_grad_() for t in (x, w, b)]
+    eager, comp = model(*xs), compiled(*ys)
+    assert_close(comp, eager)
+    eager.backward()
+    comp.backward()
+    for a, e in zip(ys, xs, strict=True):
+        assert_close(a.grad, e.grad)
+
+
+BAD = [
+    # (description, input shape, weight shape, bias shape, kwargs, message)
+    ("2D input", (3, 5), (4, 3, 1, 1), None, {}, "input to be a 3D or 4D tensor"),
+    ("5D input", (1, 3, 5, 5, 5), (4, 3, 1, 1), None, {}, "input to be a 3D or 4D tensor"),
+    ("3D weight", (1, 3, 5, 5), (4, 3, 3), None, {}, "weight to be a 4D tensor"),
+    ("channel mismatch", (1, 3, 5, 5), (4, 2, 3, 3), None, {}, "input has 3 channels"),
+    (
+        "groups do not divide C_in",
+        (1, 3, 5, 5),
+        (4, 1, 3, 3),
+        None,
+        {"groups": 2},
+        "must divide the input channels",
+    ),
+    (
+        "groups do not divide C_out",
+        (1, 4, 5, 5),
+        (3, 2, 3, 3),
+        None,
+        {"groups": 2},
+        "must divide the output channels",
+    ),
+    ("kernel too large", (1, 3, 4, 4), (4, 3, 5, 5), None, {}, "larger than the padded input"),
+    ("zero stride", (1, 3, 5, 5), (4, 3, 3, 3), None, {"stride": 0}, "stride to be positive"),
+    (
+        "negative padding",
+        (1, 3, 5, 5),
+        (4, 3, 3, 3),
+        None,
+        {"padding": -1},
+        "padding to be non-negative",
+    ),
+    ("zero dilation", (1, 3, 5, 5), (4, 3, 3, 3), None, {"dilation": 0}, "dilation to be positive"),
+    ("bias length", (1, 3, 5, 5), (4, 3, 3, 3), (3,), {}, "bias to be a 1D tensor of length 4"),
+    ("zero groups", (1, 3, 5, 5), (4, 3, 3, 3), None, {"groups": 0}, "groups to be positive"),
+]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("bad", BAD, ids=lambda b: b[0])
+def test_bad_input(device: str, algo: str, bad) -> None:
+    _, xs, ws, bs, kwargs, message = bad
+    x = torch.randn(xs, device=device)
+    w = torch.randn(ws, device=device)
+    b = torch.randn(bs, device=device) if bs else None
+    with pytest.raises(RuntimeError, match=f"cnnext::conv2d_{algo}: .*{message}"):
+        cnnext.ops.conv2d(x, w, b, algo=algo, **kwargs)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_dtype_and_device_mismatch(device: str, algo: str) -> None:
+    x = torch.randn(1, 3, 5, 5, device=device)
+    with pytest.raises(RuntimeError, match=f"cnnext::conv2d_{algo}: .*weight .*dtype"):
+        cnnext.ops.conv2d(x, torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device), algo=algo)
+    with pytest.raises(RuntimeError, match=f"cnnext::conv2d_{algo}: .*bias .*dtype"):
+        cnnext.ops.conv2d(
+            x,
+            torch.randn(4, 3, 3, 3, device=device),
+            torch.randn(4, dtype=torch.float64, device=device),
+            algo=algo,
+        )
+    with pytest.raises(RuntimeError, match=f"cnnext::conv2d_{algo}: .*input .*floating"):
+        cnnext.ops.conv2d(
+            x.to(torch.int32), torch.randn(4, 3, 3, 3, device=device).int(), algo=algo
+        )
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="same device"):
+            cnnext.ops.conv2d(x, torch.randn(4, 3, 3, 3), algo=algo)
+
+
+def test_python_argument_errors() -> None:
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="algo must be one of"):
+        cnnext.ops.conv2d(x, w, algo="winograd")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        cnnext.ops.conv2d(x, w, variant="fast")
+    with pytest.raises(ValueError, match="pair of ints"):
+        cnnext.ops.conv2d(x, w, stride=(1, 2, 3))
