@@ -5,7 +5,9 @@
 - ``cnnext._C_emu``: the same ``.cu`` sources compiled by g++ against the CPU emulator of the
   CUDA execution model (``csrc/emu``), registered for CPU tensors in the ``cnnext_emu``
   namespace. It needs neither nvcc nor a CUDA torch. ``CNNEXT_EMU=0`` skips it.
-- ``CNNEXT_EMU_SANITIZE=address|thread`` builds the emulator with a sanitizer (tests only).
+- ``CNNEXT_EMU_SANITIZE=address|thread`` builds ``cnnext._C_emu_asan`` / ``_C_emu_tsan``, the
+  emulator under AddressSanitizer or ThreadSanitizer, beside the normal one (tests only; load
+  it with ``CNNEXT_EMULATOR=asan|tsan`` and the sanitizer runtime preloaded).
 
 Install with ``pip install --no-build-isolation -e .`` so the installed torch is used.
 """
@@ -151,7 +153,6 @@ def build_info(cuda: bool, archs: str, emu: bool, fiber: str) -> None:
         f"CUDA_VERSION = {torch.version.cuda if cuda else None!r}\n"
         f"EMULATOR_BUILT = {emu!r}\n"
         f"EMULATOR_FIBERS = {fiber!r}\n"
-        f"EMULATOR_SANITIZER = {os.environ.get('CNNEXT_EMU_SANITIZE') or None!r}\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
     )
     write_if_changed(ROOT / "cnnext" / "_build_info.py", text)
@@ -216,9 +217,12 @@ def extensions() -> list:
             link.append("-fsanitize=thread")
         elif sanitize:
             sys.exit(f"CNNEXT_EMU_SANITIZE must be 'address' or 'thread', got {sanitize!r}")
+        # A sanitizer build is a separate module beside the normal one (selected at import
+        # time by CNNEXT_EMULATOR=asan|tsan), so the normal emulator stays usable.
+        suffix = {"address": "_asan", "thread": "_tsan"}.get(sanitize, "")
         exts.append(
             CppExtension(
-                "cnnext._C_emu",
+                f"cnnext._C_emu{suffix}",
                 emu_sources(f"_{sanitize}" if sanitize else ""),
                 include_dirs=common["include_dirs"],
                 extra_compile_args={"cxx": emu_flags},
@@ -226,7 +230,8 @@ def extensions() -> list:
                 libraries=["boost_context"] if boost else [],
             )
         )
-    build_info(cuda, archs, emu, fiber)
+    if not os.environ.get("CNNEXT_EMU_SANITIZE"):
+        build_info(cuda, archs, emu, fiber)
     return exts
 
 

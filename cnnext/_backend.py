@@ -8,6 +8,7 @@ tensors runs the emulated CUDA kernel instead of the CPU kernel.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -16,11 +17,19 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.cnnext)
 
+# CNNEXT_EMULATOR=asan|tsan loads the sanitizer build of the emulator instead (tests only; the
+# sanitizer runtime must be preloaded). Both register the same `cnnext_emu` namespace.
+EMULATOR_VARIANT = os.environ.get("CNNEXT_EMULATOR", "")
+if EMULATOR_VARIANT not in ("", "asan", "tsan"):
+    raise ImportError(f"cnnext: CNNEXT_EMULATOR must be 'asan' or 'tsan', got {EMULATOR_VARIANT!r}")
 try:
-    from . import _C_emu  # noqa: F401  (registers torch.ops.cnnext_emu)
-
+    importlib.import_module(
+        f".{'_C_emu_' + EMULATOR_VARIANT if EMULATOR_VARIANT else '_C_emu'}", __package__
+    )
     EMULATOR_AVAILABLE = True
 except ImportError:  # built with CNNEXT_EMU=0, or no C++20 compiler at build time
+    if EMULATOR_VARIANT:
+        raise
     EMULATOR_AVAILABLE = False
 
 # A plain module global (not a ContextVar) so torch.compile can guard on it.

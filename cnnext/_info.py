@@ -37,7 +37,7 @@ def info(print_report: bool = True) -> dict[str, Any]:
         "GPU": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "emulator built": _backend.EMULATOR_AVAILABLE,
         "emulator fibers": fibers,
-        "emulator sanitizer": getattr(_bi, "EMULATOR_SANITIZER", None),
+        "emulator variant": _backend.EMULATOR_VARIANT or "plain",
         "emulator schedule (default)": _backend.default_schedule(),
         "CPU threads": torch.get_num_threads(),
     }

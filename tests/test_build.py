@@ -1,0 +1,61 @@
+"""The build itself: the real CUDA extension is compiled whenever torch has CUDA and nvcc is
+present (so every .cu compiles and links under nvcc, even on a machine with no GPU), and the
+emulator extension is always there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import cnnext
+from cnnext import _build_info
+
+
+def _nvcc_present() -> bool:
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return os.path.exists(os.path.join(home, "bin", "nvcc")) or shutil.which("nvcc") is not None
+
+
+def test_emulator_extension_built() -> None:
+    assert cnnext.EMULATOR_AVAILABLE, "cnnext._C_emu did not build"
+    assert _build_info.EMULATOR_BUILT
+
+
+def test_cuda_extension_built_when_nvcc_present() -> None:
+    if os.environ.get("CNNEXT_CUDA") == "0":
+        return  # explicitly disabled (make test-fast)
+    if torch.version.cuda is not None and _nvcc_present():
+        assert _build_info.CUDA_COMPILED, "nvcc is present but the CUDA kernels were not built"
+        assert _build_info.CUDA_ARCHS, "no CUDA archs recorded"
+        # The CUDA kernels are registered even with no GPU to run them.
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("cnnext::_gemm", "CUDA")
+
+
+def test_python_m_cnnext_reports() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cnnext"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "CUDA kernels compiled" in out and "emulator fibers" in out
+    assert f"{torch.__version__}" in out
+
+
+def test_every_schema_in_both_namespaces() -> None:
+    """The emulator namespace gets its schemas from the same registry as cnnext."""
+    ours = {
+        s.name.split("::")[1]: str(s)
+        for s in torch._C._jit_get_all_schemas()
+        if s.name.startswith("cnnext::")
+    }
+    emu = {
+        s.name.split("::")[1]: str(s)
+        for s in torch._C._jit_get_all_schemas()
+        if s.name.startswith("cnnext_emu::")
+    }
+    assert ours, "no cnnext ops registered"
+    for name, schema in ours.items():
+        assert name in emu, f"{name} missing from cnnext_emu"
+        assert emu[name].replace("cnnext_emu::", "cnnext::") == schema
