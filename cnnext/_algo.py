@@ -8,12 +8,15 @@ uses the cached winner if its key is already there, else the heuristic.
 
 The heuristic (see ``choose`` for the thresholds and the measurements behind them):
 
-* CPU: the direct kernel for grouped/depthwise convolutions and small reductions, im2col (one
-  BLAS GEMM per sample or chunk) for ``groups == 1`` with a large reduction
-  ``C_in * kH * kW`` over a large enough output plane.
-* CUDA: im2col (cuBLAS) for ``groups == 1`` with a large reduction and enough output pixels to
-  fill a GEMM; the shared-memory tiled direct kernel for depthwise / few channels per group,
-  small reductions and small problems, where a GEMM's K or N would be tiny.
+* CPU (measured, benchmarks/algo.py): the direct kernel for grouped/depthwise convolutions and
+  for ``groups == 1`` layers with a large output plane (>= 512 pixels) and >= 8 input
+  channels; im2col (BLAS GEMMs) for 1x1 kernels, small output planes and first layers with
+  1-7 input channels.
+* CUDA (reasoned, not measured): im2col (cuBLAS) for ``groups == 1`` with a large reduction
+  (smaller for 1x1 kernels and for half/bfloat16, which cuBLAS runs on tensor cores) and
+  enough output columns and channels to fill a GEMM; the shared-memory tiled direct kernel
+  for grouped/depthwise layers, small reductions and small problems, where a GEMM's K or N
+  would be tiny.
 """
 
 from __future__ import annotations
@@ -79,17 +82,25 @@ def _device_kind(input: torch.Tensor) -> str:
 
 # ---- the heuristic ------------------------------------------------------------------------------
 
-# CPU thresholds, from benchmarks/algo.py on this machine (1 core, see the report there):
-# im2col wins for groups == 1 once the reduction C_in/groups*kH*kW and the output plane are
-# both large; the direct kernel wins for grouped/depthwise and small-channel layers.
-CPU_IM2COL_MIN_REDUCTION = 64
-CPU_IM2COL_MIN_PIXELS = 16
+# CPU thresholds, from benchmarks/algo.py on this machine (1 thread, forward+backward, which is
+# what training runs; table in benchmarks/results/algo_cpu.txt). The direct kernel wins on large
+# output planes with a few channels or more (ResNet layer1 at 28x28: 13.5 ms vs 17.7 ms) and on
+# every grouped/depthwise layer; im2col wins on 1x1 kernels (a 1x1 conv is one GEMM: 1.7 vs
+# 7.0 ms), on small planes, where the direct backward has little parallel work per weight
+# (ResNet layer3 at 7x7: 16.8 vs 34.9 ms; a 2x2 plane: 43 vs 66 ms), and on first layers with
+# 1-4 input channels (C_in=3 3x3 at 64x64: 3.5 vs 4.3 ms).
+CPU_DIRECT_MIN_PIXELS = 512  # H_out * W_out
+CPU_DIRECT_MIN_CHANNELS = 8  # C_in / groups
 # CUDA thresholds (reasoned, not measured: the emulator is no speed proxy). A cuBLAS GEMM of
 # [C_out x K] by [K x N*H_out*W_out] needs K and N large enough to fill its 64-128 wide tiles;
 # below that the tiled direct kernel's shared-memory reuse does better and saves the column
-# buffer's memory traffic (K times the output size).
+# buffer's memory traffic (K times the output size). A 1x1 conv needs no column buffer at all
+# (im2col runs the GEMM on the input), so it goes to cuBLAS from a smaller K.
 CUDA_IM2COL_MIN_REDUCTION = 128
-CUDA_IM2COL_MIN_COLUMNS = 4096
+CUDA_IM2COL_MIN_REDUCTION_1X1 = 32
+# half/bfloat16: cuBLAS runs them on tensor cores, the direct kernel on plain FMA units.
+CUDA_IM2COL_MIN_REDUCTION_REDUCED = 64
+CUDA_IM2COL_MIN_COLUMNS = 4096  # N * H_out * W_out
 CUDA_IM2COL_MIN_C_OUT = 32
 
 
@@ -119,15 +130,28 @@ def choose(
     pixels = h_out * w_out
     if input.device.type == "cuda" or _backend.use_emulator(input):
         batch = input.shape[0] if input.dim() == 4 else 1
+        pointwise = kh == 1 and kw == 1
+        if pointwise:
+            min_reduction = CUDA_IM2COL_MIN_REDUCTION_1X1
+        elif input.dtype in (torch.float16, torch.bfloat16):
+            min_reduction = CUDA_IM2COL_MIN_REDUCTION_REDUCED
+        else:
+            min_reduction = CUDA_IM2COL_MIN_REDUCTION
         if (
             groups == 1
-            and reduction >= CUDA_IM2COL_MIN_REDUCTION
+            and reduction >= min_reduction
             and c_out >= CUDA_IM2COL_MIN_C_OUT
             and batch * pixels >= CUDA_IM2COL_MIN_COLUMNS
         ):
             return ("im2col", "auto")
         return ("direct", "tiled")
-    if groups == 1 and reduction >= CPU_IM2COL_MIN_REDUCTION and pixels >= CPU_IM2COL_MIN_PIXELS:
+    if groups > 1:
+        return ("direct", "auto")
+    if (
+        (kh == 1 and kw == 1)
+        or pixels < CPU_DIRECT_MIN_PIXELS
+        or c_per_group < CPU_DIRECT_MIN_CHANNELS
+    ):
         return ("im2col", "auto")
     return ("direct", "auto")
 
