@@ -70,7 +70,9 @@ def clear_autotune_cache() -> None:
 def autotune_cache() -> dict[tuple[Any, ...], Choice]:
     """A copy of the autotuner's cache: key -> ``(algo, variant)``. The key is
     ``(device type, dtype, input shape, weight shape, stride, padding, dilation, groups,
-    memory format, backward timed)``; device type is ``"cpu"``, ``"cuda"`` or ``"emu"``."""
+    memory format, (input needs grad, weight needs grad))``; the device type is ``"cpu"``,
+    ``"cuda"`` or ``"emu"``, and with a gradient to compute the candidates are timed forward and
+    backward."""
     return dict(_cache)
 
 
@@ -166,7 +168,7 @@ def _key(
     padding: Pair,
     dilation: Pair,
     groups: int,
-    backward: bool,
+    grads: tuple[bool, bool],
 ) -> tuple[Any, ...]:
     if input.is_contiguous():
         layout = "contiguous"
@@ -184,7 +186,7 @@ def _key(
         tuple(dilation),
         groups,
         layout,
-        backward,
+        grads,
     )
 
 
@@ -218,7 +220,7 @@ def _tune(
     padding: Pair,
     dilation: Pair,
     groups: int,
-    backward: bool,
+    grads: tuple[bool, bool],
 ) -> Choice:
     from . import ops  # ops imports nothing from here; a local import keeps the layers apart
 
@@ -226,14 +228,17 @@ def _tune(
     w = weight.detach()
     measure = _timer(input)
 
+    backward = any(grads)
+
     def run(algo: str, variant: str) -> Callable[[], object]:
         def call() -> object:
             with torch.enable_grad() if backward else torch.no_grad():
-                xi = x.detach().requires_grad_(backward)
-                wi = w.detach().requires_grad_(backward)
+                xi = x.detach().requires_grad_(grads[0])
+                wi = w.detach().requires_grad_(grads[1])
                 y = ops.conv2d(xi, wi, None, stride, padding, dilation, groups, algo, variant)
                 if backward:
-                    return torch.autograd.grad(y, (xi, wi), torch.ones_like(y))
+                    wrt = [t for t in (xi, wi) if t.requires_grad]
+                    return torch.autograd.grad(y, wrt, torch.ones_like(y))
                 return y
 
         return call
@@ -266,16 +271,18 @@ def select(
     the key is new and we are not compiling), else ``choose``."""
     if not _autotune:
         return choose(input, weight, stride, padding, dilation, groups)
-    backward = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+    # Which gradients backward will compute: training and inference are timed separately.
+    enabled = torch.is_grad_enabled()
+    grads = (enabled and input.requires_grad, enabled and weight.requires_grad)
     if torch.compiler.is_compiling():
         # Never time inside a trace. Symbolic (dynamic) sizes cannot key the cache.
         if all(isinstance(s, int) for s in (*input.shape, *weight.shape)):
-            hit = _cache.get(_key(input, weight, stride, padding, dilation, groups, backward))
+            hit = _cache.get(_key(input, weight, stride, padding, dilation, groups, grads))
             if hit is not None:
                 return hit
         return choose(input, weight, stride, padding, dilation, groups)
-    key = _key(input, weight, stride, padding, dilation, groups, backward)
+    key = _key(input, weight, stride, padding, dilation, groups, grads)
     hit = _cache.get(key)
     if hit is None:
-        hit = _cache[key] = _tune(input, weight, stride, padding, dilation, groups, backward)
+        hit = _cache[key] = _tune(input, weight, stride, padding, dilation, groups, grads)
     return hit

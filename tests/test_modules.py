@@ -340,7 +340,7 @@ def test_autotune_under_compile_uses_cache_never_times(tune_calls: list) -> None
     assert tune_calls == [] and _algo.autotune_cache() == {}
     assert "conv2d_im2col" in seen[-1]
     # With the key cached (here: by hand), the traced call takes the cached choice.
-    key = _algo._key(x, ours.weight, (1, 1), (1, 1), (1, 1), 1, False)
+    key = _algo._key(x, ours.weight, (1, 1), (1, 1), (1, 1), 1, (False, False))
     _algo._cache[key] = ("direct", "auto")
     torch._dynamo.reset()
     seen.clear()
