@@ -90,16 +90,20 @@ class ConvertReport:
             moves[f.bn] = f"{f.conv}.1" if f.conv else "1"
         return moves
 
-    def map_key(self, key: str) -> str:
-        """A ``state_dict`` key of the original model -> the converted model's key."""
+    def map_key(self, key: str, reverse: bool = False) -> str:
+        """A ``state_dict`` key of the original model -> the converted model's key (or back,
+        with ``reverse``)."""
         moves = self.renamed()
+        if reverse:
+            moves = {new: old for old, new in moves.items()}
         prefix, _, leaf = key.rpartition(".")
         return f"{moves[prefix]}.{leaf}" if prefix in moves else key
 
-    def map_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def map_state_dict(self, state_dict: dict[str, Any], reverse: bool = False) -> dict[str, Any]:
         """An original model's ``state_dict`` (or ``named_parameters`` dict) with its keys
-        renamed for the converted model (identity where nothing was fused)."""
-        return {self.map_key(k): v for k, v in state_dict.items()}
+        renamed for the converted model (identity where nothing was fused); ``reverse``
+        renames a converted model's keys back for the original."""
+        return {self.map_key(k, reverse): v for k, v in state_dict.items()}
 
     def table(self) -> str:
         """The report as a plain-text table."""
