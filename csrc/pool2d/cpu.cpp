@@ -19,6 +19,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -148,7 +149,9 @@ Interior interior_columns(const Geometry& g, int64_t span) {
 // Task-local scratch of the NCHW kernels: the input rows under one output row's windows, as
 // unit-stride tap sources. For stride s > 1 each row is first split into its s phases (phase r
 // holds columns r, r + s, r + 2s, ...), so that for every stride tap kj of interior output o
-// reads source(t, kj)[o], and consecutive outputs are one vector load.
+// reads source(t, kj)[o], and consecutive outputs are one vector load. Split rows are kept in
+// kh * dh slots (the rows of one window fall in distinct slots), so a row shared by the windows
+// of consecutive output rows is split once.
 template <typename scalar_t>
 class RowSources {
  public:
@@ -157,16 +160,21 @@ class RowSources {
         dh_(dh),
         dw_(dw),
         phase_len_((g.w + g.sw - 1) / g.sw),
+        slots_(g.kh * dh),
         rows_(g.kh),
         row_index_(g.kh),
-        tap_(g.kw) {
-    if (g.sw > 1) split_.resize(g.kh * g.sw * phase_len_);
+        tap_(g.kw),
+        slot_row_(slots_) {
+    if (g.sw > 1) split_.resize(slots_ * g.sw * phase_len_);
     for (int64_t kj = 0; kj < g.kw; ++kj) {
       const int64_t e = kj * dw - g.pw;  // column of tap kj for output 0
       const int64_t q = e >= 0 ? e / g.sw : -((-e + g.sw - 1) / g.sw), r = e - q * g.sw;
       tap_[kj] = r * phase_len_ + q;
     }
   }
+
+  // Forgets the split rows (call when moving to another plane).
+  void new_plane() { std::fill(slot_row_.begin(), slot_row_.end(), int64_t(-1)); }
 
   // Sets up the rows of output row `oh` of `plane`; returns how many there are.
   template <typename L, int64_t kStride>
@@ -182,7 +190,11 @@ class RowSources {
         rows_[t] = row;
         continue;
       }
-      scalar_t* dst = split_.data() + t * sw * phase_len_;
+      const int64_t slot = ih % slots_;
+      scalar_t* dst = split_.data() + slot * sw * phase_len_;
+      rows_[t] = dst;
+      if (slot_row_[slot] == ih) continue;
+      slot_row_[slot] = ih;
       int64_t done = 0;  // leading elements of every phase already split
       if (kStride == 2) {
         // Two vectors of the row -> one vector of even and one of odd columns.
@@ -203,7 +215,6 @@ class RowSources {
         scalar_t* __restrict__ phase = dst + r * phase_len_;
         for (int64_t i = done; i < len; ++i) phase[i] = row[i * sw + r];
       }
-      rows_[t] = dst;
     }
     return t;
   }
@@ -214,10 +225,10 @@ class RowSources {
 
  private:
   const Geometry& g_;
-  int64_t dh_, dw_, phase_len_;
+  int64_t dh_, dw_, phase_len_, slots_;
   std::vector<scalar_t> split_;
   std::vector<const scalar_t*> rows_;
-  std::vector<int64_t> row_index_, tap_;
+  std::vector<int64_t> row_index_, tap_, slot_row_;  // slot_row_: the row a slot holds, or -1
 };
 
 // ---- max pooling, forward ----------------------------------------------------------------------
@@ -280,6 +291,7 @@ void max_planes_nchw(const typename L::scalar* in, typename L::scalar* out, int6
   for (int64_t j = 0; j < L::count; ++j) step[j] = static_cast<typename L::index_scalar>(j * g.sw);
   for (int64_t plane = p_begin; plane < p_end; ++plane) {
     const typename L::scalar* src = in + plane * g.h * g.w;
+    rows.new_plane();
     for (int64_t oh = 0; oh < g.h_out; ++oh) {
       const int64_t row = (plane * g.h_out + oh) * g.w_out;
       auto scalar = [&](int64_t begin, int64_t end) {
@@ -421,14 +433,24 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_argmax_cpu(
 
 // ---- max pooling, backward ---------------------------------------------------------------------
 
+// Scatter, one task per plane (NCHW) or per sample's block of kChunk channels (channels_last):
+// deterministic, and in torch's order. An argmax outside the plane is reported, not followed.
 template <typename scalar_t>
 void max_backward_cpu_typed(const at::Tensor& go, const at::Tensor& am, at::Tensor& gi,
                             const Pool2dParams& p, bool channels_last) {
-  const char* op = "max_pool2d_backward";
   const scalar_t* grad = go.const_data_ptr<scalar_t>();
   const int64_t* arg = am.const_data_ptr<int64_t>();
   scalar_t* out = gi.mutable_data_ptr<scalar_t>();
   const int64_t plane = p.h * p.w, plane_out = p.h_out * p.w_out;
+  auto inside = [plane](int64_t index) {
+    return static_cast<uint64_t>(index) < static_cast<uint64_t>(plane);
+  };
+  auto report = [plane](const int64_t* idx, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) {
+      CNNEXT_CHECK(idx[i] >= 0 && idx[i] < plane, "max_pool2d_backward", "argmax holds ", idx[i],
+                   ", outside the input plane of ", plane, " elements");
+    }
+  };
   if (!channels_last) {
     at::parallel_for(0, p.n * p.c, grain(plane), [&](int64_t b, int64_t e) {
       for (int64_t pl = b; pl < e; ++pl) {
@@ -436,16 +458,19 @@ void max_backward_cpu_typed(const at::Tensor& go, const at::Tensor& am, at::Tens
         std::fill(dst, dst + plane, scalar_t(0));
         const scalar_t* src = grad + pl * plane_out;
         const int64_t* idx = arg + pl * plane_out;
+        bool ok = true;
         for (int64_t o = 0; o < plane_out; ++o) {
-          CNNEXT_CHECK(idx[o] >= 0 && idx[o] < plane, op, "argmax holds ", idx[o],
-                       ", outside the input plane of ", plane, " elements");
-          dst[idx[o]] += src[o];
+          if (inside(idx[o])) {
+            dst[idx[o]] += src[o];
+          } else {
+            ok = false;
+          }
         }
+        if (!ok) report(idx, plane_out);
       }
     });
     return;
   }
-  // channels_last: a task owns one sample's block of kChunk channels.
   const int64_t blocks = (p.c + kChunk - 1) / kChunk;
   at::parallel_for(0, p.n * blocks, grain(plane * kChunk), [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
@@ -456,11 +481,15 @@ void max_backward_cpu_typed(const at::Tensor& go, const at::Tensor& am, at::Tens
       for (int64_t o = 0; o < plane_out; ++o) {
         const scalar_t* src = grad + (n * plane_out + o) * p.c + c0;
         const int64_t* idx = arg + (n * plane_out + o) * p.c + c0;
+        bool ok = true;
         for (int64_t j = 0; j < nc; ++j) {
-          CNNEXT_CHECK(idx[j] >= 0 && idx[j] < plane, op, "argmax holds ", idx[j],
-                       ", outside the input plane of ", plane, " elements");
-          dst[idx[j] * p.c + j] += src[j];
+          if (inside(idx[j])) {
+            dst[idx[j] * p.c + j] += src[j];
+          } else {
+            ok = false;
+          }
         }
+        if (!ok) report(idx, nc);
       }
     }
   });
@@ -536,6 +565,7 @@ void avg_planes_nchw(const typename L::scalar* in, typename L::scalar* out, cons
   const Interior mid = interior_columns(g, g.kw);
   for (int64_t plane = p_begin; plane < p_end; ++plane) {
     const typename L::scalar* src = in + plane * g.h * g.w;
+    rows.new_plane();
     for (int64_t oh = 0; oh < g.h_out; ++oh) {
       typename L::scalar* row = out + (plane * g.h_out + oh) * g.w_out;
       auto scalar = [&](int64_t begin, int64_t end) {
@@ -651,6 +681,96 @@ at::Tensor avg_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
 
 // ---- average pooling, backward -----------------------------------------------------------------
 
+// NCHW average-pool backward as a gather, a vector of input columns at a time. Per plane each
+// output's share grad / divisor goes once into a zero-padded row; input row ih then sums, over
+// the output rows covering it (ascending) and the kernel columns (descending: output columns
+// ascending), the shares of the outputs whose window holds it. That is torch's summation order,
+// so the result is torch's to the bit. Columns are summed phase by phase (iw = i * sw + r), which
+// makes every load unit-stride; the phases are interleaved into the row at the end.
+struct AvgBackwardNchw {
+  template <typename L>
+  static void run(const typename L::scalar* grad, typename L::scalar* out, const Geometry& g,
+                  const AvgOptions& o, int64_t p_begin, int64_t p_end) {
+    using scalar_t = typename L::scalar;
+    using V = typename L::value;
+    static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>, "float or double");
+    constexpr int64_t lanes = L::count;
+    const int64_t sw = g.sw;
+    const int64_t phase_len = (g.w + sw - 1) / sw;
+    const int64_t vec_len = (phase_len + lanes - 1) / lanes * lanes;
+    // Share rows: `left` zeros before output column 0 and zeros after the last one, enough for
+    // every lane: lane i of phase r, tap kj reads column i + (r + pw - kj) / sw.
+    const int64_t left = (g.kw + sw - 1) / sw + 1;
+    const int64_t row_len = left + std::max(g.w_out, vec_len + (sw + g.pw) / sw + 1);
+    std::vector<scalar_t> share(g.h_out * row_len, scalar_t(0));
+    std::vector<scalar_t> phases(sw * vec_len);
+    for (int64_t plane = p_begin; plane < p_end; ++plane) {
+      const scalar_t* src = grad + plane * g.h_out * g.w_out;
+      scalar_t* dst = out + plane * g.h * g.w;
+      for (int64_t oh = 0; oh < g.h_out; ++oh) {
+        const int64_t ih0 = oh * g.sh - g.ph;
+        const bool rows = std::max<int64_t>(ih0, 0) < std::min(ih0 + g.kh, g.h);
+        for (int64_t ow = 0; ow < g.w_out; ++ow) {
+          const int64_t iw0 = ow * g.sw - g.pw;
+          const bool cols = std::max<int64_t>(iw0, 0) < std::min(iw0 + g.kw, g.w);
+          // A window entirely in the padding has no input to spread over.
+          share[oh * row_len + left + ow] =
+              rows && cols ? src[oh * g.w_out + ow] /
+                                 static_cast<scalar_t>(pool2d::avg_divisor(
+                                     g, ih0, iw0, o.count_include_pad, o.divisor_override))
+                           : scalar_t(0);
+        }
+      }
+      for (int64_t ih = 0; ih < g.h; ++ih) {
+        int64_t oh_begin, oh_end;
+        pool2d::covering_outputs(ih, g.kh, g.sh, g.ph, 1, g.h_out, &oh_begin, &oh_end);
+        for (int64_t r = 0; r < sw; ++r) {
+          scalar_t* acc = phases.data() + r * vec_len;
+          V sum, v;
+          for (int64_t i = 0; i < vec_len; i += lanes) store(acc + i, V{});
+          for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+            const scalar_t* row = share.data() + oh * row_len + left;
+            for (int64_t kj = g.kw - 1; kj >= 0; --kj) {
+              const int64_t m = r + g.pw - kj;  // output column (times sw) of lane 0
+              if (((m % sw) + sw) % sw != 0) continue;
+              const scalar_t* col = row + m / sw;
+              for (int64_t i = 0; i < vec_len; i += lanes) {
+                load(&sum, acc + i);
+                load(&v, col + i);
+                store(acc + i, sum + v);
+              }
+            }
+          }
+        }
+        scalar_t* row = dst + ih * g.w;
+        int64_t done = 0;  // leading elements of every phase already interleaved
+        if (sw == 1) {
+          std::memcpy(row, phases.data(), g.w * sizeof(scalar_t));
+          continue;
+        }
+        if (sw == 2) {
+          // One vector of even and one of odd columns -> two vectors of the row.
+          typename L::index low, high;
+          for (int64_t j = 0; j < lanes; ++j) {
+            low[j] = j % 2 == 0 ? j / 2 : lanes + j / 2;
+            high[j] = j % 2 == 0 ? lanes / 2 + j / 2 : lanes + lanes / 2 + j / 2;
+          }
+          V even, odd;
+          for (; 2 * (done + lanes) <= g.w; done += lanes) {
+            load(&even, phases.data() + done);
+            load(&odd, phases.data() + vec_len + done);
+            store(row + 2 * done, __builtin_shuffle(even, odd, low));
+            store(row + 2 * done + lanes, __builtin_shuffle(even, odd, high));
+          }
+        }
+        for (int64_t r = 0; r < sw; ++r) {
+          for (int64_t i = done; i * sw + r < g.w; ++i) row[i * sw + r] = phases[r * vec_len + i];
+        }
+      }
+    }
+  }
+};
+
 template <typename scalar_t>
 void avg_backward_cpu_typed(const at::Tensor& go, at::Tensor& gi, const Pool2dParams& p,
                             const AvgOptions& o, bool channels_last) {
@@ -658,7 +778,7 @@ void avg_backward_cpu_typed(const at::Tensor& go, at::Tensor& gi, const Pool2dPa
   const Geometry g = pool2d::geometry(p);
   const scalar_t* grad = go.const_data_ptr<scalar_t>();
   scalar_t* out = gi.mutable_data_ptr<scalar_t>();
-  const int64_t plane = p.h * p.w, plane_out = p.h_out * p.w_out;
+  const int64_t plane = p.h * p.w;
   // Each output spreads grad / divisor over the part of its window inside the input; returns
   // the divisor.
   auto window = [&](int64_t oh, int64_t ow, int64_t* ih_b, int64_t* ih_e, int64_t* iw_b,
@@ -674,21 +794,7 @@ void avg_backward_cpu_typed(const at::Tensor& go, at::Tensor& gi, const Pool2dPa
   };
   if (!channels_last) {
     at::parallel_for(0, p.n * p.c, grain(plane), [&](int64_t b, int64_t e) {
-      for (int64_t pl = b; pl < e; ++pl) {
-        scalar_t* dst = out + pl * plane;
-        std::fill(dst, dst + plane, scalar_t(0));
-        const scalar_t* src = grad + pl * plane_out;
-        for (int64_t oh = 0; oh < p.h_out; ++oh) {
-          for (int64_t ow = 0; ow < p.w_out; ++ow) {
-            int64_t ih_b, ih_e, iw_b, iw_e;
-            const acc_t divisor = window(oh, ow, &ih_b, &ih_e, &iw_b, &iw_e);
-            const acc_t delta = static_cast<acc_t>(src[oh * p.w_out + ow]) / divisor;
-            for (int64_t ih = ih_b; ih < ih_e; ++ih) {
-              for (int64_t iw = iw_b; iw < iw_e; ++iw) dst[ih * p.w + iw] += delta;
-            }
-          }
-        }
-      }
+      run_kernel<scalar_t, AvgBackwardNchw>(grad, out, g, o, b, e);
     });
     return;
   }
