@@ -88,7 +88,9 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 @register_fake("max_pool2d_backward")
-def _max_pool2d_backward_fake(grad_output, argmax, input_size):
+def _max_pool2d_backward_fake(
+    grad_output, argmax, input_size, kernel_size, stride, padding, dilation, ceil_mode
+):
     return empty_like_format(grad_output, input_size)
 
 
