@@ -53,7 +53,7 @@ __global__ void im2col_kernel(const scalar_t* __restrict__ x, scalar_t* __restri
        i += int64_t(blockDim.x) * gridDim.x) {
     // Thread order: (n, c, pixel) for NCHW (coalesced along pixels), (n, pixel, c) for NHWC.
     int64_t n, c, q;
-    if (channels_last) {
+    if constexpr (channels_last) {
       c = i % g.c_in;
       q = (i / g.c_in) % pix;
       n = i / (g.c_in * pix);
@@ -71,7 +71,7 @@ __global__ void im2col_kernel(const scalar_t* __restrict__ x, scalar_t* __restri
         const bool inside = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
         scalar_t v = scalar_t(0);
         int64_t dst;
-        if (channels_last) {
+        if constexpr (channels_last) {
           if (inside) v = x[((n * g.h + ih) * g.w + iw) * g.c_in + c];
           dst = (n * pix + q) * gk + ((grp * g.kh + ki) * g.kw + kj) * cg + cc;
         } else {
@@ -94,7 +94,7 @@ __global__ void col2im_kernel(const scalar_t* __restrict__ col, scalar_t* __rest
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
     int64_t n, c, r;
-    if (channels_last) {
+    if constexpr (channels_last) {
       c = i % g.c_in;
       r = (i / g.c_in) % in_pix;
       n = i / (g.c_in * in_pix);
@@ -149,8 +149,8 @@ __global__ void grad_bias_kernel(const scalar_t* __restrict__ dy, scalar_t* __re
   }
   partial[threadIdx.x] = sum;
   __syncthreads();
-  for (int64_t half = blockDim.x / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+  for (int64_t width = blockDim.x / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
     __syncthreads();
   }
   if (threadIdx.x == 0) db[c] = static_cast<scalar_t>(partial[0]);
