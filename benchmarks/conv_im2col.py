@@ -89,6 +89,17 @@ def _time(fn, min_run_time: float) -> float:
     )
 
 
+def _time_all(impls: dict, min_run_time: float, rounds: int) -> dict[str, float]:
+    """Milliseconds per implementation: ``rounds`` interleaved blocked_autorange medians, the
+    smallest kept, so that load from other processes hits every implementation alike."""
+    best = {name: math.inf for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            with _context(name):
+                best[name] = min(best[name], _time(fn, min_run_time))
+    return best
+
+
 def _context(name: str):
     """The slow path runs with oneDNN disabled (around the whole timing loop, not per call)."""
     if name == "slow":
@@ -103,7 +114,7 @@ def _check(name: str, got: torch.Tensor, expected: torch.Tensor, reduction: int)
     )
 
 
-def bench_layer(layer: Layer, n: int, backward: bool, min_run_time: float) -> dict:
+def bench_layer(layer: Layer, n: int, backward: bool, min_run_time: float, rounds: int) -> dict:
     """Times one layer at batch ``n``: forward, or forward+backward when ``backward``."""
     x = torch.randn(n, layer.c_in, layer.size, layer.size)
     w = torch.randn(layer.c_out, layer.c_in, layer.k, layer.k) / math.sqrt(
@@ -158,14 +169,63 @@ def bench_layer(layer: Layer, n: int, backward: bool, min_run_time: float) -> di
         "first_layer": layer.first,
         "gflop": flops / 1e9,
     }
-    for name, fn in impls.items():
-        with _context(name):
-            ms = _time(fn, min_run_time)
+    for name, ms in _time_all(impls, min_run_time, rounds).items():
         row[f"{name}_ms"] = ms
         row[f"{name}_gflops"] = flops / ms / 1e6
     row["vs_slow"] = row["slow_ms"] / row["cnnext_ms"]
     row["vs_onednn"] = row["onednn_ms"] / row["cnnext_ms"]
     return row
+
+
+def bench_channels_last(layer: Layer, n: int, min_run_time: float, rounds: int) -> dict:
+    """channels_last input, forward: cnnext's native NHWC path (col[pixel, (ki, kj, c)], GEMM
+    output already channels_last) against converting to NCHW, running the contiguous path and
+    converting the output back, and against F.conv2d (oneDNN) on the same input."""
+    x = torch.randn(n, layer.c_in, layer.size, layer.size).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = torch.randn(layer.c_out, layer.c_in, layer.k, layer.k) / math.sqrt(
+        layer.c_in * layer.k * layer.k
+    )
+    b = torch.randn(layer.c_out)
+    s, p = (layer.stride,) * 2, (layer.padding,) * 2
+    limit = cnnext.ops.get_im2col_workspace_limit()
+    op = torch.ops.cnnext.conv2d_im2col
+    impls = {
+        "nhwc": lambda: op(x, w, b, s, p, (1, 1), 1, limit),
+        "via_nchw": lambda: op(x.contiguous(), w, b, s, p, (1, 1), 1, limit).contiguous(
+            memory_format=torch.channels_last
+        ),
+        "onednn": lambda: F.conv2d(x, w, b, s, p),
+    }
+    expected = F.conv2d(x, w, b, s, p)
+    row: dict = {"net": layer.net, "layer": layer.name, "batch": n}
+    for name, fn in impls.items():
+        out = fn()
+        assert out.is_contiguous(memory_format=torch.channels_last), name
+        _check(name, out, expected, layer.c_in * layer.k * layer.k)
+    for name, ms in _time_all(impls, min_run_time, rounds).items():
+        row[f"{name}_ms"] = ms
+    row["nhwc_vs_via_nchw"] = row["via_nchw_ms"] / row["nhwc_ms"]
+    row["nhwc_vs_onednn"] = row["onednn_ms"] / row["nhwc_ms"]
+    return row
+
+
+def run_channels_last(quick: bool = False) -> list[dict]:
+    """``bench_channels_last`` over the suite (batch 32 only below 112x112; C_in = 1 has no
+    distinct channels_last layout), one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        layers = [lay for lay in LAYERS if not quick or (lay.net, lay.name) in QUICK]
+        return [
+            bench_channels_last(layer, n, 0.05 if quick else 0.2, 2 if quick else 3)
+            for n in (1, 32)
+            for layer in layers
+            if layer.c_in > 1 and (n == 1 or layer.size < 112)
+        ]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def geomean(values: list[float]) -> float:
@@ -185,7 +245,9 @@ def run(quick: bool = False) -> list[dict]:
                 for layer in layers:
                     if quick and n == 32 and layer.size >= 112:
                         continue
-                    rows.append(bench_layer(layer, n, backward, 0.05 if quick else 0.2))
+                    rows.append(
+                        bench_layer(layer, n, backward, 0.05 if quick else 0.2, 2 if quick else 3)
+                    )
         return rows
     finally:
         torch.set_num_threads(threads)
@@ -233,12 +295,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer layers and batch sizes")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="also compare the NHWC path (forward)"
+    )
     args = parser.parse_args()
     rows = run(quick=args.quick)
     print_table(rows)
+    result = {"rows": rows, "summary": summary(rows)}
+    if args.channels_last:
+        cl_rows = run_channels_last(quick=args.quick)
+        print("\nchannels_last input, forward, ms: native NHWC | via NCHW | oneDNN")
+        for r in cl_rows:
+            print(
+                f"{r['net']:16}{r['layer']:14}{r['batch']:>4}{r['nhwc_ms']:>10.3f}"
+                f"{r['via_nchw_ms']:>10.3f}{r['onednn_ms']:>10.3f}   NHWC vs via-NCHW "
+                f"{r['nhwc_vs_via_nchw']:.2f}x, vs oneDNN {r['nhwc_vs_onednn']:.2f}x"
+            )
+        print(
+            f"geomean: NHWC vs via-NCHW {geomean([r['nhwc_vs_via_nchw'] for r in cl_rows]):.2f}x,"
+            f" vs oneDNN {geomean([r['nhwc_vs_onednn'] for r in cl_rows]):.2f}x"
+        )
+        result["channels_last"] = cl_rows
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "summary": summary(rows)}, f, indent=1)
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

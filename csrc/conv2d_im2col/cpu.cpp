@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -26,6 +27,17 @@
 
 #include "common/checks.h"
 #include "common/params.h"
+
+// Fortran BLAS as libtorch_cpu exports it when torch is built with MKL. Weak: a torch without
+// these symbols resolves them to null and blas_gemm falls back to at::addmm_.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
 
 namespace cnnext {
 namespace {
@@ -50,16 +62,32 @@ at::Tensor col_major_t(const scalar_t* p, char trans, int64_t rows, int64_t cols
                        trans == 't' ? at::IntArrayRef{1, ld} : at::IntArrayRef{ld, 1}, options);
 }
 
-// C = op(A) op(B) + beta C in column-major storage (BLAS's and common/gemm.cuh's contract), as
-// at::addmm_ on views: C^T = op(B)^T op(A)^T. beta == 0 never reads C.
+// C = op(A) op(B) + beta C in column-major storage (BLAS's and common/gemm.cuh's contract);
+// beta == 0 never reads C. Calls BLAS directly when torch exports it (as ATen's own cpublas does,
+// which an extension cannot reach), else at::addmm_ on views: C^T = op(B)^T op(A)^T.
 template <typename scalar_t>
 void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, const scalar_t* a,
                int64_t lda, const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c,
                int64_t ldc) {
   if (m == 0 || n == 0) return;
+  const scalar_t alpha = 1;
+  if (std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX) {
+    const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (sgemm_ != nullptr) {
+        sgemm_(&transa, &transb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+        return;
+      }
+    } else {
+      if (dgemm_ != nullptr) {
+        dgemm_(&transa, &transb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+        return;
+      }
+    }
+  }
   at::Tensor ct = col_major_t<scalar_t>(c, 'n', m, n, ldc);
   ct.addmm_(col_major_t<scalar_t>(b, transb, k, n, ldb),
-            col_major_t<scalar_t>(a, transa, m, k, lda), beta, 1);
+            col_major_t<scalar_t>(a, transa, m, k, lda), beta, alpha);
 }
 
 // Row-major C[m, n] = A[m, k] . B[k, n] (+ C when add_c). float: oneDNN's brgemm micro-kernel in
@@ -86,20 +114,6 @@ void gemm_rm(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, co
     });
   } else {
     blas_gemm<scalar_t>('n', 'n', n, m, k, b, ldb, a, lda, add_c ? 1 : 0, c, ldc);
-  }
-}
-
-// dst[j, i] = src[i, j] for a rows x cols block (row-major, leading dimensions lds and ldd).
-template <typename scalar_t>
-void transpose(const scalar_t* src, int64_t lds, int64_t rows, int64_t cols, scalar_t* dst,
-               int64_t ldd) {
-  constexpr int64_t kB = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += kB) {
-    for (int64_t j0 = 0; j0 < cols; j0 += kB) {
-      for (int64_t i = i0; i < std::min(i0 + kB, rows); ++i) {
-        for (int64_t j = j0; j < std::min(j0 + kB, cols); ++j) dst[j * ldd + i] = src[i * lds + j];
-      }
-    }
   }
 }
 
@@ -301,6 +315,8 @@ void col2im_nhwc(const Conv2dParams& p, const scalar_t* col, scalar_t* x, int64_
 // (a smaller feature map groups several samples per tile).
 constexpr int64_t kTileEntries = 1 << 18;
 constexpr int64_t kMinCols = 256;
+// Output pixels (batch included) from which channels_last input takes the NHWC path.
+constexpr int64_t kMinNhwcPixels = 1024;
 
 // A contiguous-path tile: output rows [oh0, oh1) of samples [n0, n0 + nb) (nb > 1 only with
 // whole samples).
@@ -382,18 +398,6 @@ int64_t samples_per_chunk(const Conv2dParams& p, const Layout& l, int64_t max_co
   return std::clamp<int64_t>(max_col_bytes / per_sample, 1, std::max<int64_t>(p.n, 1));
 }
 
-// W^T per group: [G][cog, K] -> [G][K, cog].
-template <typename scalar_t>
-at::Tensor transposed_weight(const Conv2dParams& p, const Layout& l, const scalar_t* w) {
-  const int64_t cog = p.c_out_per_group();
-  at::Tensor wt = scratch<scalar_t>(p.c_out * l.k);
-  for (int64_t g = 0; g < p.groups; ++g) {
-    transpose(w + g * cog * l.k, l.k, cog, l.k, wt.mutable_data_ptr<scalar_t>() + g * l.k * cog,
-              cog);
-  }
-  return wt;
-}
-
 // ---- forward --------------------------------------------------------------------------------
 
 template <typename scalar_t>
@@ -449,13 +453,11 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
   });
 }
 
+// `wt` is W'^T per group: [G][K = (ki, kj, c)][cog].
 template <typename scalar_t>
-void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* w,
+void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* wt,
                   const scalar_t* bias, scalar_t* y, int64_t max_col_bytes) {
   const int64_t cog = p.c_out_per_group(), total = p.n * l.p;
-  // Y_g[rows, cog] = col_g[rows, K] . W'_g^T[K, cog]: W'^T once per call.
-  const at::Tensor wt = transposed_weight(p, l, w);
-  const scalar_t* wtp = wt.const_data_ptr<scalar_t>();
   // Tiles of output pixels (any range of q = n * P + pixel is a contiguous block of NHWC rows),
   // cache-sized and within the budget; slots are parallel tasks over contiguous tile ranges.
   const int64_t slots = std::clamp<int64_t>(at::get_num_threads(), 1, total);
@@ -480,8 +482,9 @@ void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
       for (int64_t r = 0; r < rows; ++r)
         std::memcpy(yc + r * p.c_out, bias, p.c_out * sizeof(scalar_t));
     }
+    // Y_g[rows, cog] (rows C_out apart) = col_g[rows, K] . W'^T_g[K, cog], all row-major.
     for (int64_t g = 0; g < p.groups; ++g) {
-      gemm_rm<scalar_t>(rows, cog, l.k, a + g * l.k, l.gk, wtp + g * l.k * cog, cog, yc + g * cog,
+      gemm_rm<scalar_t>(rows, cog, l.k, a + g * l.k, l.gk, wt + g * l.k * cog, cog, yc + g * cog,
                         p.c_out, bias != nullptr);
     }
   };
@@ -508,18 +511,29 @@ at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& 
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
   if (p.n == 0) return output;
-  const at::Tensor x = (p.batched ? input : input.unsqueeze(0)).contiguous(fmt);
-  // channels_last multiplies by W' = weight as [C_out, kh, kw, C_in/groups].
-  const at::Tensor w = cl ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
+  const Layout l = layout_of(p);
+  // The NHWC GEMM reads the weight transposed, W'^T[K, C_out], formed once per call; with few
+  // output pixels that transpose costs more than converting the activations, so small maps go
+  // through the contiguous path and come back channels_last.
+  const bool nhwc = cl && p.n * l.p >= kMinNhwcPixels;
+  const auto run_fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = (p.batched ? input : input.unsqueeze(0)).contiguous(run_fmt);
+  // W'^T per group, [G][kh, kw, C_in/groups][C_out/groups], matching col's (g, ki, kj, c) order.
+  const at::Tensor w =
+      nhwc ? weight.view({p.groups, p.c_out_per_group(), p.c_in_per_group(), p.kh, p.kw})
+                 .permute({0, 3, 4, 2, 1})
+                 .contiguous()
+           : weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const Layout l = layout_of(p);
+  at::Tensor y = cl && !nhwc ? at::empty(p.output_sizes(), output.options()) : output;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_im2col_forward_cpu", [&] {
     const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
-    auto* run = cl ? &forward_nhwc<scalar_t> : &forward_nchw<scalar_t>;
+    auto* run = nhwc ? &forward_nhwc<scalar_t> : &forward_nchw<scalar_t>;
     run(p, l, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
-        output.mutable_data_ptr<scalar_t>(), max_col_bytes);
+        y.mutable_data_ptr<scalar_t>(), max_col_bytes);
   });
+  if (!y.is_same(output)) output.copy_(y);
   return output;
 }
 
@@ -535,21 +549,33 @@ void backward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* dy, c
   bool grouped;
   const int64_t max_cols = max_tile_cols(p, l, slots, budget, grouped);
   const int64_t col_size = l.pointwise ? 0 : l.gk * max_cols;
-  const int64_t tmp_size = grouped && dx != nullptr ? p.c_out * max_cols : 0;
-  const int64_t dyt_size = dw != nullptr ? p.c_out * max_cols : 0;
+  const int64_t tmp_size = grouped ? p.c_out * max_cols : 0;
   at::Tensor col_buffer = scratch<scalar_t>(slots * col_size);
   at::Tensor tmp_buffer = scratch<scalar_t>(slots * tmp_size);
-  at::Tensor dyt_buffer = scratch<scalar_t>(slots * dyt_size);
-  // grad_input: dcol_g[K, cols] = W_g^T[K, cog] . dY_g[cog, cols], with W^T formed once.
-  const at::Tensor wt = dx != nullptr ? transposed_weight(p, l, w) : at::Tensor();
-  // grad_weight: dW_g^T[K, cog] += col_g[K, cols] . dY_g^T[cols, cog] into one [G][K, cog]
-  // partial per slot, summed in slot order at the end (deterministic for a given thread count).
-  at::Tensor partials = scratch<scalar_t>(dw != nullptr ? slots * w_size : 0);
+  // grad_weight: slot 0 accumulates in place, the others into partials summed in slot order
+  // afterwards (deterministic for a given thread count).
+  at::Tensor partials = scratch<scalar_t>(dw != nullptr ? (slots - 1) * w_size : 0);
   std::vector<char> started(slots, 0);  // not vector<bool>: slots run in parallel
+  // The backward GEMMs read W and col transposed, which BLAS does while packing (brgemm would
+  // need explicit transposes, slower here than what they save).
   for_each_tile(p, l, slots, budget, [&](const Tile& t, int64_t slot) {
     const int64_t rows = (t.oh1 - t.oh0) * p.w_out, cols = t.nb * rows;
     const int64_t ld_col = l.pointwise ? l.p : cols;
     scalar_t* col = col_buffer.mutable_data_ptr<scalar_t>() + slot * col_size;
+    // dY of the tile as [C_out, cols]: in place for one sample, gathered for several.
+    const scalar_t* g_out = dy + t.n0 * out_size + t.oh0 * p.w_out;
+    int64_t ld_dy = l.p;
+    if (t.nb > 1) {
+      scalar_t* tmp = tmp_buffer.mutable_data_ptr<scalar_t>() + slot * tmp_size;
+      for (int64_t b = 0; b < t.nb; ++b) {
+        for (int64_t o = 0; o < p.c_out; ++o) {
+          std::memcpy(tmp + o * cols + b * rows, dy + (t.n0 + b) * out_size + o * l.p,
+                      rows * sizeof(scalar_t));
+        }
+      }
+      g_out = tmp;
+      ld_dy = cols;
+    }
     if (dw != nullptr) {
       const scalar_t* a = x + t.n0 * in_size;
       if (!l.pointwise) {
@@ -558,37 +584,23 @@ void backward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* dy, c
         }
         a = col;
       }
-      scalar_t* dyt = dyt_buffer.mutable_data_ptr<scalar_t>() + slot * dyt_size;
-      for (int64_t b = 0; b < t.nb; ++b) {
-        transpose(dy + (t.n0 + b) * out_size + t.oh0 * p.w_out, l.p, p.c_out, rows,
-                  dyt + b * rows * p.c_out, p.c_out);
-      }
-      scalar_t* acc = partials.mutable_data_ptr<scalar_t>() + slot * w_size;
+      scalar_t* acc = slot == 0 ? dw : partials.mutable_data_ptr<scalar_t>() + (slot - 1) * w_size;
+      // dW_g[cog, K] += dY_g[cog, cols] . col_g[K, cols]^T, i.e. column-major
+      // dW_g^T = op(col_g) . dY_g^T.
       for (int64_t g = 0; g < p.groups; ++g) {
-        gemm_rm<scalar_t>(l.k, cog, cols, a + g * l.k * ld_col, ld_col, dyt + g * cog, p.c_out,
-                          acc + g * l.k * cog, cog, started[slot] != 0);
+        blas_gemm<scalar_t>('t', 'n', l.k, cog, cols, a + g * l.k * ld_col, ld_col,
+                            g_out + g * cog * ld_dy, ld_dy, started[slot] ? 1 : 0,
+                            acc + g * cog * l.k, l.k);
       }
       started[slot] = 1;
     }
     if (dx != nullptr) {
-      // dY of the tile as [C_out, cols]: in place for one sample, gathered for several.
-      const scalar_t* g_out = dy + t.n0 * out_size + t.oh0 * p.w_out;
-      int64_t ld_dy = l.p;
-      if (t.nb > 1) {
-        scalar_t* tmp = tmp_buffer.mutable_data_ptr<scalar_t>() + slot * tmp_size;
-        for (int64_t b = 0; b < t.nb; ++b) {
-          for (int64_t o = 0; o < p.c_out; ++o) {
-            std::memcpy(tmp + o * cols + b * rows, dy + (t.n0 + b) * out_size + o * l.p,
-                        rows * sizeof(scalar_t));
-          }
-        }
-        g_out = tmp;
-        ld_dy = cols;
-      }
       scalar_t* target = l.pointwise ? dx + t.n0 * in_size : col;
+      // dcol_g[K, cols] = W_g[cog, K]^T . dY_g[cog, cols], i.e. column-major
+      // dcol_g^T = dY_g^T . op(W_g).
       for (int64_t g = 0; g < p.groups; ++g) {
-        gemm_rm<scalar_t>(l.k, cols, cog, wt.const_data_ptr<scalar_t>() + g * l.k * cog, cog,
-                          g_out + g * cog * ld_dy, ld_dy, target + g * l.k * ld_col, ld_col, false);
+        blas_gemm<scalar_t>('n', 't', cols, l.k, cog, g_out + g * cog * ld_dy, ld_dy,
+                            w + g * cog * l.k, l.k, 0, target + g * l.k * ld_col, ld_col);
       }
       if (!l.pointwise) {
         for (int64_t b = 0; b < t.nb; ++b) {
@@ -598,18 +610,11 @@ void backward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* dy, c
     }
   });
   if (dw != nullptr) {
-    // dW[g, o, r] = sum over slots of partial[slot][g][r, o].
-    const scalar_t* part = partials.const_data_ptr<scalar_t>();
-    std::fill(dw, dw + w_size, scalar_t(0));
-    for (int64_t s = 0; s < slots; ++s) {
+    if (!started[0]) std::fill(dw, dw + w_size, scalar_t(0));
+    for (int64_t s = 1; s < slots; ++s) {
       if (!started[s]) continue;
-      for (int64_t g = 0; g < p.groups; ++g) {
-        const scalar_t* src = part + s * w_size + g * l.k * cog;
-        scalar_t* dst = dw + g * cog * l.k;
-        for (int64_t o = 0; o < cog; ++o) {
-          for (int64_t r = 0; r < l.k; ++r) dst[o * l.k + r] += src[r * cog + o];
-        }
-      }
+      const scalar_t* src = partials.const_data_ptr<scalar_t>() + (s - 1) * w_size;
+      for (int64_t i = 0; i < w_size; ++i) dw[i] += src[i];
     }
   }
 }
