@@ -290,6 +290,13 @@ int64_t tile_positions(Isa isa, int64_t ocb, int64_t elem_bytes, int64_t plane_p
 template <typename T>
 using Buffer = std::unique_ptr<T[]>;
 
+// Items per parallel task so that a task does at least ~kTaskWork multiply-adds or copies: small
+// problems run on the calling thread without opening a parallel region.
+int64_t grain(int64_t work_per_item) {
+  constexpr int64_t kTaskWork = int64_t(1) << 17;
+  return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
+}
+
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -354,7 +361,7 @@ Strides strides_of(const at::Tensor& t) {
 template <typename T>
 void pack_inputs(const T* x, const Strides& s, const Conv2dParams& p, const InputLayout& a,
                  int64_t n0, int64_t count, T* dst) {
-  at::parallel_for(0, count * p.c_in, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count * p.c_in, grain(a.chan), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = n0 + i / p.c_in, c = i % p.c_in;
       pack_input_channel(x + n * s.n + c * s.c, s.h, s.w, p, a, dst + i * a.chan);
@@ -422,7 +429,8 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
     const int64_t count = std::min(batch, p.n - n0);
     pack_inputs(x, xs, p, a, n0, count, packed.get());
     const int64_t items = count * p.groups * block_runs * q_runs;
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t item_work = kBlocksPerItem * ocb * q_step * cin * ntaps;
+    at::parallel_for(0, items, grain(item_work), [&](int64_t begin, int64_t end) {
       const Buffer<T> tile(new T[ocb * q_step]);
       for (int64_t item = begin; item < end; ++item) {
         int64_t rest = item;
@@ -568,7 +576,7 @@ void grad_input_typed(const Conv2dParams& p, const at::Tensor& grad_output,
 
   for (int64_t n0 = 0; n0 < p.n; n0 += batch) {
     const int64_t count = std::min(batch, p.n - n0);
-    at::parallel_for(0, count * p.c_out, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, count * p.c_out, grain(plane), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = n0 + i / p.c_out, c = i % p.c_out;
         T* dst = packed.get() + i * plane;
@@ -586,7 +594,8 @@ void grad_input_typed(const Conv2dParams& p, const at::Tensor& grad_output,
       const int64_t q_step = std::min(f.qpad, round_up(512, P));
       const int64_t q_runs = div_up(f.qpad, q_step);
       const int64_t items = count * p.groups * block_runs * q_runs;
-      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      const int64_t item_work = kBlocksPerItem * icb * q_step * cout * ntaps;
+      at::parallel_for(0, items, grain(item_work), [&](int64_t begin, int64_t end) {
         const Buffer<T> tile(new T[icb * q_step]);
         for (int64_t item = begin; item < end; ++item) {
           int64_t rest = item;
@@ -670,7 +679,7 @@ void grad_weight_typed(const Conv2dParams& p, const at::Tensor& grad_output,
   for (int64_t n0 = 0; n0 < p.n; n0 += batch) {
     const int64_t count = std::min(batch, p.n - n0);
     pack_inputs(x, xs, p, a, n0, count, packed_x.get());
-    at::parallel_for(0, count * p.c_out, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, count * p.c_out, grain(a.qpad), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = n0 + i / p.c_out, c = i % p.c_out;
         T* dst = packed_go.get() + i * a.qpad;
@@ -681,7 +690,8 @@ void grad_weight_typed(const Conv2dParams& p, const at::Tensor& grad_output,
         }
       }
     });
-    at::parallel_for(0, p.groups * block_runs, 1, [&](int64_t begin, int64_t end) {
+    const int64_t item_work = per_item * ocb * count * a.qpad * kdim;
+    at::parallel_for(0, p.groups * block_runs, grain(item_work), [&](int64_t begin, int64_t end) {
       std::array<const T*, 4> rows{}, cols{};
       std::array<T, 16> dots{};
       for (int64_t item = begin; item < end; ++item) {
@@ -726,7 +736,7 @@ void grad_bias_typed(const Conv2dParams& p, const at::Tensor& grad_output, at::T
   const Strides gs = strides_of(grad_output);
   const T* go = grad_output.const_data_ptr<T>();
   T* gb = grad_bias.mutable_data_ptr<T>();
-  at::parallel_for(0, p.c_out, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.c_out, grain(p.n * p.h_out * p.w_out), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       // Eight running sums (vectorisable), added in a fixed order.
       acc_t lanes[8] = {};
