@@ -10,7 +10,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <array>
@@ -88,12 +87,35 @@ Isa cpu_isa(const char* op) {
 int64_t accumulator_bytes(Isa isa) {
   return isa == Isa::kAvx512 ? 16 * 64 : isa == Isa::kAvx2 ? 12 * 32 : 8 * 16;
 }
+int64_t vector_bytes(Isa isa) { return isa == Isa::kAvx512 ? 64 : isa == Isa::kAvx2 ? 32 : 16; }
 
 void check_variant(const char* op, c10::string_view variant) {
   // The CPU has one kernel; the variants choose among the CUDA kernels.
   CNNEXT_CHECK(variant == "auto" || variant == "naive" || variant == "tiled", op,
                "expected variant to be 'auto', 'naive' or 'tiled', got '", std::string(variant),
                "'");
+}
+
+// Scratch memory, left uninitialised (every element read is written first).
+template <typename T>
+using Buffer = std::unique_ptr<T[]>;
+
+// Items per parallel task so that a task does at least ~kTaskWork multiply-adds or copies: small
+// problems run on the calling thread without opening a parallel region.
+int64_t grain(int64_t work_per_item) {
+  constexpr int64_t kTaskWork = int64_t(1) << 17;
+  return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
+}
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A row or plane stride that is an odd number of 64-byte lines: streams at a power-of-two stride
+// would all fall into the same few L1 sets.
+int64_t odd_lines(int64_t elems, int64_t elem_bytes) {
+  const int64_t per_line = 64 / elem_bytes;
+  const int64_t lines = div_up(elems, per_line);
+  return (lines | 1) * per_line;
 }
 
 // ---- microkernels -------------------------------------------------------------------------------
@@ -189,6 +211,48 @@ CNNEXT_INLINE void dot_tile(const DotJob<T>& job) {
   }
 }
 
+// An outer-product job: sums[t][j] = sum over segments s and q < nq of
+// cols[t][s * col_step + q] * rows[s * row_step + q * ld + j], j < P: TB broadcast scalars against
+// one P-wide row per step, no horizontal sums.
+template <typename T>
+struct OuterJob {
+  const T* const* cols;  // TB pointers
+  const T* rows;
+  int64_t ld, nq;
+  int64_t segments, col_step, row_step;
+  T* sums;  // [TB][P]
+};
+
+template <typename T, int TB, int P, bool kFma>
+CNNEXT_INLINE void outer_tile(const OuterJob<T>& job) {
+  const T* cols[TB];
+  CNNEXT_CPU_UNROLL
+  for (int t = 0; t < TB; ++t) cols[t] = job.cols[t];
+  T acc[TB][P] = {};
+  for (int64_t s = 0; s < job.segments; ++s) {
+    const T* __restrict__ rows = job.rows + s * job.row_step;
+    const int64_t shift = s * job.col_step;
+    for (int64_t q = 0; q < job.nq; ++q) {
+      const T* __restrict__ row = rows + q * job.ld;
+      CNNEXT_CPU_UNROLL
+      for (int t = 0; t < TB; ++t) {
+        const T xv = cols[t][shift + q];
+        for (int j = 0; j < P; ++j) {
+          if constexpr (kFma) {
+            acc[t][j] = std::fma(xv, row[j], acc[t][j]);
+          } else {
+            acc[t][j] += xv * row[j];
+          }
+        }
+      }
+    }
+  }
+  CNNEXT_CPU_UNROLL
+  for (int t = 0; t < TB; ++t) {
+    for (int j = 0; j < P; ++j) job.sums[t * P + j] = acc[t][j];
+  }
+}
+
 // One copy of each microkernel per ISA; the bodies are inlined into the target-specific
 // wrapper, so the compiler vectorises them for that ISA.
 #ifdef CNNEXT_X86_COPIES
@@ -208,6 +272,14 @@ template <typename T, int OCB, int TB>
 CNNEXT_TARGET_AVX2 void dot_tile_avx2(const DotJob<T>& job) {
   dot_tile<T, OCB, TB, true>(job);
 }
+template <typename T, int TB, int P>
+CNNEXT_TARGET_AVX512 void outer_tile_avx512(const OuterJob<T>& job) {
+  outer_tile<T, TB, P, true>(job);
+}
+template <typename T, int TB, int P>
+CNNEXT_TARGET_AVX2 void outer_tile_avx2(const OuterJob<T>& job) {
+  outer_tile<T, TB, P, true>(job);
+}
 #endif
 template <typename T, int OCB, int P>
 void conv_tiles_baseline(const TileJob<T>& job) {
@@ -217,11 +289,17 @@ template <typename T, int OCB, int TB>
 void dot_tile_baseline(const DotJob<T>& job) {
   dot_tile<T, OCB, TB, false>(job);
 }
+template <typename T, int TB, int P>
+void outer_tile_baseline(const OuterJob<T>& job) {
+  outer_tile<T, TB, P, false>(job);
+}
 
 template <typename T>
 using ConvTilesFn = void (*)(const TileJob<T>&);
 template <typename T>
 using DotTileFn = void (*)(const DotJob<T>&);
+template <typename T>
+using OuterTileFn = void (*)(const OuterJob<T>&);
 
 template <typename T, int OCB, int P>
 ConvTilesFn<T> conv_tiles_for(Isa isa) {
@@ -250,7 +328,8 @@ template <typename T>
 ConvTilesFn<T> conv_tiles_for(Isa isa, int64_t ocb, int64_t positions) {
   if (ocb == 1) return conv_tiles_for<T, 1>(isa, positions);
   if (ocb == 2) return conv_tiles_for<T, 2>(isa, positions);
-  return conv_tiles_for<T, 4>(isa, positions);
+  if (ocb == 4) return conv_tiles_for<T, 4>(isa, positions);
+  return conv_tiles_for<T, 8>(isa, positions);
 }
 
 template <typename T, int OCB, int TB>
@@ -275,30 +354,51 @@ DotTileFn<T> dot_tile_for(Isa isa, int64_t ocb, int64_t tb) {
   return with_tb(std::integral_constant<int, 4>{});
 }
 
-// Output channels per register block: 4, or fewer for groups with fewer channels (depthwise).
-int64_t channel_block(int64_t channels) { return channels >= 4 ? 4 : channels >= 2 ? 2 : 1; }
-
-// Positions per tile: as many as the accumulator registers hold, not far beyond the plane.
-int64_t tile_positions(Isa isa, int64_t ocb, int64_t elem_bytes, int64_t plane_positions) {
-  int64_t p = 64;
-  while (p > 8 && ocb * p * elem_bytes > accumulator_bytes(isa)) p /= 2;
-  while (p > 8 && p / 2 >= plane_positions) p /= 2;
-  return p;
+template <typename T, int TB, int P>
+OuterTileFn<T> outer_tile_for(Isa isa) {
+#ifdef CNNEXT_X86_COPIES
+  if (isa == Isa::kAvx512) return &outer_tile_avx512<T, TB, P>;
+  if (isa == Isa::kAvx2) return &outer_tile_avx2<T, TB, P>;
+#endif
+  return &outer_tile_baseline<T, TB, P>;
 }
 
-// Scratch memory, left uninitialised (every element read is written first).
 template <typename T>
-using Buffer = std::unique_ptr<T[]>;
-
-// Items per parallel task so that a task does at least ~kTaskWork multiply-adds or copies: small
-// problems run on the calling thread without opening a parallel region.
-int64_t grain(int64_t work_per_item) {
-  constexpr int64_t kTaskWork = int64_t(1) << 17;
-  return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
+OuterTileFn<T> outer_tile_for(Isa isa, int64_t tb, int64_t p) {
+  if (p == 16) {
+    if (tb == 2) return outer_tile_for<T, 2, 16>(isa);
+    if (tb == 4) return outer_tile_for<T, 4, 16>(isa);
+    return outer_tile_for<T, 8, 16>(isa);
+  }
+  if (tb == 2) return outer_tile_for<T, 2, 32>(isa);
+  if (tb == 4) return outer_tile_for<T, 4, 32>(isa);
+  return outer_tile_for<T, 8, 32>(isa);
 }
 
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The register tile of the conv microkernel: OCB channels x P positions.
+struct TileShape {
+  int64_t ocb = 1, p = 8;
+};
+
+// Picks the tile with the fewest cycles by a throughput model: per tap a tile issues
+// ocb * ceil(P / lanes) FMAs and ceil(P / lanes) + ocb loads (two per cycle), over
+// ceil(channels / ocb) * ceil(positions / P) tiles; padding waste counts as work. Ties go to the
+// larger tile (enumerated first).
+TileShape tile_shape(Isa isa, int64_t elem_bytes, int64_t channels, int64_t positions) {
+  const int64_t lanes = vector_bytes(isa) / elem_bytes;
+  TileShape best;
+  double best_cycles = -1;
+  for (int64_t ocb : {8, 4, 2, 1}) {
+    for (int64_t p : {64, 32, 16, 8}) {
+      if (ocb * p * elem_bytes > accumulator_bytes(isa)) continue;
+      const int64_t vectors = div_up(p, lanes);
+      const double per_tap = std::max<double>(ocb * vectors, 0.5 * (vectors + ocb));
+      const double cycles = per_tap * div_up(channels, ocb) * div_up(positions, p);
+      if (best_cycles < 0 || cycles < best_cycles) best = {ocb, p}, best_cycles = cycles;
+    }
+  }
+  return best;
+}
 
 // ---- packing
 // -------------------------------------------------------------------------------------
@@ -311,13 +411,14 @@ struct InputLayout {
   std::vector<int64_t> taps;
 };
 
-InputLayout input_layout(const Conv2dParams& p, int64_t quantum) {
+InputLayout input_layout(const Conv2dParams& p, int64_t quantum, int64_t elem_bytes) {
   InputLayout a;
   a.L = div_up(p.w + 2 * p.pw, p.sw);
   a.rows = div_up(p.h + 2 * p.ph, p.sh);
   a.qpad = round_up(p.h_out * a.L, quantum);
   const int64_t max_offset = ((p.kh - 1) * p.dh / p.sh) * a.L + (p.kw - 1) * p.dw / p.sw;
   a.plane = std::max(a.rows * a.L, a.qpad + max_offset);  // full-tile reads stay inside
+  a.plane = odd_lines(a.plane, elem_bytes);
   a.chan = p.sh * p.sw * a.plane;
   for (int64_t ky = 0; ky < p.kh; ++ky) {
     for (int64_t kx = 0; kx < p.kw; ++kx) {
@@ -369,26 +470,43 @@ void pack_inputs(const T* x, const Strides& s, const Conv2dParams& p, const Inpu
   });
 }
 
-// Filter for the tile microkernel: [groups][blocks][channels][taps][ocb], zero past the group.
-// `at(g, o, c, t)` reads output channel o and reduced channel c (both within group g).
-template <typename T, typename At>
-std::vector<T> pack_filter(int64_t groups, int64_t outs, int64_t chans, int64_t ntaps, int64_t ocb,
-                           At at) {
-  const int64_t blocks = div_up(outs, ocb);
-  std::vector<T> packed(groups * blocks * chans * ntaps * ocb, T(0));
+// Filter for the tile microkernel: [groups][blocks][channels][taps][ocb] with a block stride of
+// `block` elements, zero past the group. Tap t of output channel o and reduced channel c (both
+// within group g) is base(g, o, c)[tap_offsets[t]].
+template <typename T>
+struct PackedFilter {
+  std::vector<T> data;
+  int64_t block = 0;
+  const T* at(int64_t g, int64_t blocks, int64_t b) const {
+    return data.data() + (g * blocks + b) * block;
+  }
+};
+
+template <typename T, typename Base>
+PackedFilter<T> pack_filter(int64_t groups, int64_t outs, int64_t chans,
+                            const std::vector<int64_t>& tap_offsets, int64_t ocb,
+                            bool reduced_outer, Base base) {
+  const int64_t blocks = div_up(outs, ocb), ntaps = static_cast<int64_t>(tap_offsets.size());
+  PackedFilter<T> f;
+  f.block = odd_lines(chans * ntaps * ocb, sizeof(T));
+  f.data.assign(groups * blocks * f.block, T(0));
+  // Loop order by the weight's memory order: blocks then channels for the forward (ocb read
+  // streams, sequential writes), channels then blocks for grad_input, whose blocks run along
+  // the weight's rows (a sequential read, ocb-wide writes into every block).
+  std::vector<const T*> rows(ocb);
   for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      T* dst = packed.data() + (g * blocks + b) * chans * ntaps * ocb;
-      for (int64_t c = 0; c < chans; ++c) {
-        for (int64_t t = 0; t < ntaps; ++t) {
-          for (int64_t o = 0; o < ocb && b * ocb + o < outs; ++o) {
-            dst[(c * ntaps + t) * ocb + o] = at(g, b * ocb + o, c, t);
-          }
-        }
+    for (int64_t i = 0; i < blocks * chans; ++i) {
+      const int64_t b = reduced_outer ? i % blocks : i / chans;
+      const int64_t c = reduced_outer ? i / blocks : i % chans;
+      const int64_t nout = std::min(ocb, outs - b * ocb);
+      T* dst = f.data.data() + (g * blocks + b) * f.block + c * ntaps * ocb;
+      for (int64_t o = 0; o < nout; ++o) rows[o] = base(g, b * ocb + o, c);
+      for (int64_t t = 0; t < ntaps; ++t) {
+        for (int64_t o = 0; o < nout; ++o) dst[t * ocb + o] = rows[o][tap_offsets[t]];
       }
     }
   }
-  return packed;
+  return f;
 }
 
 // ---- forward
@@ -399,18 +517,19 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
                    const T* bias, at::Tensor& output) {
   const Isa isa = cpu_isa(kForwardOp);
   const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group();
-  const int64_t ocb = channel_block(cout), blocks = div_up(cout, ocb);
   const int64_t L = div_up(p.w + 2 * p.pw, p.sw);
-  const int64_t P = tile_positions(isa, ocb, sizeof(T), p.h_out * L);
-  const InputLayout a = input_layout(p, P);
+  const TileShape shape = tile_shape(isa, sizeof(T), cout, p.h_out * L);
+  const int64_t ocb = shape.ocb, P = shape.p, blocks = div_up(cout, ocb);
+  const InputLayout a = input_layout(p, P, sizeof(T));
   const int64_t ntaps = p.kh * p.kw;
 
   const Strides ws = {weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3)};
   const T* w = weight.const_data_ptr<T>();
-  const std::vector<T> filter = pack_filter<T>(
-      p.groups, cout, cin, ntaps, ocb, [&](int64_t g, int64_t o, int64_t c, int64_t t) {
-        return w[(g * cout + o) * ws.n + c * ws.c + (t / p.kw) * ws.h + (t % p.kw) * ws.w];
-      });
+  std::vector<int64_t> tap_offsets;
+  for (int64_t t = 0; t < ntaps; ++t) tap_offsets.push_back((t / p.kw) * ws.h + (t % p.kw) * ws.w);
+  const PackedFilter<T> filter = pack_filter<T>(
+      p.groups, cout, cin, tap_offsets, ocb, /*reduced_outer=*/false,
+      [&](int64_t g, int64_t o, int64_t c) { return w + (g * cout + o) * ws.n + c * ws.c; });
   const ConvTilesFn<T> kernel = conv_tiles_for<T>(isa, ocb, P);
 
   const Strides xs = strides_of(input), os = strides_of(output);
@@ -447,7 +566,7 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
                                cin,
                                a.taps.data(),
                                ntaps,
-                               filter.data() + (g * blocks + b) * cin * ntaps * ocb,
+                               filter.at(g, blocks, b),
                                q1 - q0,
                                tile.get(),
                                q_step};
@@ -517,7 +636,6 @@ void grad_input_typed(const Conv2dParams& p, const at::Tensor& grad_output,
                       const at::Tensor& weight, at::Tensor& grad_input) {
   const Isa isa = cpu_isa(kBackwardOp);
   const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group();
-  const int64_t icb = channel_block(cin), blocks = div_up(cin, icb);
   const int64_t bh = (p.kh - 1) * p.dh / p.sh, bw = (p.kw - 1) * p.dw / p.sw;
 
   std::vector<InputPhase> phases;
@@ -537,7 +655,8 @@ void grad_input_typed(const Conv2dParams& p, const at::Tensor& grad_output,
     }
   }
   for (const InputPhase& f : phases) widest = std::max(widest, f.rows * L);
-  const int64_t P = tile_positions(isa, icb, sizeof(T), widest);
+  const TileShape shape = tile_shape(isa, sizeof(T), cin, widest);
+  const int64_t icb = shape.ocb, P = shape.p, blocks = div_up(cin, icb);
   int64_t plane = rows * L;
   for (InputPhase& f : phases) {
     f.qpad = round_up(f.rows * L, P);
@@ -551,17 +670,17 @@ void grad_input_typed(const Conv2dParams& p, const at::Tensor& grad_output,
       }
     }
   }
+  plane = odd_lines(plane, sizeof(T));
 
   const Strides ws = {weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3)};
   const T* w = weight.const_data_ptr<T>();
-  std::vector<std::vector<T>> filters;
+  std::vector<PackedFilter<T>> filters;
   for (const InputPhase& f : phases) {
+    std::vector<int64_t> tap_offsets;
+    for (const int64_t k : f.kernel) tap_offsets.push_back((k / p.kw) * ws.h + (k % p.kw) * ws.w);
     filters.push_back(pack_filter<T>(
-        p.groups, cin, cout, static_cast<int64_t>(f.taps.size()), icb,
-        [&](int64_t g, int64_t i, int64_t o, int64_t t) {
-          const int64_t k = f.kernel[t];
-          return w[(g * cout + o) * ws.n + i * ws.c + (k / p.kw) * ws.h + (k % p.kw) * ws.w];
-        }));
+        p.groups, cin, cout, tap_offsets, icb, /*reduced_outer=*/true,
+        [&](int64_t g, int64_t i, int64_t o) { return w + (g * cout + o) * ws.n + i * ws.c; }));
   }
   const ConvTilesFn<T> kernel = conv_tiles_for<T>(isa, icb, P);
 
@@ -612,7 +731,7 @@ void grad_input_typed(const Conv2dParams& p, const at::Tensor& grad_output,
                                  cout,
                                  f.taps.data(),
                                  ntaps,
-                                 filters[fi].data() + (g * blocks + b) * cout * ntaps * icb,
+                                 filters[fi].at(g, blocks, b),
                                  q1 - q0,
                                  tile.get(),
                                  q_step};
@@ -641,9 +760,11 @@ void grad_input_typed(const Conv2dParams& p, const at::Tensor& grad_output,
 // ---------------------------------------------------------------------------------
 
 // grad_weight[oc][c][t] = sum over samples and positions q of go[n][oc][q] * x[n][c][q + taps[t]]
-// with grad_output repacked on the forward's position grid (zero in columns ox >= W_out), so the
-// dot products run over contiguous runs of both. Each weight element is owned by one work item,
-// which walks samples and position runs in order: the result does not depend on the threads.
+// with grad_output repacked on the forward's position grid (zero in columns ox >= W_out), so every
+// input run is read straight from the packed input. Groups with at least 16 output channels use
+// outer products vectorised over the channels (grad_output transposed to [q][oc]); narrower
+// groups (depthwise) use dot products over positions. Each weight element is owned by one work
+// item, which walks samples and position runs in order: the result does not depend on threads.
 template <typename T>
 void grad_weight_typed(const Conv2dParams& p, const at::Tensor& grad_output,
                        const at::Tensor& input, at::Tensor& grad_weight) {
@@ -651,70 +772,142 @@ void grad_weight_typed(const Conv2dParams& p, const at::Tensor& grad_output,
   const Isa isa = cpu_isa(kBackwardOp);
   constexpr int64_t kLanes = 64 / sizeof(T);
   const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group();
-  const int64_t ocb = channel_block(cout), blocks = div_up(cout, ocb);
-  const int64_t tb = isa == Isa::kAvx512 ? 4 : isa == Isa::kAvx2 ? 2 : 1;
-  const InputLayout a = input_layout(p, kLanes);
+  const InputLayout a = input_layout(p, kLanes, sizeof(T));
   const int64_t ntaps = p.kh * p.kw, kdim = cin * ntaps;
-  const DotTileFn<T> kernel = dot_tile_for<T>(isa, ocb, tb);
+  const bool outer = cout >= 16;
+  // Outer products: P channels x tb columns per register tile.
+  const int64_t P = cout >= 32 ? 32 : 16, mblocks = div_up(cout, P);
+  const int64_t ld = odd_lines(mblocks * P, sizeof(T));
+  int64_t tb = 2;
+  while (tb < 8 && 2 * tb * P * static_cast<int64_t>(sizeof(T)) <= accumulator_bytes(isa)) tb *= 2;
+  const OuterTileFn<T> outer_kernel = outer_tile_for<T>(isa, tb, P);
+  // Dot products: ocb channels x dot_tb columns, lane sums added at the end.
+  const int64_t ocb = cout >= 4 ? 4 : cout >= 2 ? 2 : 1, blocks = div_up(cout, ocb);
+  const int64_t dot_tb = isa == Isa::kAvx512 ? 4 : isa == Isa::kAvx2 ? 2 : 1;
+  const DotTileFn<T> dot_kernel = dot_tile_for<T>(isa, ocb, dot_tb);
 
-  // Positions per step: the step's input columns of all channels of a group stay in L2.
-  const int64_t q_step =
-      std::min(a.qpad, std::max<int64_t>(256, round_up((int64_t(128) << 10) / cin, kLanes)));
   const Strides xs = strides_of(input), gs = strides_of(grad_output);
   const T* x = input.const_data_ptr<T>();
   const T* go = grad_output.const_data_ptr<T>();
-  const int64_t sample_bytes =
-      (p.c_in * a.chan + p.c_out * a.qpad) * static_cast<int64_t>(sizeof(T));
+  const int64_t go_elems = outer ? p.groups * a.qpad * ld : p.c_out * a.qpad;  // per sample
+  const int64_t sample_bytes = (p.c_in * a.chan + go_elems) * static_cast<int64_t>(sizeof(T));
   const int64_t batch = std::clamp<int64_t>(kWorkspaceBytes / sample_bytes, 1, p.n);
   const Buffer<T> packed_x(new T[batch * p.c_in * a.chan]);
-  const Buffer<T> packed_go(new T[batch * p.c_out * a.qpad]);
-  std::vector<acc_t> sums(p.c_out * kdim, acc_t(0));
+  const Buffer<T> packed_go(new T[batch * go_elems]);
+  // grad_weight is the weight's shape, contiguous: [C_out][C_in / groups][kh][kw] = [C_out][kdim].
+  // Outer items write it directly (assign in the first batch chunk, add after); dot items add
+  // into `sums` (at a higher precision), converted at the end.
+  T* gw = grad_weight.mutable_data_ptr<T>();
+  std::vector<acc_t> sums(outer ? 0 : p.c_out * kdim, acc_t(0));
 
-  // Items own several channel blocks of one group so a step's input is reused from cache.
+  // Items own a run of column blocks (outer) or channel blocks (dot) of one group: the input run
+  // of a position step is reused from cache across the run. An outer item sums into a local
+  // [channel][column] buffer kept small enough for L2, added to `sums` once per batch chunk.
   const int64_t threads = at::get_num_threads();
-  const int64_t per_item =
-      std::max<int64_t>(1, blocks / std::max<int64_t>(1, div_up(2 * threads, p.groups)));
-  const int64_t block_runs = div_up(blocks, per_item);
+  const int64_t units = outer ? div_up(kdim, tb) : blocks;
+  int64_t per_item =
+      std::max<int64_t>(1, units / std::max<int64_t>(1, div_up(2 * threads, p.groups)));
+  if (outer) {
+    const int64_t unit_bytes = tb * cout * static_cast<int64_t>(sizeof(acc_t));
+    per_item = std::clamp<int64_t>((int64_t(256) << 10) / unit_bytes, 1, per_item);
+  }
+  const int64_t runs = div_up(units, per_item);
+  const int64_t local_kd = odd_lines(per_item * tb, sizeof(acc_t));
+  // Positions per step: a sample's grad_output rows stay in L1 (outer), input runs in L2 (dot).
+  const int64_t q_step =
+      outer
+          ? std::min<int64_t>(a.qpad, 256)
+          : std::min(a.qpad, std::max<int64_t>(256, round_up((int64_t(128) << 10) / cin, kLanes)));
 
   for (int64_t n0 = 0; n0 < p.n; n0 += batch) {
     const int64_t count = std::min(batch, p.n - n0);
     pack_inputs(x, xs, p, a, n0, count, packed_x.get());
-    at::parallel_for(0, count * p.c_out, grain(a.qpad), [&](int64_t begin, int64_t end) {
+    // grad_output on the position grid: [n][g][q][ld] (outer) or [n][oc][q] (dot).
+    const int64_t planes = outer ? count * p.groups : count * p.c_out;
+    const int64_t plane = go_elems / (outer ? p.groups : p.c_out);
+    at::parallel_for(0, planes, grain(plane), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = n0 + i / p.c_out, c = i % p.c_out;
-        T* dst = packed_go.get() + i * a.qpad;
-        std::fill(dst, dst + a.qpad, T(0));
-        const T* src = go + n * gs.n + c * gs.c;
-        for (int64_t oy = 0; oy < p.h_out; ++oy) {
-          for (int64_t ox = 0; ox < p.w_out; ++ox) dst[oy * a.L + ox] = src[oy * gs.h + ox * gs.w];
+        T* dst = packed_go.get() + i * plane;
+        std::fill(dst, dst + plane, T(0));
+        if (outer) {
+          const int64_t n = n0 + i / p.groups, g = i % p.groups;
+          for (int64_t m = 0; m < cout; ++m) {
+            const T* src = go + n * gs.n + (g * cout + m) * gs.c;
+            for (int64_t oy = 0; oy < p.h_out; ++oy) {
+              for (int64_t ox = 0; ox < p.w_out; ++ox)
+                dst[(oy * a.L + ox) * ld + m] = src[oy * gs.h + ox * gs.w];
+            }
+          }
+        } else {
+          const T* src = go + (n0 + i / p.c_out) * gs.n + (i % p.c_out) * gs.c;
+          for (int64_t oy = 0; oy < p.h_out; ++oy) {
+            for (int64_t ox = 0; ox < p.w_out; ++ox)
+              dst[oy * a.L + ox] = src[oy * gs.h + ox * gs.w];
+          }
         }
       }
     });
-    const int64_t item_work = per_item * ocb * count * a.qpad * kdim;
-    at::parallel_for(0, p.groups * block_runs, grain(item_work), [&](int64_t begin, int64_t end) {
-      std::array<const T*, 4> rows{}, cols{};
-      std::array<T, 16> dots{};
+    const int64_t item_work = per_item * (outer ? tb * ld : ocb * kdim) * count * a.qpad;
+    at::parallel_for(0, p.groups * runs, grain(item_work), [&](int64_t begin, int64_t end) {
+      std::array<const T*, 8> rows{}, cols{};
+      std::array<T, 8 * 32> tile{};
+      std::vector<acc_t> local(outer ? cout * local_kd : 0);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t g = item / block_runs, br = item % block_runs;
-        const int64_t b_end = std::min(blocks, (br + 1) * per_item);
-        for (int64_t n = 0; n < count; ++n) {
-          const T* xn = packed_x.get() + (n * p.c_in + g * cin) * a.chan;
-          const T* gon = packed_go.get() + (n * p.c_out + g * cout) * a.qpad;
+        const int64_t g = item / runs, r = item % runs;
+        const int64_t u_begin = r * per_item, u_end = std::min(units, u_begin + per_item);
+        const T* x0 = packed_x.get() + g * cin * a.chan;  // sample 0 of the group
+        // Columns past kdim repeat a valid column; their sums are dropped.
+        auto column = [&](const T* xn, int64_t k, int64_t q0) {
+          k = std::min(k, kdim - 1);
+          return xn + (k / ntaps) * a.chan + a.taps[k % ntaps] + q0;
+        };
+        if (outer) {
+          // One call reduces over the chunk's samples: local[m][k] gets one add per call.
+          std::fill(local.begin(), local.end(), acc_t(0));
+          const T* go0 = packed_go.get() + g * a.qpad * ld;
           for (int64_t q0 = 0; q0 < a.qpad; q0 += q_step) {
             const int64_t nq = std::min(q_step, a.qpad - q0);
-            for (int64_t b = br * per_item; b < b_end; ++b) {
+            for (int64_t mb = 0; mb < mblocks; ++mb) {
+              const int64_t m_end = std::min(P, cout - mb * P);
+              for (int64_t u = u_begin; u < u_end; ++u) {
+                for (int64_t t = 0; t < tb; ++t) cols[t] = column(x0, u * tb + t, q0);
+                outer_kernel(OuterJob<T>{cols.data(), go0 + q0 * ld + mb * P, ld, nq, count,
+                                         p.c_in * a.chan, go_elems, tile.data()});
+                acc_t* s = local.data() + mb * P * local_kd + (u - u_begin) * tb;
+                for (int64_t j = 0; j < m_end; ++j) {
+                  for (int64_t t = 0; t < tb; ++t) s[j * local_kd + t] += tile[t * P + j];
+                }
+              }
+            }
+          }
+          const int64_t k_begin = u_begin * tb, k_end = std::min(kdim, u_end * tb);
+          for (int64_t m = 0; m < cout; ++m) {
+            T* dst = gw + (g * cout + m) * kdim;
+            const acc_t* src = local.data() + m * local_kd - k_begin;
+            if (n0 == 0) {
+              for (int64_t k = k_begin; k < k_end; ++k) dst[k] = static_cast<T>(src[k]);
+            } else {
+              for (int64_t k = k_begin; k < k_end; ++k) dst[k] += static_cast<T>(src[k]);
+            }
+          }
+          continue;
+        }
+        for (int64_t n = 0; n < count; ++n) {
+          const T* xn = x0 + n * p.c_in * a.chan;
+          const T* gon = packed_go.get() + n * go_elems + g * cout * a.qpad;
+          for (int64_t q0 = 0; q0 < a.qpad; q0 += q_step) {
+            const int64_t nq = std::min(q_step, a.qpad - q0);
+            for (int64_t b = u_begin; b < u_end; ++b) {
               // Rows past the group's channels repeat a valid row; their sums are dropped.
               for (int64_t o = 0; o < ocb; ++o)
                 rows[o] = gon + std::min(b * ocb + o, cout - 1) * a.qpad + q0;
-              for (int64_t k0 = 0; k0 < kdim; k0 += tb) {
-                for (int64_t t = 0; t < tb; ++t) {
-                  const int64_t k = std::min(k0 + t, kdim - 1);
-                  cols[t] = xn + (k / ntaps) * a.chan + a.taps[k % ntaps] + q0;
-                }
-                kernel(DotJob<T>{rows.data(), cols.data(), nq, dots.data()});
+              for (int64_t k0 = 0; k0 < kdim; k0 += dot_tb) {
+                for (int64_t t = 0; t < dot_tb; ++t) cols[t] = column(xn, k0 + t, q0);
+                dot_kernel(DotJob<T>{rows.data(), cols.data(), nq, tile.data()});
                 for (int64_t o = 0; o < ocb && b * ocb + o < cout; ++o) {
-                  acc_t* s = sums.data() + (g * cout + b * ocb + o) * kdim;
-                  for (int64_t t = 0; t < tb && k0 + t < kdim; ++t) s[k0 + t] += dots[o * tb + t];
+                  acc_t* s = sums.data() + (g * cout + b * ocb + o) * kdim + k0;
+                  for (int64_t t = 0; t < dot_tb && k0 + t < kdim; ++t)
+                    s[t] += tile[o * dot_tb + t];
                 }
               }
             }
@@ -723,9 +916,7 @@ void grad_weight_typed(const Conv2dParams& p, const at::Tensor& grad_output,
       }
     });
   }
-  // grad_weight is the weight's shape, contiguous: [C_out][C_in / groups][kh][kw] = [C_out][kdim].
-  T* gw = grad_weight.mutable_data_ptr<T>();
-  for (int64_t i = 0; i < p.c_out * kdim; ++i) gw[i] = static_cast<T>(sums[i]);
+  for (int64_t i = 0; !outer && i < p.c_out * kdim; ++i) gw[i] = static_cast<T>(sums[i]);
 }
 
 // ---- grad_bias ----------------------------------------------------------------------------------
@@ -779,9 +970,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
   at::Tensor grad_input = output_mask[0] ? at::empty(p.input_sizes(), options.memory_format(go_fmt))
                                          : at::empty({0}, options);
   at::Tensor grad_weight =
-      output_mask[1] ? at::zeros(weight.sizes(), options) : at::empty({0}, options);
-  at::Tensor grad_bias = output_mask[2] ? at::zeros({p.c_out}, options) : at::empty({0}, options);
-  if (p.n == 0) return {grad_input, grad_weight, grad_bias};
+      output_mask[1] ? at::empty(weight.sizes(), options) : at::empty({0}, options);
+  at::Tensor grad_bias = output_mask[2] ? at::empty({p.c_out}, options) : at::empty({0}, options);
+  if (p.n == 0) {  // sums over an empty batch
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "conv2d_direct_backward", [&] {
     if (output_mask[0]) grad_input_typed<scalar_t>(p, grad_output, weight, grad_input);
     if (output_mask[1]) grad_weight_typed<scalar_t>(p, grad_output, input, grad_weight);
