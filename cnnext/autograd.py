@@ -84,7 +84,8 @@ class AvgPool2dFunction(torch.autograd.Function):
 
 class Conv2dFunction(torch.autograd.Function):
     """2D convolution by ``algo`` = ``"direct"`` (``variant`` picks the CUDA kernels of forward
-    and backward: ``"auto"``, ``"naive"`` or ``"tiled"``) or ``"im2col"`` (column buffer bounded by ``max_col_bytes``).
+    and backward: ``"auto"``, ``"naive"`` or ``"tiled"``) or ``"im2col"`` (column buffer
+    bounded by ``max_col_bytes``).
 
     Saves the input only if the weight needs a gradient and the weight only if the input does;
     ``ctx.needs_input_grad`` becomes the backward op's ``output_mask``. A tensor not saved is

@@ -144,9 +144,9 @@ CNNEXT_INLINE void conv_tile(const TileJob<T>& job, int64_t q0) {
     for (int64_t t = 0; t < job.ntaps; ++t) {
       const T* __restrict__ x = src + job.taps[t];
       CNNEXT_CPU_UNROLL
-      for (int o = 0; o < OCB; ++o) {
+      for (int64_t o = 0; o < OCB; ++o) {
         const T wv = w[t * OCB + o];
-        for (int j = 0; j < P; ++j) {
+        for (int64_t j = 0; j < P; ++j) {
           if constexpr (kFma) {
             acc[o][j] = std::fma(wv, x[j], acc[o][j]);
           } else {
@@ -157,8 +157,8 @@ CNNEXT_INLINE void conv_tile(const TileJob<T>& job, int64_t q0) {
     }
   }
   CNNEXT_CPU_UNROLL
-  for (int o = 0; o < OCB; ++o) {
-    for (int j = 0; j < P; ++j) job.out[o * job.out_stride + q0 + j] = acc[o][j];
+  for (int64_t o = 0; o < OCB; ++o) {
+    for (int64_t j = 0; j < P; ++j) job.out[o * job.out_stride + q0 + j] = acc[o][j];
   }
 }
 
@@ -183,16 +183,16 @@ CNNEXT_INLINE void dot_tile(const DotJob<T>& job) {
   const T* rows[OCB];
   const T* cols[TB];
   CNNEXT_CPU_UNROLL
-  for (int o = 0; o < OCB; ++o) rows[o] = job.rows[o];
+  for (int64_t o = 0; o < OCB; ++o) rows[o] = job.rows[o];
   CNNEXT_CPU_UNROLL
-  for (int t = 0; t < TB; ++t) cols[t] = job.cols[t];
+  for (int64_t t = 0; t < TB; ++t) cols[t] = job.cols[t];
   T acc[OCB][TB][kLanes] = {};
   for (int64_t q = 0; q < job.nq; q += kLanes) {
     CNNEXT_CPU_UNROLL
-    for (int o = 0; o < OCB; ++o) {
+    for (int64_t o = 0; o < OCB; ++o) {
       CNNEXT_CPU_UNROLL
-      for (int t = 0; t < TB; ++t) {
-        for (int j = 0; j < kLanes; ++j) {
+      for (int64_t t = 0; t < TB; ++t) {
+        for (int64_t j = 0; j < kLanes; ++j) {
           if constexpr (kFma) {
             acc[o][t][j] = std::fma(rows[o][q + j], cols[t][q + j], acc[o][t][j]);
           } else {
@@ -202,10 +202,10 @@ CNNEXT_INLINE void dot_tile(const DotJob<T>& job) {
       }
     }
   }
-  for (int o = 0; o < OCB; ++o) {
-    for (int t = 0; t < TB; ++t) {
+  for (int64_t o = 0; o < OCB; ++o) {
+    for (int64_t t = 0; t < TB; ++t) {
       T s = 0;
-      for (int j = 0; j < kLanes; ++j) s += acc[o][t][j];
+      for (int64_t j = 0; j < kLanes; ++j) s += acc[o][t][j];
       job.sums[o * TB + t] = s;
     }
   }
@@ -227,7 +227,7 @@ template <typename T, int TB, int P, bool kFma>
 CNNEXT_INLINE void outer_tile(const OuterJob<T>& job) {
   const T* cols[TB];
   CNNEXT_CPU_UNROLL
-  for (int t = 0; t < TB; ++t) cols[t] = job.cols[t];
+  for (int64_t t = 0; t < TB; ++t) cols[t] = job.cols[t];
   T acc[TB][P] = {};
   for (int64_t s = 0; s < job.segments; ++s) {
     const T* __restrict__ rows = job.rows + s * job.row_step;
@@ -235,9 +235,9 @@ CNNEXT_INLINE void outer_tile(const OuterJob<T>& job) {
     for (int64_t q = 0; q < job.nq; ++q) {
       const T* __restrict__ row = rows + q * job.ld;
       CNNEXT_CPU_UNROLL
-      for (int t = 0; t < TB; ++t) {
+      for (int64_t t = 0; t < TB; ++t) {
         const T xv = cols[t][shift + q];
-        for (int j = 0; j < P; ++j) {
+        for (int64_t j = 0; j < P; ++j) {
           if constexpr (kFma) {
             acc[t][j] = std::fma(xv, row[j], acc[t][j]);
           } else {
@@ -248,8 +248,8 @@ CNNEXT_INLINE void outer_tile(const OuterJob<T>& job) {
     }
   }
   CNNEXT_CPU_UNROLL
-  for (int t = 0; t < TB; ++t) {
-    for (int j = 0; j < P; ++j) job.sums[t * P + j] = acc[t][j];
+  for (int64_t t = 0; t < TB; ++t) {
+    for (int64_t j = 0; j < P; ++j) job.sums[t * P + j] = acc[t][j];
   }
 }
 
@@ -409,6 +409,7 @@ TileShape tile_shape(Isa isa, int64_t elem_bytes, int64_t channels, int64_t posi
 struct InputLayout {
   int64_t L = 0, rows = 0, plane = 0, chan = 0, qpad = 0;
   std::vector<int64_t> taps;
+  std::vector<char> used;  // phases some tap reads (a 1x1 stride-2 filter reads one of four)
 };
 
 InputLayout input_layout(const Conv2dParams& p, int64_t quantum, int64_t elem_bytes) {
@@ -420,10 +421,12 @@ InputLayout input_layout(const Conv2dParams& p, int64_t quantum, int64_t elem_by
   a.plane = std::max(a.rows * a.L, a.qpad + max_offset);  // full-tile reads stay inside
   a.plane = odd_lines(a.plane, elem_bytes);
   a.chan = p.sh * p.sw * a.plane;
+  a.used.assign(p.sh * p.sw, 0);
   for (int64_t ky = 0; ky < p.kh; ++ky) {
     for (int64_t kx = 0; kx < p.kw; ++kx) {
       const int64_t phase = (ky * p.dh % p.sh) * p.sw + kx * p.dw % p.sw;
       a.taps.push_back(phase * a.plane + (ky * p.dh / p.sh) * a.L + kx * p.dw / p.sw);
+      a.used[phase] = 1;
     }
   }
   return a;
@@ -432,11 +435,14 @@ InputLayout input_layout(const Conv2dParams& p, int64_t quantum, int64_t elem_by
 template <typename T>
 void pack_input_channel(const T* src, int64_t s_h, int64_t s_w, const Conv2dParams& p,
                         const InputLayout& a, T* dst) {
-  std::fill(dst, dst + a.chan, T(0));
+  for (int64_t phase = 0; phase < p.sh * p.sw; ++phase) {
+    if (a.used[phase]) std::fill(dst + phase * a.plane, dst + (phase + 1) * a.plane, T(0));
+  }
   for (int64_t y = 0; y < p.h; ++y) {
     const int64_t yp = y + p.ph;
     const T* src_row = src + y * s_h;
     for (int64_t b = 0; b < p.sw; ++b) {
+      if (!a.used[(yp % p.sh) * p.sw + b]) continue;  // never read: left unwritten
       T* dst_row = dst + ((yp % p.sh) * p.sw + b) * a.plane + (yp / p.sh) * a.L;
       // Columns col of phase b hold x = col * sw + b - pw, for 0 <= x < w.
       const int64_t col0 = div_up(std::max<int64_t>(p.pw - b, 0), p.sw);
@@ -937,14 +943,14 @@ void grad_bias_typed(const Conv2dParams& p, const at::Tensor& grad_output, at::T
           int64_t ox = 0;
           if (gs.w == 1) {
             for (; ox + 8 <= p.w_out; ox += 8) {
-              for (int j = 0; j < 8; ++j) lanes[j] += static_cast<acc_t>(row[ox + j]);
+              for (int64_t j = 0; j < 8; ++j) lanes[j] += static_cast<acc_t>(row[ox + j]);
             }
           }
           for (; ox < p.w_out; ++ox) lanes[ox % 8] += static_cast<acc_t>(row[ox * gs.w]);
         }
       }
       acc_t total = 0;
-      for (int j = 0; j < 8; ++j) total += lanes[j];
+      for (int64_t j = 0; j < 8; ++j) total += lanes[j];
       gb[c] = static_cast<T>(total);
     }
   });
