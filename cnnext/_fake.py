@@ -125,7 +125,7 @@ def _conv2d_direct_fake(input, weight, bias, stride, padding, dilation, groups, 
 
 @register_fake("conv2d_direct_backward")
 def _conv2d_direct_backward_fake(
-    grad_output, input, weight, stride, padding, dilation, groups, output_mask
+    grad_output, input, weight, stride, padding, dilation, groups, output_mask, variant="auto"
 ):
     return _conv_backward_fake(grad_output, input, weight, output_mask)
 

@@ -102,8 +102,9 @@ class AvgPool2dFunction(torch.autograd.Function):
 
 
 class Conv2dFunction(torch.autograd.Function):
-    """2D convolution by ``algo`` = ``"direct"`` (``variant`` picks the CUDA kernel: ``"auto"``,
-    ``"naive"`` or ``"tiled"``) or ``"im2col"`` (column buffer bounded by ``max_col_bytes``).
+    """2D convolution by ``algo`` = ``"direct"`` (``variant`` picks the CUDA kernels of forward
+    and backward: ``"auto"``, ``"naive"`` or ``"tiled"``) or ``"im2col"`` (column buffer
+    bounded by ``max_col_bytes``).
 
     Saves the input only if the weight needs a gradient and the weight only if the input does;
     ``ctx.needs_input_grad`` becomes the backward op's ``output_mask``. A tensor not saved is
@@ -141,7 +142,7 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
         ctx.has_bias = bias is not None
         ctx.conf = (stride, padding, dilation, groups)
-        ctx.algo, ctx.max_col_bytes = algo, max_col_bytes
+        ctx.algo, ctx.variant, ctx.max_col_bytes = algo, variant, max_col_bytes
         return output
 
     @staticmethod
@@ -158,7 +159,9 @@ class Conv2dFunction(torch.autograd.Function):
         ]
         ns = lib(ctx.emulated)
         if ctx.algo == "direct":
-            grads = ns.conv2d_direct_backward(grad_output, input, weight, *ctx.conf, mask)
+            grads = ns.conv2d_direct_backward(
+                grad_output, input, weight, *ctx.conf, mask, ctx.variant
+            )
         else:
             grads = ns.conv2d_im2col_backward(
                 grad_output, input, weight, *ctx.conf, mask, ctx.max_col_bytes

@@ -32,8 +32,8 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
       "int[2] dilation, int groups, str variant) -> Tensor");
   m.def(
       "conv2d_direct_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, "
+      "str variant=\"auto\") -> (Tensor, Tensor, Tensor)");
 
   // ---- im2col + GEMM convolution (csrc/conv2d_im2col) ----
   m.def(
