@@ -88,7 +88,9 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 @register_fake("max_pool2d_backward")
-def _max_pool2d_backward_fake(grad_output, argmax, input_size):
+def _max_pool2d_backward_fake(
+    grad_output, argmax, input_size, kernel_size, stride, padding, dilation, ceil_mode
+):
     return empty_like_format(grad_output, input_size)
 
 
@@ -123,7 +125,7 @@ def _conv2d_direct_fake(input, weight, bias, stride, padding, dilation, groups, 
 
 @register_fake("conv2d_direct_backward")
 def _conv2d_direct_backward_fake(
-    grad_output, input, weight, stride, padding, dilation, groups, output_mask
+    grad_output, input, weight, stride, padding, dilation, groups, output_mask, variant="auto"
 ):
     return _conv_backward_fake(grad_output, input, weight, output_mask)
 

@@ -24,6 +24,17 @@ def _mark(ctx: Any, tensor: torch.Tensor) -> Any:
 # ---- pooling ------------------------------------------------------------------------------------
 
 
+def _like_output(grad_output: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """``grad_output`` with the forward output's strides. The backward ops give the gradient the
+    layout of ``grad_output``, which autograd may hand over contiguous; the forward output's
+    strides carry the input's layout, so the gradient takes it, as torch's does. (Comparing
+    strides, not formats: ``.contiguous(memory_format)`` keeps ambiguous strides such as those
+    of an ``[N, C, 1, 1]`` gradient.)"""
+    if grad_output.stride() == stride:
+        return grad_output
+    return grad_output.new_empty_strided(grad_output.shape, stride).copy_(grad_output)
+
+
 class MaxPool2dFunction(torch.autograd.Function):
     """Max pooling that returns the argmax (flat ``h * W + w`` index per plane) and scatters
     gradients back through it. Args are normalised pairs (see ``cnnext.ops.max_pool2d``)."""
@@ -44,13 +55,18 @@ class MaxPool2dFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(argmax)
         ctx.input_size = tuple(input.shape)
+        ctx.output_stride = output.stride()
+        ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
         ctx.mark_non_differentiable(argmax)
         return output, argmax
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, _grad_argmax: Any) -> tuple[Any, ...]:  # noqa: D102
         (argmax,) = ctx.saved_tensors
-        grad_input = lib(ctx.emulated).max_pool2d_backward(grad_output, argmax, ctx.input_size)
+        grad_output = _like_output(grad_output, ctx.output_stride)
+        grad_input = lib(ctx.emulated).max_pool2d_backward(
+            grad_output, argmax, ctx.input_size, *ctx.args
+        )
         return grad_input, None, None, None, None, None
 
 
@@ -71,10 +87,13 @@ class AvgPool2dFunction(torch.autograd.Function):
         ns = _mark(ctx, input)
         ctx.args = (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
         ctx.input_size = tuple(input.shape)
-        return ns.avg_pool2d(input, *ctx.args)
+        output = ns.avg_pool2d(input, *ctx.args)
+        ctx.output_stride = output.stride()
+        return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # noqa: D102
+        grad_output = _like_output(grad_output, ctx.output_stride)
         grad_input = lib(ctx.emulated).avg_pool2d_backward(grad_output, ctx.input_size, *ctx.args)
         return grad_input, None, None, None, None, None, None
 
@@ -83,8 +102,9 @@ class AvgPool2dFunction(torch.autograd.Function):
 
 
 class Conv2dFunction(torch.autograd.Function):
-    """2D convolution by ``algo`` = ``"direct"`` (``variant`` picks the CUDA kernel: ``"auto"``,
-    ``"naive"`` or ``"tiled"``) or ``"im2col"`` (column buffer bounded by ``max_col_bytes``).
+    """2D convolution by ``algo`` = ``"direct"`` (``variant`` picks the CUDA kernels of forward
+    and backward: ``"auto"``, ``"naive"`` or ``"tiled"``) or ``"im2col"`` (column buffer
+    bounded by ``max_col_bytes``).
 
     Saves the input only if the weight needs a gradient and the weight only if the input does;
     ``ctx.needs_input_grad`` becomes the backward op's ``output_mask``. A tensor not saved is
@@ -122,7 +142,7 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
         ctx.has_bias = bias is not None
         ctx.conf = (stride, padding, dilation, groups)
-        ctx.algo, ctx.max_col_bytes = algo, max_col_bytes
+        ctx.algo, ctx.variant, ctx.max_col_bytes = algo, variant, max_col_bytes
         return output
 
     @staticmethod
@@ -139,7 +159,9 @@ class Conv2dFunction(torch.autograd.Function):
         ]
         ns = lib(ctx.emulated)
         if ctx.algo == "direct":
-            grads = ns.conv2d_direct_backward(grad_output, input, weight, *ctx.conf, mask)
+            grads = ns.conv2d_direct_backward(
+                grad_output, input, weight, *ctx.conf, mask, ctx.variant
+            )
         else:
             grads = ns.conv2d_im2col_backward(
                 grad_output, input, weight, *ctx.conf, mask, ctx.max_col_bytes

@@ -12,7 +12,12 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
   m.def(
       "max_pool2d_with_argmax(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
-  m.def("max_pool2d_backward(Tensor grad_output, Tensor argmax, int[] input_size) -> Tensor");
+  // The window geometry lets the CUDA backward gather (each input element reads only the outputs
+  // whose window covers it) instead of scattering with atomics.
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor argmax, int[] input_size, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
+      "-> Tensor");
   m.def(
       "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
       "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
@@ -27,8 +32,8 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
       "int[2] dilation, int groups, str variant) -> Tensor");
   m.def(
       "conv2d_direct_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, "
+      "str variant=\"auto\") -> (Tensor, Tensor, Tensor)");
 
   // ---- im2col + GEMM convolution (csrc/conv2d_im2col) ----
   m.def(

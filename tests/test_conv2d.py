@@ -296,3 +296,177 @@ def test_python_argument_errors() -> None:
         cnnext.ops.conv2d(x, w, variant="fast")
     with pytest.raises(ValueError, match="pair of ints"):
         cnnext.ops.conv2d(x, w, stride=(1, 2, 3))
+
+
+# ---- direct-only: CUDA kernel variants, reduced precision, tiling edges, CPU ISA copies --------
+
+VARIANTS = ["naive", "tiled"]
+
+
+def _grads(case: Case, x, w, b, fn, grad):
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    return torch.autograd.grad(fn(x, w, b), params, grad)
+
+
+def _check_forward_backward(case: Case, x, w, b, variant: str, ref_dtype=None) -> None:
+    """cnnext direct (this variant) against F.conv2d, output and every gradient. With
+    ``ref_dtype`` the reference runs in that dtype on the same (rounded) values."""
+    dtype = x.dtype
+    ref = (lambda t: t.to(ref_dtype) if t is not None else None) if ref_dtype else (lambda t: t)
+    expected = F.conv2d(ref(x), ref(w), ref(b), **case.kwargs())
+    out = run(case, x, w, b, "direct", variant)
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert_close(out, expected.to(dtype), scale=max(1.0, case.reduction / 16))
+    grad = torch.randn(expected.shape, dtype=dtype)
+    got = _grads(case, x, w, b, lambda *a: run(case, *a, "direct", variant), grad)
+    xr, wr, br = (ref(t).detach() if t is not None else None for t in (x, w, b))
+    want = _grads(case, xr, wr, br, lambda *a: F.conv2d(*a, **case.kwargs()), ref(grad))
+    scale = max(1.0, case.n * case.h * case.w / 64, case.reduction / 16)
+    for g, e in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        assert_close(g, e.to(dtype), scale=scale)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_match_torch(emu_device: str, variant: str, case: Case) -> None:
+    """Each CUDA kernel variant (forward, grad_input, grad_weight, grad_bias) on every case."""
+    x, w, b = case.tensors(emu_device, torch.float32)
+    _check_forward_backward(case, x, w, b, variant)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_layouts(emu_device: str, variant: str, layout: str) -> None:
+    for case in (CASES[4], CASES[8]):
+        x, w, b = case.tensors(emu_device, torch.float32, layout)
+        _check_forward_backward(case, x, w, b, variant)
+        if layout == "channels_last":
+            out = run(case, x, w, b, "direct", variant)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reduced_precision_emulated(emu_device: str, variant: str, dtype: torch.dtype) -> None:
+    """half and bfloat16 CUDA kernels (float accumulation) against a float32 reference on the
+    same rounded values."""
+    for case in (CASES[2], CASES[7], CASES[12]):
+        x, w, b = case.tensors(emu_device, dtype)
+        _check_forward_backward(case, x, w, b, variant, ref_dtype=torch.float32)
+
+
+# Several blocks in every grid dimension of the tiled kernels: 5 x 2 spatial tiles, 2 channel
+# tiles and 3 input-channel chunks (forward); 2 channel tiles and 3 column tiles (grad_weight).
+BIG = [
+    Case(2, 20, 37, 45, 24, 3, 3, padding=(1, 1)),
+    Case(1, 3, 19, 23, 70, 3, 3, stride=(2, 1), padding=(1, 1), dilation=(1, 2)),
+]
+
+
+@pytest.mark.parametrize("case", BIG, ids=str)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_several_tiles(emu_device: str, variant: str, case: Case) -> None:
+    x, w, b = case.tensors(emu_device, torch.float32)
+    _check_forward_backward(case, x, w, b, variant)
+
+
+@pytest.mark.parametrize("variant", ["auto", "tiled"])
+def test_tiled_falls_back_for_huge_halo(emu_device: str, variant: str) -> None:
+    """A 2x2 filter dilated by 120 needs a halo of 121 rows and columns: one channel's patch
+    exceeds the shared-memory budget even for a one-row tile, so the naive kernel runs."""
+    case = Case(1, 2, 125, 125, 3, 2, 2, dilation=(120, 120))
+    x, w, b = case.tensors(emu_device, torch.float32)
+    _check_forward_backward(case, x, w, b, variant)
+
+
+def test_gradcheck_naive(emu_device: str) -> None:
+    case = Case(1, 2, 6, 5, 3, 3, 2, stride=(2, 1), padding=(1, 1), dilation=(1, 2))
+    x, w, b = case.tensors(emu_device, torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda *a: run(case, *a, "direct", "naive"), inputs, eps=1e-6, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_opcheck_backward_variants(variant: str) -> None:
+    case = CASES[6]
+    x, w, b = case.tensors("cpu", torch.float32)
+    conf = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
+    grad = torch.randn_like(F.conv2d(x, w, b, **case.kwargs()))
+    torch.library.opcheck(torch.ops.cnnext_emu.conv2d_direct, (x, w, b, *conf, variant))
+    for mask in ([True, True, True], [False, False, True]):
+        torch.library.opcheck(
+            torch.ops.cnnext_emu.conv2d_direct_backward, (grad, x, w, *conf, mask, variant)
+        )
+
+
+@pytest.mark.parametrize("variant", ["auto", *VARIANTS])
+def test_backward_is_deterministic(variant: str) -> None:
+    """Bitwise-identical gradients whatever the emulated schedule (no atomics, fixed-order
+    reductions), and on the CPU whatever the number of threads."""
+    case = BIG[1]
+    x, w, b = case.tensors("cpu", torch.float32)
+    grad = torch.randn_like(F.conv2d(x, w, b, **case.kwargs()))
+
+    def grads():
+        return _grads(
+            case, x.clone(), w.clone(), b.clone(), lambda *a: run(case, *a, "direct", variant), grad
+        )
+
+    runs = []
+    for schedule in ("forward", "reverse", "random:11"):
+        with cnnext.emulate_cuda(schedule):
+            runs.append(grads())
+    threads = torch.get_num_threads()
+    try:
+        cpu = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            cpu.append(grads())
+    finally:
+        torch.set_num_threads(threads)
+    for a, b2 in ((runs[0], runs[1]), (runs[0], runs[2]), (cpu[0], cpu[1])):
+        for g1, g2 in zip(a, b2, strict=True):
+            assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("ns", ["cnnext", "cnnext_emu"])
+def test_bad_variant(ns: str) -> None:
+    lib = getattr(torch.ops, ns)
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    conf = ([1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct: expected variant to be"):
+        lib.conv2d_direct(x, w, None, *conf, "fast")
+    grad = torch.randn(1, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct_backward: expected variant"):
+        lib.conv2d_direct_backward(grad, x, w, *conf, [True, True, False], "fast")
+    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct_backward: expected grad_output"):
+        lib.conv2d_direct_backward(grad[:, :3], x, w, *conf, [True, True, False])
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_cpu_isa_copies(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every per-ISA copy of the CPU microkernels (capped by CNNEXT_CPU_ISA), on cases that use
+    each channel block (4, 2, 1) and tile width."""
+    monkeypatch.setenv("CNNEXT_CPU_ISA", isa)
+    for case in (CASES[1], CASES[3], CASES[7], CASES[8], CASES[11], BIG[1]):
+        for dtype in (torch.float32, torch.float64):
+            x, w, b = case.tensors("cpu", dtype)
+            _check_forward_backward(case, x, w, b, "auto")
+
+
+def test_cpu_isa_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNNEXT_CPU_ISA", "sse9")
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct: expected CNNEXT_CPU_ISA"):
+        cnnext.ops.conv2d(x, w)
+
+
+def test_cpu_batch_chunks() -> None:
+    """A batch whose packed copy exceeds the CPU workspace is processed in chunks (forward,
+    grad_input and the grad_weight sums that run across chunks)."""
+    case = Case(130, 16, 64, 64, 16, 3, 3, stride=(2, 1), padding=(1, 1))
+    x, w, b = case.tensors("cpu", torch.float32, "channels_last")
+    _check_forward_backward(case, x, w, b, "auto")

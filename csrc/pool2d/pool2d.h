@@ -1,0 +1,120 @@
+// Shared by the CPU kernels (cpu.cpp) and the CUDA kernels (cuda.cu, host and device code):
+// the window geometry, the window rules that must match torch bit for bit, and the host-side
+// validation of the backward ops. Forward arguments are parsed by common/params.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+#include "common/checks.h"
+#include "common/params.h"
+
+#ifdef __CUDACC__
+#define CNNEXT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CNNEXT_HOST_DEVICE inline
+#endif
+
+namespace cnnext::pool2d {
+
+// Plain values, passed by value to CUDA kernels.
+struct Geometry {
+  int64_t c, h, w, h_out, w_out;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+inline Geometry geometry(const Pool2dParams& p) {
+  return {p.c, p.h, p.w, p.h_out, p.w_out, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw};
+}
+
+// First tap of a window starting at `start` (possibly in the padding) that is not left of the
+// input. Max pooling scans from here, and an all -inf window keeps this position as its argmax.
+CNNEXT_HOST_DEVICE int64_t first_tap(int64_t start, int64_t dilation) {
+  return start >= 0 ? start : start + (-start + dilation - 1) / dilation * dilation;
+}
+
+// One past the last tap of a window starting at `start`, clamped to the input.
+CNNEXT_HOST_DEVICE int64_t end_tap(int64_t start, int64_t kernel, int64_t dilation, int64_t size) {
+  return std::min(start + (kernel - 1) * dilation + 1, size);
+}
+
+// Max pooling's update, in torch's order (row-major over the window): a strictly greater value
+// replaces the running maximum, so ties keep the first; a NaN always replaces it, so the last
+// NaN wins and propagates.
+template <typename T>
+CNNEXT_HOST_DEVICE bool max_takes(T value, T best) {
+  return (value > best) | (value != value);
+}
+
+// Average pooling's divisor for the window starting at (ih0, iw0), as torch computes it: the
+// window is clipped to the padded input for count_include_pad, to the input otherwise.
+CNNEXT_HOST_DEVICE int64_t avg_divisor(const Geometry& g, int64_t ih0, int64_t iw0,
+                                       bool count_include_pad, int64_t divisor_override) {
+  if (divisor_override != 0) return divisor_override;
+  const int64_t ih1 = std::min(ih0 + g.kh, g.h + g.ph), iw1 = std::min(iw0 + g.kw, g.w + g.pw);
+  if (count_include_pad) return (ih1 - ih0) * (iw1 - iw0);
+  return (std::min(ih1, g.h) - std::max<int64_t>(ih0, 0)) *
+         (std::min(iw1, g.w) - std::max<int64_t>(iw0, 0));
+}
+
+// The outputs [begin, end) along one axis whose window (kernel taps at `dilation`) can cover
+// input position `i`; used by the gathering backward kernels.
+CNNEXT_HOST_DEVICE void covering_outputs(int64_t i, int64_t kernel, int64_t stride, int64_t padding,
+                                         int64_t dilation, int64_t out_size, int64_t* begin,
+                                         int64_t* end) {
+  const int64_t first = i + padding - (kernel - 1) * dilation;  // window start of the lowest
+  *begin = first <= 0 ? 0 : (first + stride - 1) / stride;
+  *end = std::min((i + padding) / stride + 1, out_size);
+}
+
+// ---- host-side validation of the backward ops ---------------------------------------------
+
+// Parses the forward arguments against `input_size` (checked like a forward input) and checks
+// that grad_output has the forward's output shape.
+inline Pool2dParams backward_params(const char* op, const at::Tensor& grad_output,
+                                    at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, bool ceil_mode, bool allow_reduced) {
+  CNNEXT_CHECK(grad_output.defined(), op, "expected grad_output to be a tensor, got None");
+  check_floating(op, "grad_output", grad_output, allow_reduced);
+  CNNEXT_CHECK(input_size.size() == 3 || input_size.size() == 4, op,
+               "expected input_size to have 3 or 4 entries, got ", input_size);
+  // A meta tensor lets the forward parser validate the geometry without allocating.
+  const at::Tensor shape_only = at::empty(
+      input_size,
+      grad_output.options().device(at::kMeta).memory_format(at::MemoryFormat::Contiguous));
+  const Pool2dParams p = pool2d_params(op, shape_only, kernel_size, stride, padding, dilation,
+                                       ceil_mode, allow_reduced);
+  CNNEXT_CHECK(grad_output.sizes() == at::IntArrayRef(p.output_sizes()), op,
+               "expected grad_output of shape ", at::IntArrayRef(p.output_sizes()),
+               " (the forward output for input_size ", input_size, "), got ", grad_output.sizes());
+  return p;
+}
+
+inline void check_argmax(const char* op, const at::Tensor& argmax, const at::Tensor& grad_output) {
+  CNNEXT_CHECK(argmax.defined(), op, "expected argmax to be a tensor, got None");
+  CNNEXT_CHECK(argmax.scalar_type() == at::kLong, op, "expected argmax to have dtype int64, got ",
+               argmax.scalar_type());
+  CNNEXT_CHECK(argmax.device() == grad_output.device(), op,
+               "expected argmax on the same device as grad_output (", grad_output.device(),
+               "), got ", argmax.device());
+  CNNEXT_CHECK(argmax.sizes() == grad_output.sizes(), op,
+               "expected argmax of the same shape as grad_output (", grad_output.sizes(), "), got ",
+               argmax.sizes());
+}
+
+inline void check_divisor(const char* op, const std::optional<int64_t>& divisor_override) {
+  CNNEXT_CHECK(!divisor_override.has_value() || *divisor_override != 0, op,
+               "expected divisor_override to be non-zero, got 0");
+}
+
+// Outputs (and gradients) keep the layout of the tensor they come from, as torch's do.
+inline at::MemoryFormat memory_format(const at::Tensor& t) {
+  return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace cnnext::pool2d
