@@ -371,18 +371,18 @@ def lenet5(algo: str = "auto") -> nn.Sequential:
     )
 
 
-@pytest.mark.skipif(not hasattr(cnnext.nn, "MaxPool2d"), reason="needs cnnext.nn.MaxPool2d")
 def test_lenet5_trains_on_emulated_cuda() -> None:
     model = lenet5()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     x = torch.randn(4, 1, 28, 28)
     y = torch.tensor([0, 1, 2, 3])
     losses = []
     with cnnext.emulate_cuda("random:3"):
-        for _ in range(6):
+        for _ in range(8):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert losses[-1] < 0.7 * losses[0], losses
