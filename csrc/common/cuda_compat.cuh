@@ -50,7 +50,10 @@ inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); 
 template <typename... KernelArgs, typename... Args>
 void launch_kernel(const char* /*name*/, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
                    std::size_t smem, cudaStream_t stream, Args&&... args) {
-  kernel<<<grid, block, smem, stream> > >(std::forward<Args>(args)...);
+  // clang-format splits the CUDA chevrons into "> > >", which nvcc rejects.
+  // clang-format off
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  // clang-format on
 }
 }  // namespace cnnext
 #endif
