@@ -6,6 +6,7 @@ Quick start::
     y = cnnext.ops.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     with cnnext.emulate_cuda("reverse"):      # run the CUDA kernel on the CPU
         y2 = cnnext.ops.max_pool2d(x, 3, 2, 1)
+    model = cnnext.convert(torchvision.models.resnet18())   # cnnext layers, fused Conv+BN+ReLU
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from . import (
     nn,
     ops,
 )
+from ._algo import clear_autotune_cache, get_autotune, set_autotune
 from ._backend import EMULATOR_AVAILABLE, emulate_cuda, emulating
 from ._info import info
+from .convert import ConvertReport, convert
 
 try:
     from ._build_info import VERSION as __version__
@@ -26,11 +29,16 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "EMULATOR_AVAILABLE",
+    "ConvertReport",
     "autograd",
+    "clear_autotune_cache",
+    "convert",
     "emulate_cuda",
     "emulating",
+    "get_autotune",
     "info",
     "nn",
     "ops",
+    "set_autotune",
     "__version__",
 ]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
-import torch  # noqa: F401
-from torch import nn  # noqa: F401
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from . import ops  # noqa: F401
+from . import _algo, ops
 
-__all__: list[str] = ["AvgPool2d", "MaxPool2d"]
+__all__: list[str] = ["AvgPool2d", "Conv2d", "MaxPool2d"]
 
 IntPair = int | Sequence[int]
+CONV_ALGOS = ("auto", "direct", "im2col")
 
 
 # ---- pooling ------------------------------------------------------------------------------------
@@ -140,6 +143,149 @@ class AvgPool2d(nn.Module):
 
 
 # ---- convolution --------------------------------------------------------------------------------
+
+
+def _check_algo(algo: str) -> str:
+    if algo not in CONV_ALGOS:
+        raise ValueError(f"cnnext.nn.Conv2d: algo must be one of {CONV_ALGOS}, got {algo!r}")
+    return algo
+
+
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` computed by cnnext's kernels (``cnnext.ops.conv2d``).
+
+    Same constructor, attributes, parameter names and ``state_dict`` keys as
+    ``torch.nn.Conv2d``, so checkpoints load both ways, plus the keyword ``algo``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+        padding_mode, device, dtype: as ``torch.nn.Conv2d``. ``padding`` may be ``'same'``
+            (stride 1; when ``dilation * (k - 1)`` is odd the extra row/column goes to the
+            bottom/right, as in torch) or ``'valid'``. ``padding_mode`` ``'zeros'`` pads inside
+            the kernel; ``'reflect'``, ``'replicate'`` and ``'circular'`` pad with ``F.pad``
+            first, as torch does.
+        algo: ``"auto"`` (``cnnext.set_autotune`` or the heuristic in ``cnnext._algo``),
+            ``"direct"`` or ``"im2col"``.
+
+    Shapes:
+        input ``Tensor[N, C_in, H, W]`` or ``Tensor[C_in, H, W]`` (contiguous or
+        channels_last) -> ``Tensor[N, C_out, H_out, W_out]`` in the input's memory format.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        algo: str = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        self.algo = _check_algo(algo)
+
+    @classmethod
+    def from_torch(cls, module: nn.Conv2d, algo: str = "auto") -> Conv2d:
+        """A cnnext ``Conv2d`` that shares ``module``'s Parameters (no copy): training either
+        one trains both. Hooks are not carried over.
+
+        Args:
+            module: a ``torch.nn.Conv2d`` (or a cnnext one).
+            algo: as the constructor's.
+        """
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(
+                f"cnnext.nn.Conv2d.from_torch: expected a torch.nn.Conv2d, got {type(module)}"
+            )
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            device="meta",  # no allocation or initialisation: the Parameters come next
+            dtype=module.weight.dtype,
+            algo=algo,
+        )
+        new.weight = module.weight
+        new.bias = module.bias
+        new.train(module.training)
+        return new
+
+    def to_torch(self) -> nn.Conv2d:
+        """A plain ``torch.nn.Conv2d`` sharing this module's Parameters."""
+        plain = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+        plain.weight = self.weight
+        plain.bias = self.bias
+        plain.train(self.training)
+        return plain
+
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        elif isinstance(self.padding, str):
+            # [left_w, right_w, top_h, bottom_h]; right/bottom carry the odd extra, if any.
+            left_w, right_w, top_h, bottom_h = self._reversed_padding_repeated_twice
+            if right_w != left_w or bottom_h != top_h:
+                input = F.pad(input, [0, right_w - left_w, 0, bottom_h - top_h])
+            padding = (top_h, left_w)
+        else:
+            padding = self.padding
+        stride, dilation = self.stride, self.dilation
+        if self.algo == "auto":
+            algo, variant = _algo.select(input, weight, stride, padding, dilation, self.groups)
+        else:
+            algo, variant = self.algo, "auto"
+        return ops.conv2d(
+            input, weight, bias, stride, padding, dilation, self.groups, algo, variant
+        )
+
+    def extra_repr(self) -> str:  # noqa: D102
+        extra = super().extra_repr()
+        return extra if self.algo == "auto" else f"{extra}, algo={self.algo!r}"
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # noqa: D105
+        super().__setstate__(state)
+        if not hasattr(self, "algo"):
+            self.algo = "auto"
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------

@@ -1,0 +1,288 @@
+"""Which convolution algorithm serves ``algo="auto"``: a heuristic, and an opt-in autotuner.
+
+``choose`` is a fixed rule per (shape, dtype, device); it never runs anything. With
+``cnnext.set_autotune(True)`` (cnnext's ``torch.backends.cudnn.benchmark``) the first call with
+a new key times every candidate on the real tensors and caches the fastest in memory; later
+calls with the same key reuse it. Under ``torch.compile`` nothing is ever timed: a traced call
+uses the cached winner if its key is already there, else the heuristic.
+
+The heuristic (see ``choose`` for the thresholds and the measurements behind them):
+
+* CPU (measured, benchmarks/algo.py): the direct kernel for grouped/depthwise convolutions and
+  for ``groups == 1`` layers with a large output plane (>= 512 pixels) and >= 8 input
+  channels; im2col (BLAS GEMMs) for 1x1 kernels, small output planes and first layers with
+  1-7 input channels.
+* CUDA (reasoned, not measured): im2col (cuBLAS) for ``groups == 1`` with a large reduction
+  (smaller for 1x1 kernels and for half/bfloat16, which cuBLAS runs on tensor cores) and
+  enough output columns and channels to fill a GEMM; the shared-memory tiled direct kernel
+  for grouped/depthwise layers, small reductions and small problems, where a GEMM's K or N
+  would be tiny.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import _backend
+
+__all__ = [
+    "autotune_cache",
+    "choose",
+    "clear_autotune_cache",
+    "get_autotune",
+    "select",
+    "set_autotune",
+]
+
+Pair = tuple[int, int]
+Choice = tuple[str, str]  # (algo, variant)
+
+# Plain module globals (not ContextVars) so torch.compile can guard on them.
+_autotune = False
+_cache: dict[tuple[Any, ...], Choice] = {}
+
+# How many timed runs per candidate (after one untimed warm-up run); the minimum counts.
+AUTOTUNE_REPEATS = 3
+
+
+def set_autotune(enabled: bool) -> None:
+    """Time the convolution algorithms on the first call with each new shape key and reuse the
+    fastest afterwards (like ``torch.backends.cudnn.benchmark``). Off by default; only
+    ``algo="auto"`` calls (``cnnext.nn.Conv2d`` and converted models) are affected."""
+    global _autotune
+    _autotune = bool(enabled)
+
+
+def get_autotune() -> bool:
+    """Whether the autotuner is on."""
+    return _autotune
+
+
+def clear_autotune_cache() -> None:
+    """Forget every autotuned choice."""
+    _cache.clear()
+
+
+def autotune_cache() -> dict[tuple[Any, ...], Choice]:
+    """A copy of the autotuner's cache: key -> ``(algo, variant)``. The key is
+    ``(device type, dtype, input shape, weight shape, stride, padding, dilation, groups,
+    memory format, (input needs grad, weight needs grad))``; the device type is ``"cpu"``,
+    ``"cuda"`` or ``"emu"``, and with a gradient to compute the candidates are timed forward and
+    backward."""
+    return dict(_cache)
+
+
+def _device_kind(input: torch.Tensor) -> str:
+    if input.device.type == "cuda":
+        return "cuda"
+    return "emu" if _backend.use_emulator(input) else "cpu"
+
+
+# ---- the heuristic ------------------------------------------------------------------------------
+
+# CPU thresholds, from benchmarks/algo.py on this machine (1 thread, forward+backward, which is
+# what training runs; table in benchmarks/results/algo_cpu.txt). The direct kernel wins on large
+# output planes with a few channels or more (ResNet layer1 at 28x28: 13.5 ms vs 17.7 ms) and on
+# every grouped/depthwise layer; im2col wins on 1x1 kernels (a 1x1 conv is one GEMM: 1.7 vs
+# 7.0 ms), on small planes, where the direct backward has little parallel work per weight
+# (ResNet layer3 at 7x7: 16.8 vs 34.9 ms; a 2x2 plane: 43 vs 66 ms), and on first layers with
+# 1-4 input channels (C_in=3 3x3 at 64x64: 3.5 vs 4.3 ms).
+CPU_DIRECT_MIN_PIXELS = 512  # H_out * W_out
+CPU_DIRECT_MIN_CHANNELS = 8  # C_in / groups
+# CUDA thresholds (reasoned, not measured: the emulator is no speed proxy). A cuBLAS GEMM of
+# [C_out x K] by [K x N*H_out*W_out] needs K and N large enough to fill its 64-128 wide tiles;
+# below that the tiled direct kernel's shared-memory reuse does better and saves the column
+# buffer's memory traffic (K times the output size). A 1x1 conv needs no column buffer at all
+# (im2col runs the GEMM on the input), so it goes to cuBLAS from a smaller K.
+CUDA_IM2COL_MIN_REDUCTION = 128
+CUDA_IM2COL_MIN_REDUCTION_1X1 = 32
+# half/bfloat16: cuBLAS runs them on tensor cores, the direct kernel on plain FMA units.
+CUDA_IM2COL_MIN_REDUCTION_REDUCED = 64
+CUDA_IM2COL_MIN_COLUMNS = 4096  # N * H_out * W_out
+CUDA_IM2COL_MIN_C_OUT = 32
+
+
+def choose(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+) -> Choice:
+    """The algorithm ``algo="auto"`` runs when the autotuner has no entry: ``(algo, variant)``.
+
+    Args:
+        input: ``Tensor[N, C_in, H, W]`` or ``Tensor[C_in, H, W]`` (only its shape, device and
+            dtype are read).
+        weight: ``Tensor[C_out, C_in / groups, kH, kW]``.
+        stride, padding, dilation: pairs; groups: int.
+
+    Returns:
+        ``("direct", "tiled")`` / ``("direct", "auto")`` or ``("im2col", "auto")``.
+    """
+    c_out, c_per_group, kh, kw = weight.shape
+    reduction = c_per_group * kh * kw
+    h_out = (input.shape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (input.shape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    pixels = h_out * w_out
+    if input.device.type == "cuda" or _backend.use_emulator(input):
+        batch = input.shape[0] if input.dim() == 4 else 1
+        pointwise = kh == 1 and kw == 1
+        if pointwise:
+            min_reduction = CUDA_IM2COL_MIN_REDUCTION_1X1
+        elif input.dtype in (torch.float16, torch.bfloat16):
+            min_reduction = CUDA_IM2COL_MIN_REDUCTION_REDUCED
+        else:
+            min_reduction = CUDA_IM2COL_MIN_REDUCTION
+        if (
+            groups == 1
+            and reduction >= min_reduction
+            and c_out >= CUDA_IM2COL_MIN_C_OUT
+            and batch * pixels >= CUDA_IM2COL_MIN_COLUMNS
+        ):
+            return ("im2col", "auto")
+        return ("direct", "tiled")
+    if groups > 1:
+        return ("direct", "auto")
+    if (
+        (kh == 1 and kw == 1)
+        or pixels < CPU_DIRECT_MIN_PIXELS
+        or c_per_group < CPU_DIRECT_MIN_CHANNELS
+    ):
+        return ("im2col", "auto")
+    return ("direct", "auto")
+
+
+# ---- the autotuner ------------------------------------------------------------------------------
+
+
+def _key(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+    grads: tuple[bool, bool],
+) -> tuple[Any, ...]:
+    if input.is_contiguous():
+        layout = "contiguous"
+    elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        layout = "channels_last"
+    else:
+        layout = "strided"
+    return (
+        _device_kind(input),
+        input.dtype,
+        tuple(input.shape),
+        tuple(weight.shape),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        groups,
+        layout,
+        grads,
+    )
+
+
+def candidates(device_kind: str) -> list[Choice]:
+    """What the autotuner times: the CUDA direct kernel comes in two variants."""
+    if device_kind == "cpu":
+        return [("direct", "auto"), ("im2col", "auto")]
+    return [("direct", "tiled"), ("direct", "naive"), ("im2col", "auto")]
+
+
+def _timer(input: torch.Tensor) -> Callable[[Callable[[], object]], float]:
+    def measure(fn: Callable[[], object]) -> float:
+        sync = torch.cuda.synchronize if input.device.type == "cuda" else (lambda *a: None)
+        fn()  # warm-up: first-call allocations, BLAS/kernel initialisation
+        sync(input.device)
+        best = float("inf")
+        for _ in range(AUTOTUNE_REPEATS):
+            start = time.perf_counter()
+            fn()
+            sync(input.device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return measure
+
+
+def _tune(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+    grads: tuple[bool, bool],
+) -> Choice:
+    from . import ops  # ops imports nothing from here; a local import keeps the layers apart
+
+    x = input.detach()
+    w = weight.detach()
+    measure = _timer(input)
+
+    backward = any(grads)
+
+    def run(algo: str, variant: str) -> Callable[[], object]:
+        def call() -> object:
+            with torch.enable_grad() if backward else torch.no_grad():
+                xi = x.detach().requires_grad_(grads[0])
+                wi = w.detach().requires_grad_(grads[1])
+                y = ops.conv2d(xi, wi, None, stride, padding, dilation, groups, algo, variant)
+                if backward:
+                    wrt = [t for t in (xi, wi) if t.requires_grad]
+                    return torch.autograd.grad(y, wrt, torch.ones_like(y))
+                return y
+
+        return call
+
+    best: Choice | None = None
+    best_time = float("inf")
+    failures = []
+    for algo, variant in candidates(_device_kind(input)):
+        try:
+            elapsed = measure(run(algo, variant))
+        except (RuntimeError, MemoryError) as error:  # e.g. out of memory for the column buffer
+            failures.append(f"{algo}/{variant}: {error}")
+            continue
+        if elapsed < best_time:
+            best, best_time = (algo, variant), elapsed
+    if best is None:
+        raise RuntimeError("cnnext autotune: every algorithm failed:\n" + "\n".join(failures))
+    return best
+
+
+def select(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+) -> Choice:
+    """``algo="auto"`` resolved: the autotuned choice when the autotuner is on (timing it now if
+    the key is new and we are not compiling), else ``choose``."""
+    if not _autotune:
+        return choose(input, weight, stride, padding, dilation, groups)
+    # Which gradients backward will compute: training and inference are timed separately.
+    enabled = torch.is_grad_enabled()
+    grads = (enabled and input.requires_grad, enabled and weight.requires_grad)
+    if torch.compiler.is_compiling():
+        # Never time inside a trace. Symbolic (dynamic) sizes cannot key the cache.
+        if all(isinstance(s, int) for s in (*input.shape, *weight.shape)):
+            hit = _cache.get(_key(input, weight, stride, padding, dilation, groups, grads))
+            if hit is not None:
+                return hit
+        return choose(input, weight, stride, padding, dilation, groups)
+    key = _key(input, weight, stride, padding, dilation, groups, grads)
+    hit = _cache.get(key)
+    if hit is None:
+        hit = _cache[key] = _tune(input, weight, stride, padding, dilation, groups, grads)
+    return hit
