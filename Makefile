@@ -13,7 +13,7 @@ export CUDA_HOME ?= /usr/local/cuda
 endif
 PYTEST_ARGS ?=
 
-.PHONY: help setup sysdeps build demo test test-fast lint format bench clean
+.PHONY: help setup sysdeps build sanitizers demo test test-fast lint format bench clean
 
 help:
 	@echo "make demo   set up, build and run the demo (examples/train_digits.py)"
@@ -44,16 +44,23 @@ sysdeps:
 build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
+# The emulator built under AddressSanitizer and under ThreadSanitizer, beside the normal one
+# (cnnext/_C_emu_asan*.so, _C_emu_tsan*.so), for tests/test_sanitizers.py. Incremental; when the
+# compiler has no such runtime it says so and tests/test_sanitizers.py skips.
+sanitizers: setup
+	$(PY) tools/run_sanitized.py --sanitizer address --build-only
+	$(PY) tools/run_sanitized.py --sanitizer thread --build-only
+
 demo: build
 	$(PY) -m cnnext
 	$(PY) examples/train_digits.py
 
-test: build
+test: build sanitizers
 	$(PY) -m cnnext
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 # Without the nvcc build (quicker while iterating on CPU/emulator code).
-test-fast: setup
+test-fast: setup sanitizers
 	CNNEXT_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m pytest -q -x $(PYTEST_ARGS) tests
 

@@ -127,19 +127,31 @@ def write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def emu_sources(tag: str) -> list[str]:
+def emu_sources(sanitize: str) -> list[str]:
     """g++ compiles .cu files only through a .cpp wrapper; the wrappers also give the emulator
     build its own object files, apart from those of cnnext._C."""
-    out_dir = ROOT / "build" / f"emu_src{tag}"
+    out_dir = ROOT / "build" / (f"emu_src_{sanitize}" if sanitize else "emu_src")
     units = {"cnnext_emu.cpp": "cnnext.cpp", "params.cpp": "common/params.cpp"}
     units["emu.cpp"] = "emu/emu.cpp"
     units["control.cpp"] = "emu/control.cpp"
     for op in op_dirs():
         if os.path.exists(os.path.join(CSRC, op, "cuda.cu")):
             units[f"{op}_cuda.cpp"] = f"{op}/cuda.cu"
+    texts = {name: f'#include "{target}"\n' for name, target in units.items()}
+    if sanitize:
+        # Planted-bug kernels (torch.ops.cnnext_planted) that tests/test_sanitizers.py must see
+        # reported: in the sanitizer builds only, never in cnnext or cnnext_emu.
+        texts["planted.cpp"] = '#include "../../tests/emu/planted.cu"\n'
+        # cnnext.cpp defines PyInit__C_emu; Python imports _C_emu_asan through PyInit__C_emu_asan.
+        init = f"PyInit__C_emu{SANITIZER_SUFFIX[sanitize]}"
+        texts["module_alias.cpp"] = (
+            "#include <Python.h>\n"
+            'extern "C" PyMODINIT_FUNC PyInit__C_emu(void);\n'
+            f'extern "C" PyMODINIT_FUNC {init}(void) {{ return PyInit__C_emu(); }}\n'
+        )
     sources = []
-    for name, target in units.items():
-        write_if_changed(out_dir / name, f'#include "{target}"\n')
+    for name, text in texts.items():
+        write_if_changed(out_dir / name, text)
         sources.append(os.path.relpath(out_dir / name, ROOT))
     return sources
 
@@ -158,7 +170,45 @@ def build_info(cuda: bool, archs: str, emu: bool, fiber: str) -> None:
     write_if_changed(ROOT / "cnnext" / "_build_info.py", text)
 
 
+SANITIZER_SUFFIX = {"address": "_asan", "thread": "_tsan"}
+
+
+def emu_extension(boost: bool, sanitize: str) -> CppExtension:
+    """The emulator extension; with ``sanitize`` ("address" or "thread") its sanitizer build
+    ``cnnext._C_emu_asan`` / ``_C_emu_tsan``, a separate module beside the normal one (selected
+    at import time by ``CNNEXT_EMULATOR=asan|tsan``), so the normal emulator stays fast."""
+    flags = ["-O2", "-fopenmp", "-DCNNEXT_CUDA_EMULATION", "-Wall", "-Wno-unused-function"]
+    link = ["-fopenmp"]
+    if boost:
+        flags.append("-DCNNEXT_EMU_BOOST")
+    if sanitize == "address":
+        # Plain static shared memory, so ASan's global redzones catch shared-array overflows.
+        flags += ["-fsanitize=address", "-DCNNEXT_EMU_ASAN", "-DCNNEXT_EMU_PLAIN_SHARED"]
+    elif sanitize == "thread":
+        flags += ["-fsanitize=thread", "-DCNNEXT_EMU_TSAN"]
+    if sanitize:
+        flags += ["-O1", "-g", "-fno-omit-frame-pointer"]
+        link.append(f"-fsanitize={sanitize}")
+    suffix = SANITIZER_SUFFIX.get(sanitize, "")
+    return CppExtension(
+        f"cnnext._C_emu{suffix}",
+        emu_sources(sanitize),
+        include_dirs=[str(ROOT / CSRC)],
+        extra_compile_args={"cxx": flags},
+        extra_link_args=link,
+        libraries=["boost_context"] if boost else [],
+    )
+
+
 def extensions() -> list:
+    sanitize = os.environ.get("CNNEXT_EMU_SANITIZE", "")
+    if sanitize:
+        # Only the sanitizer module: _C and _C_emu (maybe built with nvcc) stay as they are.
+        if sanitize not in SANITIZER_SUFFIX:
+            sys.exit(f"CNNEXT_EMU_SANITIZE must be 'address' or 'thread', got {sanitize!r}")
+        if env_flag("CNNEXT_EMU") is False:
+            sys.exit("CNNEXT_EMU_SANITIZE needs the emulator (CNNEXT_EMU is 0)")
+        return [emu_extension(has_boost_context(), sanitize)]
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
     common = {
         "include_dirs": [str(ROOT / CSRC)],
@@ -197,41 +247,8 @@ def extensions() -> list:
     if emu:
         boost = has_boost_context()
         fiber = "boost.context" if boost else "ucontext"
-        sanitize = os.environ.get("CNNEXT_EMU_SANITIZE", "")
-        emu_flags = ["-O2", "-fopenmp", "-DCNNEXT_CUDA_EMULATION", "-Wall", "-Wno-unused-function"]
-        link = ["-fopenmp"]
-        if boost:
-            emu_flags.append("-DCNNEXT_EMU_BOOST")
-        if sanitize == "address":
-            emu_flags += [
-                "-fsanitize=address",
-                "-fno-omit-frame-pointer",
-                "-DCNNEXT_EMU_ASAN",
-                "-DCNNEXT_EMU_PLAIN_SHARED",
-                "-O1",
-                "-g",
-            ]
-            link.append("-fsanitize=address")
-        elif sanitize == "thread":
-            emu_flags += ["-fsanitize=thread", "-DCNNEXT_EMU_TSAN", "-O1", "-g"]
-            link.append("-fsanitize=thread")
-        elif sanitize:
-            sys.exit(f"CNNEXT_EMU_SANITIZE must be 'address' or 'thread', got {sanitize!r}")
-        # A sanitizer build is a separate module beside the normal one (selected at import
-        # time by CNNEXT_EMULATOR=asan|tsan), so the normal emulator stays usable.
-        suffix = {"address": "_asan", "thread": "_tsan"}.get(sanitize, "")
-        exts.append(
-            CppExtension(
-                f"cnnext._C_emu{suffix}",
-                emu_sources(f"_{sanitize}" if sanitize else ""),
-                include_dirs=common["include_dirs"],
-                extra_compile_args={"cxx": emu_flags},
-                extra_link_args=link,
-                libraries=["boost_context"] if boost else [],
-            )
-        )
-    if not os.environ.get("CNNEXT_EMU_SANITIZE"):
-        build_info(cuda, archs, emu, fiber)
+        exts.append(emu_extension(boost, ""))
+    build_info(cuda, archs, emu, fiber)
     return exts
 
 

@@ -340,6 +340,12 @@ def test_cpu_baseline_vectors() -> None:
         "      assert torch.equal(i, ei)\n"
         "      torch.testing.assert_close(cnnext.ops.avg_pool2d(x, k, s, p),\n"
         "                                 F.avg_pool2d(x, k, s, p), equal_nan=True)\n"
+        "      xg = x.nan_to_num().requires_grad_()\n"
+        "      for ours, ref in ((cnnext.ops.avg_pool2d, F.avg_pool2d),\n"
+        "                        (cnnext.ops.max_pool2d, F.max_pool2d)):\n"
+        "        g = torch.randn_like(ref(xg, k, s, p))\n"
+        "        got = torch.autograd.grad(ours(xg, k, s, p), xg, g)[0]\n"
+        "        torch.testing.assert_close(got, torch.autograd.grad(ref(xg, k, s, p), xg, g)[0])\n"
         "print('ok')\n"
     )
     env = dict(os.environ, CNNEXT_CPU_VECTOR_BYTES="16")

@@ -154,9 +154,19 @@ void im2col_nchw(const Conv2dParams& p, const scalar_t* x, scalar_t* col, int64_
   const int64_t plane = p.h * p.w, cols = (oh1 - oh0) * p.w_out;
   // With a stride below the kernel width several kernel columns read the same strided positions
   // (7x7 stride 2 stems): split each input row into its `sw` phases once, then every kernel
-  // column is a contiguous copy from one phase instead of a strided gather.
-  const bool phased = p.sw > 1 && p.kw > p.sw;
+  // column is a contiguous copy from one phase instead of a strided gather. Narrow rows gather.
+  const bool phased = p.sw > 1 && p.kw > p.sw && p.w_out >= 32;
   const int64_t phase_len = (p.w + p.sw - 1) / p.sw;
+  // Per kernel column: the valid output columns [lo, hi) and where ow = 0 reads from (in the
+  // input row, or in the phase rows), computed once rather than per output row.
+  std::vector<int64_t> lo(p.kw), hi(p.kw), from(p.kw);
+  for (int64_t kj = 0; kj < p.kw; ++kj) {
+    const int64_t off = kj * p.dw - p.pw;  // iw = ow * sw + off
+    valid_range(off, p.sw, p.w, p.w_out, lo[kj], hi[kj]);
+    // off = j0 * sw + phase with 0 <= phase < sw, so iw reads phases[phase][ow + j0].
+    const int64_t phase = ((off % p.sw) + p.sw) % p.sw;
+    from[kj] = phased ? phase * phase_len + (off - phase) / p.sw : off;
+  }
   at::parallel_for(
       0, p.c_in * p.kh, std::max<int64_t>(1, kGrain / (p.kw * cols)), [&](int64_t b, int64_t e) {
         std::vector<scalar_t> phases(phased ? p.sw * phase_len : 0);
@@ -182,21 +192,17 @@ void im2col_nchw(const Conv2dParams& p, const scalar_t* x, scalar_t* col, int64_
             }
             for (int64_t kj = 0; kj < p.kw; ++kj) {
               scalar_t* dst = dst_row + kj * ld;
-              const int64_t off = kj * p.dw - p.pw;  // iw = ow * sw + off
-              int64_t lo, hi;
-              valid_range(off, p.sw, p.w, p.w_out, lo, hi);
-              std::fill(dst, dst + lo, scalar_t(0));
+              const int64_t l0 = lo[kj], h0 = hi[kj];
+              std::fill(dst, dst + l0, scalar_t(0));
               if (p.sw == 1) {
-                std::memcpy(dst + lo, src_row + off + lo, (hi - lo) * sizeof(scalar_t));
+                std::memcpy(dst + l0, src_row + from[kj] + l0, (h0 - l0) * sizeof(scalar_t));
               } else if (phased) {
-                // off = j0 * sw + phase with 0 <= phase < sw, so iw reads phases[phase][ow + j0].
-                const int64_t phase = ((off % p.sw) + p.sw) % p.sw, j0 = (off - phase) / p.sw;
-                std::memcpy(dst + lo, phases.data() + phase * phase_len + j0 + lo,
-                            (hi - lo) * sizeof(scalar_t));
+                std::memcpy(dst + l0, phases.data() + from[kj] + l0, (h0 - l0) * sizeof(scalar_t));
               } else {
-                for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src_row[ow * p.sw + off];
+                const scalar_t* src = src_row + from[kj];
+                for (int64_t ow = l0; ow < h0; ++ow) dst[ow] = src[ow * p.sw];
               }
-              std::fill(dst + hi, dst + p.w_out, scalar_t(0));
+              std::fill(dst + h0, dst + p.w_out, scalar_t(0));
             }
           }
         }

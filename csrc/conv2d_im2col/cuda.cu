@@ -1,10 +1,9 @@
-// im2col + GEMM convolution on CUDA: im2col_kernel unfolds a chunk of samples into a column
-// buffer (bounded by max_col_bytes), cuBLAS multiplies it by the weight on the current stream, and
-// backward runs col2im_kernel as a gather. Launches are 1D grid-stride loops of 256 threads:
-// im2col and col2im give a thread one (sample, channel, pixel) and its kh*kw column entries;
-// grad_bias_kernel gives a block one output channel, reduced in shared memory (deterministic).
-// Contiguous input uses col[n][(c, ki, kj)][pixel]; channels_last uses col[n, pixel][(g, ki, kj,
-// c)].
+// im2col + GEMM convolution on CUDA. im2col_kernel unfolds a chunk of samples (bounded by
+// max_col_bytes) into col[n][(c, ki, kj)][pixel] (channels_last: col[n, pixel][(g, ki, kj, c)]),
+// cuBLAS multiplies it by the weight on the current stream, and backward gathers dcol back with
+// col2im_kernel. 1D grid-stride launches of 256 threads: in im2col/col2im a thread owns one
+// (sample, channel, pixel) and its kh*kw column entries; in grad_bias_kernel a block owns one
+// output channel and reduces it in shared memory in a fixed order (deterministic, no atomics).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -42,8 +41,8 @@ dim3 grid_for(int64_t work) {
       static_cast<unsigned int>(std::clamp<int64_t>(ceil_div(work, kThreads), 1, kMaxBlocks)));
 }
 
-// Column entry (n, c, ki, kj, pixel) of `samples` samples; the input index of each thread's work
-// item and the col offsets depend on the layout.
+// Columns of `samples` samples: a thread reads one input channel at one output pixel for each of
+// the kh*kw taps (zero outside the input) and writes the kh*kw column entries.
 template <typename scalar_t, bool channels_last>
 __global__ void im2col_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ col,
                               ConvGeom g, int64_t samples) {
@@ -272,8 +271,9 @@ at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor&
           }
           scalar_t* yc = y + n0 * p.c_out * l.p;
           if (cl) {
-            // Row-major Y_g[nb*P, cog] (row stride C_out) = col_g[nb*P, K] . W'_g[cog, K]^T:
-            // column-major Y_g^T = W'_g^T... read transposed ('t'), one call batched over groups.
+            // Row-major Y_g[nb*P, cog] (rows C_out apart) = col_g[nb*P, K] . W'_g[cog, K]^T is,
+            // column-major, Y_g^T = op(W'_g) . col_g^T with W' read transposed ('t'); one call
+            // batched over groups.
             gemm_strided_batched<scalar_t>('t', 'n', cog, nb * l.p, l.k, acc_t(1), wp, l.k,
                                            cog * l.k, a, l.gk, l.k, acc_t(0), yc, p.c_out, cog,
                                            p.groups);

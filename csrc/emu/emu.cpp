@@ -33,6 +33,7 @@ extern "C" void __tsan_ignore_thread_begin();
 extern "C" void __tsan_ignore_thread_end();
 #endif
 #ifdef CNNEXT_EMU_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -45,6 +46,10 @@ namespace cnnext::emu {
 namespace {
 
 [[noreturn]] void raise(const std::string& msg) { throw std::runtime_error(msg); }
+
+// Thrown inside the threads of a failed block that still wait at a barrier, so that they unwind
+// and finish like any thread: their destructors and sanitizer scopes run, and TSan sees them end.
+struct Abandon {};
 
 // ---- schedule ---------------------------------------------------------------------------------
 enum class Order { Forward, Reverse, Random };
@@ -164,6 +169,7 @@ struct Block {
   std::vector<unsigned char> dynamic_smem;
   std::exception_ptr error;
   std::string error_site;
+  bool abandoning = false;  // the block failed: suspended threads unwind (see abandon())
 #ifdef CNNEXT_EMU_TSAN
   // Barrier generations alternate between two sync objects so that a thread released from
   // barrier k does not acquire what a faster thread released at barrier k + 1.
@@ -193,6 +199,9 @@ struct EmulatorScope {
 #ifdef CNNEXT_EMU_TSAN
   EmulatorScope() { __tsan_ignore_thread_begin(); }
   ~EmulatorScope() { __tsan_ignore_thread_end(); }
+#else
+  EmulatorScope() {}  // user-provided: no unused-variable warning where the scope is empty
+  ~EmulatorScope() {}
 #endif
 };
 
@@ -235,6 +244,9 @@ void fiber_entry() {
 void switch_to_scheduler(bool finished) {
   Block& b = *tl_block;
 #ifdef CNNEXT_EMU_ASAN
+  // The frames of a finished fiber never return, so their redzones would stay poisoned and give
+  // false reports to the next fiber on this stack: clear the stack's shadow from here up.
+  if (finished) __asan_handle_no_return();
   Thread& t = b.threads[tl_tid];
   __sanitizer_start_switch_fiber(finished ? nullptr : &t.asan_fake_stack, b.scheduler_stack_bottom,
                                  b.scheduler_stack_size);
@@ -267,11 +279,10 @@ void fiber_main() {
 #endif
   try {
     b.body(b.payload);
+  } catch (const Abandon&) {
+    // The block failed elsewhere; this thread has unwound.
   } catch (...) {
-#ifdef CNNEXT_EMU_TSAN
-    __tsan_ignore_thread_begin();
-    __tsan_ignore_thread_end();
-#endif
+    EmulatorScope scope;
     if (!b.error) {
       b.error = std::current_exception();
       b.error_site = "thread (" + std::to_string(threadIdx.x) + "," + std::to_string(threadIdx.y) +
@@ -338,10 +349,14 @@ void resume(Block& b, unsigned tid) {
 #endif
 }
 
+// After a block: every started fiber has finished (abandon() unwinds those of a failed block).
 void release_stacks(Block& b) {
+#ifdef CNNEXT_EMU_TSAN
+  __tsan_acquire(&b.done_token);  // what the block's threads wrote happens before what follows
+#endif
   for (unsigned i = 0; i < b.n; ++i) {
     Thread& t = b.threads[i];
-    if (t.stack) stack_pool.put(t.stack);  // an abandoned fiber's stack holds nothing we need
+    if (t.stack) stack_pool.put(t.stack);
     t.stack = nullptr;
 #ifdef CNNEXT_EMU_TSAN
     if (t.tsan_fiber) __tsan_destroy_fiber(t.tsan_fiber);
@@ -353,12 +368,14 @@ void release_stacks(Block& b) {
 // ---- barriers -----------------------------------------------------------------------------------
 void wait_at(Status status, unsigned mask, const char* file, int line) {
   Block& b = current_block();
+  if (b.abandoning) throw Abandon{};  // a destructor of an unwinding thread reached a barrier
   Thread& t = b.threads[tl_tid];
   t.status = status;
   t.file = file;
   t.line = line;
   t.mask = mask;
   switch_to_scheduler(false);
+  if (tl_block->abandoning) throw Abandon{};
 }
 
 unsigned warp_of(unsigned tid) { return tid / 32; }
@@ -460,7 +477,9 @@ bool open_barriers(Block& b) {
   return true;
 }
 
-void run_block(Block& b, std::uint64_t block_linear, const Schedule& sched) {
+// Runs the block's threads in rounds until all are done, a thread raised (b.error) or the
+// scheduler finds the block stuck (throws).
+void run_rounds(Block& b, std::uint64_t block_linear, const Schedule& sched) {
   for (unsigned i = 0; i < b.n; ++i) b.threads[i] = Thread{};
   b.block_generation = 0;
   std::fill(std::begin(b.warp_generation), std::end(b.warp_generation), 0);
@@ -485,6 +504,29 @@ void run_block(Block& b, std::uint64_t block_linear, const Schedule& sched) {
     if (all_done) return;
     if (!open_barriers(b)) report_stuck(b);
   }
+}
+
+// A failed block: resume each thread still waiting at a barrier once more, so that it unwinds
+// (wait_at throws Abandon) and finishes. Its stack is then clean for reuse (ASan), and under TSan
+// it ends no longer ignoring accesses and releases what it wrote to the launching thread.
+void abandon(Block& b) {
+  b.abandoning = true;
+  for (unsigned i = 0; i < b.n; ++i) {
+    const Status s = b.threads[i].status;
+    if (s != Status::NotStarted && s != Status::Done) resume(b, i);
+  }
+  b.abandoning = false;
+}
+
+void run_block(Block& b, std::uint64_t block_linear, const Schedule& sched) {
+  std::exception_ptr stuck;
+  try {
+    run_rounds(b, block_linear, sched);
+  } catch (...) {
+    stuck = std::current_exception();
+  }
+  if (stuck || b.error) abandon(b);
+  if (stuck) std::rethrow_exception(stuck);
 }
 
 std::mutex& launch_mutex() {
@@ -573,9 +615,6 @@ void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem, vo
           dim3(static_cast<unsigned>(lin % grid.x), static_cast<unsigned>((lin / grid.x) % grid.y),
                static_cast<unsigned>(lin / (std::uint64_t(grid.x) * grid.y)));
       run_block(b, lin, sched);
-#ifdef CNNEXT_EMU_TSAN
-      __tsan_acquire(&b.done_token);
-#endif
       release_stacks(b);
       if (b.error) {
         std::string where = " in kernel " + name + ", block (" + std::to_string(blockIdx.x) + "," +

@@ -4,8 +4,10 @@
 // time. Input rows are first split into stride phases so that every tap is a unit-stride load.
 // channels_last: parallel over output pixels, a vector of channels at a time.
 // Vector chunks have a fixed length; the last one of a row overlaps its neighbour, so no scalar
-// remainder runs. Backward: scatter within a plane (or a sample's block of channels), one task
-// per plane, in output order: deterministic, in the same summation order as torch's CPU kernels.
+// remainder runs. Backward: max scatters through the argmax within a plane (or a sample's block
+// of channels), one task each; NCHW average pooling gathers, a vector of input columns at a
+// time; channels_last average pooling scatters a vector of channels. All are deterministic and
+// sum in torch's order, so float results match torch's CPU kernels to the bit.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -39,8 +41,8 @@ int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kGrainElements / p
 // ---- vectors -----------------------------------------------------------------------------------
 
 // One vector register of lanes as a GCC vector: kBytes = 32 in the AVX2 build of the kernels,
-// 16 (SSE2, NEON) otherwise. The forward kernels are written with these explicitly because GCC's
-// auto-vectoriser left their loops scalar in some inlined copies. A comparison yields lane masks
+// 16 (SSE2, NEON) otherwise. The hot loops are written with these explicitly because GCC's
+// auto-vectoriser left them scalar in some inlined copies. A comparison yields lane masks
 // as wide as the values, so argmax lanes are int32 for float (planes under 2^31 elements) and
 // int64 for double. (GCC lowers compares of vectors wider than the ISA's registers to scalar
 // code, hence one register per vector.)

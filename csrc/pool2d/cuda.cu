@@ -43,7 +43,7 @@ __device__ __forceinline__ int64_t grid_threads() {
 template <bool kChannelsLast>
 __device__ __forceinline__ void split(int64_t id, int64_t c, int64_t h, int64_t w, int64_t* outer,
                                       int64_t* y, int64_t* x, int64_t* ch) {
-  if (kChannelsLast) {
+  if constexpr (kChannelsLast) {
     *ch = id % c;
     id /= c;
   } else {

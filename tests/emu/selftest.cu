@@ -147,6 +147,48 @@ __global__ void dynamic_smem_kernel(float* out) {
   out[threadIdx.x] = buf[threadIdx.x];  // read before any write: must not look like real data
 }
 
+// ---- out-of-bounds twins, for AddressSanitizer
+// ---------------------------------------------------- In an anonymous namespace, as the op kernels
+// are: GCC gives no ASan redzones to the static locals of a template with vague (COMDAT) linkage,
+// and `__shared__` is a static local.
+namespace {
+
+template <bool kOverflow>
+__global__ void scale_kernel(const float* in, float* out, int64_t n) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < n + (kOverflow ? 1 : 0)) out[i] = 2.f * in[i];  // planted: reads in[n], writes out[n]
+}
+
+template <bool kOverflow>
+__global__ void shared_shift_kernel(const float* in, float* out, int64_t n) {
+  __shared__ float s[64];
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  s[threadIdx.x + (kOverflow ? 1 : 0)] = i < n ? in[i] : 0.f;  // planted: thread 63 writes s[64]
+  __syncthreads();
+  if (i < n) out[i] = s[(threadIdx.x + 1) % 64];
+}
+
+template <bool kOverflow>
+__global__ void dynamic_shift_kernel(const float* in, float* out, int64_t n) {
+  CNNEXT_DYNAMIC_SHARED(float, s);
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  s[threadIdx.x] = i < n ? in[i] : 0.f;
+  __syncthreads();
+  // planted: the last thread reads one past the blockDim.x floats of dynamic shared memory
+  const unsigned j = kOverflow ? threadIdx.x + 1 : (threadIdx.x + 1) % blockDim.x;
+  if (i < n) out[i] = s[j];
+}
+
+__global__ void local_array_kernel(const float* in, float* out, int64_t n, int64_t len) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  for (int64_t k = 0; k < len; ++k) acc[k] = i < n ? in[i] * k : 0.f;  // planted: len 5
+  __syncthreads();  // the array lives on the fiber's stack across a switch
+  if (i < n) out[i] = acc[0] + acc[1] + acc[2] + acc[3];
+}
+
+}  // namespace
+
 // ---- cases
 // ----------------------------------------------------------------------------------------
 struct Wrong : std::runtime_error {
@@ -266,6 +308,76 @@ void run_early_exit() {
   expect_equal(out, want);
 }
 
+// Out-of-bounds twins: the correct kernel must pass; the planted one is for ASan to report (without
+// ASan it may pass or give a wrong result).
+template <bool kOverflow>
+void run_scale() {
+  const int64_t n = 1000;
+  auto in = random_floats(n, 7);
+  std::vector<float> out(n, 0.f), want(n);
+  for (int64_t i = 0; i < n; ++i) want[i] = 2.f * in[i];
+  launch("scale", scale_kernel<kOverflow>, dim3(8), dim3(128), 0, in.data(), out.data(), n);
+  expect_equal(out, want);
+}
+
+template <bool kOverflow>
+void run_shared_shift() {
+  const int64_t n = 300;
+  auto in = random_floats(n, 8);
+  std::vector<float> out(n, 0.f), want(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = i / 64 * 64 + (i % 64 + 1) % 64;
+    want[i] = j < n ? in[j] : 0.f;
+  }
+  launch("shared_shift", shared_shift_kernel<kOverflow>, dim3(5), dim3(64), 0, in.data(),
+         out.data(), n);
+  expect_equal(out, want);
+}
+
+template <bool kOverflow>
+void run_dynamic_shift() {
+  const int64_t n = 300;
+  auto in = random_floats(n, 9);
+  std::vector<float> out(n, 0.f), want(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = i / 64 * 64 + (i % 64 + 1) % 64;
+    want[i] = j < n ? in[j] : 0.f;
+  }
+  launch("dynamic_shift", dynamic_shift_kernel<kOverflow>, dim3(5), dim3(64), 64 * sizeof(float),
+         in.data(), out.data(), n);
+  expect_equal(out, want);
+}
+
+template <bool kOverflow>
+void run_local_array() {
+  const int64_t n = 200;
+  auto in = random_floats(n, 10);
+  std::vector<float> out(n, 0.f), want(n);
+  for (int64_t i = 0; i < n; ++i) want[i] = in[i] * 6.f;
+  launch("local_array", local_array_kernel, dim3(2), dim3(128), 0, in.data(), out.data(), n,
+         int64_t(kOverflow ? 5 : 4));
+  expect_equal(out, want, 1e-5);
+}
+
+// A launch that fails while threads wait at barriers, then correct launches on the same OS
+// thread: the waiting threads must unwind cleanly (TSan: no fiber ends inside an ignore region,
+// no race with the reused stacks or with freed memory; ASan: no stale stack poison).
+void run_error_then_launch() {
+  for (int rep = 0; rep < 2; ++rep) {
+    std::vector<float> out(64);
+    try {
+      launch("divergent_barrier", divergent_barrier_kernel, dim3(1), dim3(64), 0, out.data());
+      throw Wrong("the divergent barrier was not reported");
+    } catch (const Wrong&) {
+      throw;
+    } catch (const std::exception&) {
+    }
+    run_local_array<false>();
+    run_stencil<true>();
+    run_reduce<true>();
+  }
+}
+
 void run_divergent_barrier() {
   std::vector<float> out(64);
   launch("divergent_barrier", divergent_barrier_kernel, dim3(1), dim3(64), 0, out.data());
@@ -283,14 +395,31 @@ void run_too_many_threads() {
 
 int main(int argc, char** argv) {
   const std::map<std::string, std::function<void()>> cases = {
-      {"transpose", run_transpose<true>},   {"transpose_missing_barrier", run_transpose<false>},
-      {"matmul", run_matmul<true>},         {"matmul_missing_barrier", run_matmul<false>},
-      {"reduce", run_reduce<true>},         {"reduce_missing_barrier", run_reduce<false>},
-      {"histogram", run_histogram<true>},   {"histogram_missing_atomic", run_histogram<false>},
-      {"stencil", run_stencil<true>},       {"stencil_missing_barrier", run_stencil<false>},
-      {"shuffle_modes", run_shuffle_modes}, {"dynamic_smem_poisoned", run_dynamic_smem},
-      {"early_exit", run_early_exit},       {"divergent_barrier", run_divergent_barrier},
-      {"deadlock", run_deadlock},           {"too_many_threads", run_too_many_threads},
+      {"transpose", run_transpose<true>},
+      {"transpose_missing_barrier", run_transpose<false>},
+      {"matmul", run_matmul<true>},
+      {"matmul_missing_barrier", run_matmul<false>},
+      {"reduce", run_reduce<true>},
+      {"reduce_missing_barrier", run_reduce<false>},
+      {"histogram", run_histogram<true>},
+      {"histogram_missing_atomic", run_histogram<false>},
+      {"stencil", run_stencil<true>},
+      {"stencil_missing_barrier", run_stencil<false>},
+      {"shuffle_modes", run_shuffle_modes},
+      {"dynamic_smem_poisoned", run_dynamic_smem},
+      {"early_exit", run_early_exit},
+      {"divergent_barrier", run_divergent_barrier},
+      {"deadlock", run_deadlock},
+      {"too_many_threads", run_too_many_threads},
+      {"scale", run_scale<false>},
+      {"scale_global_overflow", run_scale<true>},
+      {"shared_shift", run_shared_shift<false>},
+      {"shared_shift_overflow", run_shared_shift<true>},
+      {"dynamic_shift", run_dynamic_shift<false>},
+      {"dynamic_shift_overflow", run_dynamic_shift<true>},
+      {"local_array", run_local_array<false>},
+      {"local_array_overflow", run_local_array<true>},
+      {"error_then_launch", run_error_then_launch},
   };
   if (argc < 2 || !cases.count(argv[1])) {
     std::fprintf(stderr, "usage: selftest CASE [SCHEDULE]; cases:");
