@@ -110,7 +110,8 @@ def vgg11_bn() -> nn.Module:
 def mobilenet_v2() -> nn.Module:
     import torchvision
 
-    return torchvision.models.mobilenet_v2(weights=None, num_classes=10)
+    # Half width: torch's own float64 depthwise convolution (the reference) is slow.
+    return torchvision.models.mobilenet_v2(weights=None, num_classes=10, width_mult=0.5)
 
 
 @pytest.mark.parametrize("fuse", FUSE)
