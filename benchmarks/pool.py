@@ -51,7 +51,9 @@ SHAPES = [Shape(32, 64, 112, 112, 3, 2, 1), Shape(128, 64, 32, 32, 2, 2, 0)]
 def _time(fn: Callable[[], object], min_run_time: float) -> float:
     """Median seconds per call."""
     fn()
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    # Timer runs at 1 thread unless told otherwise.
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def copy_bandwidth(numel: int, min_run_time: float) -> float:
