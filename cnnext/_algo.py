@@ -9,7 +9,7 @@ uses the cached winner if its key is already there, else the heuristic.
 The heuristic (see ``choose`` for the thresholds and the measurements behind them):
 
 * CPU (measured, benchmarks/algo.py): the direct kernel for grouped/depthwise convolutions and
-  for ``groups == 1`` layers with a large output plane (>= 512 pixels) and >= 8 input
+  for ``groups == 1`` layers with a large output plane (>= 256 pixels) and >= 8 input
   channels; im2col (BLAS GEMMs) for 1x1 kernels, small output planes and first layers with
   1-7 input channels.
 * CUDA (reasoned, not measured): im2col (cuBLAS) for ``groups == 1`` with a large reduction
@@ -84,14 +84,16 @@ def _device_kind(input: torch.Tensor) -> str:
 
 # ---- the heuristic ------------------------------------------------------------------------------
 
-# CPU thresholds, from benchmarks/algo.py on this machine (1 thread, forward+backward, which is
-# what training runs; table in benchmarks/results/algo_cpu.txt). The direct kernel wins on large
-# output planes with a few channels or more (ResNet layer1 at 28x28: 13.5 ms vs 17.7 ms) and on
-# every grouped/depthwise layer; im2col wins on 1x1 kernels (a 1x1 conv is one GEMM: 1.7 vs
-# 7.0 ms), on small planes, where the direct backward has little parallel work per weight
-# (ResNet layer3 at 7x7: 16.8 vs 34.9 ms; a 2x2 plane: 43 vs 66 ms), and on first layers with
-# 1-4 input channels (C_in=3 3x3 at 64x64: 3.5 vs 4.3 ms).
-CPU_DIRECT_MIN_PIXELS = 512  # H_out * W_out
+# CPU thresholds, from benchmarks/algo.py on this machine (1 thread; two runs in
+# benchmarks/results/algo_cpu.txt; forward+backward, which training runs, decides where the two
+# directions disagree). The direct kernel wins on planes of >= 256 output pixels with >= 8
+# input channels (C_in=32 3x3 on 16x16: f+b 1.6 vs 2.1 ms; C_in=16 on 32x32: 3.3 vs 3.8 ms) and
+# on every grouped/depthwise layer (MobileNet's 144-channel depthwise: 2.6 vs 7.8 ms). im2col
+# wins on 1x1 kernels (a 1x1 conv is one GEMM: forward 0.40 vs 0.79 ms), on planes under 256
+# pixels (ResNet layer4 at 4x4: 25.8 vs 47.1 ms; a 2x2 plane: 10.6 vs 23.9 ms), and on first
+# layers with 1-7 input channels (C_in=3 3x3 at 64x64: f+b 3.8 vs 17.7 ms). Near the
+# boundaries (ResNet layer1 at 28x28, LeNet conv2) the two are within the run-to-run noise.
+CPU_DIRECT_MIN_PIXELS = 256  # H_out * W_out
 CPU_DIRECT_MIN_CHANNELS = 8  # C_in / groups
 # CUDA thresholds (reasoned, not measured: the emulator is no speed proxy). A cuBLAS GEMM of
 # [C_out x K] by [K x N*H_out*W_out] needs K and N large enough to fill its 64-128 wide tiles;
