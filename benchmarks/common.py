@@ -90,6 +90,7 @@ class ConvLayer:
     k: int
     stride: int = 1
     padding: int = 0
+    groups: int = 1
 
     @property
     def id(self) -> str:
@@ -99,14 +100,20 @@ class ConvLayer:
     def out_size(self) -> int:
         return (self.size + 2 * self.padding - self.k) // self.stride + 1
 
+    @property
+    def reduction(self) -> int:
+        """Terms of each output's sum: ``C_in / groups * k * k``."""
+        return self.c_in // self.groups * self.k * self.k
+
     def flops(self, n: int) -> float:
         """Forward FLOPs (2 per multiply-add) at batch ``n``."""
-        return 2.0 * n * self.c_out * self.c_in * self.k * self.k * self.out_size**2
+        return 2.0 * n * self.c_out * self.reduction * self.out_size**2
 
     def __str__(self) -> str:
+        groups = f" g{self.groups}" if self.groups > 1 else ""
         return (
             f"{self.c_in}x{self.size}x{self.size}->{self.c_out} "
-            f"k{self.k} s{self.stride} p{self.padding}"
+            f"k{self.k} s{self.stride} p{self.padding}{groups}"
         )
 
 
@@ -311,10 +318,6 @@ class Plan:
     def cnnext_context(self) -> contextlib.AbstractContextManager:
         return cnnext.emulate_cuda() if self.kind == "emu" else contextlib.nullcontext()
 
-    def synchronize(self) -> None:
-        if self.kind == "cuda":
-            torch.cuda.synchronize()
-
 
 @dataclass(frozen=True)
 class Spec:
@@ -439,6 +442,7 @@ class Case:
     tol: float
     exact: tuple[int, ...] = ()
     shape: str = ""
+    extra: dict = field(default_factory=dict)
 
 
 def tolerance(precision: str, reduction: int) -> float:
@@ -548,23 +552,24 @@ def conv_case(spec: Spec, plan: Plan, algos: Sequence[str], phase: str = "main")
     dtype = DTYPES[spec.precision]
     gen = torch.Generator().manual_seed(spec.seed)
     x = _random((n, layer.c_in, layer.size, layer.size), gen)
-    w = _random((layer.c_out, layer.c_in, layer.k, layer.k), gen, (layer.c_in * layer.k**2) ** -0.5)
+    c_group = layer.c_in // layer.groups
+    w = _random((layer.c_out, c_group, layer.k, layer.k), gen, layer.reduction**-0.5)
     b = _random((layer.c_out,), gen, 0.1)
     grad = _random((n, layer.c_out, layer.out_size, layer.out_size), gen)
-    k, s, p = (layer.k,) * 2, (layer.stride,) * 2, (layer.padding,) * 2
+    k, s, p, g = (layer.k,) * 2, (layer.stride,) * 2, (layer.padding,) * 2, layer.groups
     inputs = [_place(x, plan, dtype, spec.layout), _place(w, plan, dtype), _place(b, plan, dtype)]
     grad = _place(grad, plan, dtype, spec.layout)
     lib = plan.conv_library
     specials: dict[str, tuple[Callable, bool, Callable]] = {}  # name: (fn, baseline, context)
 
     def torch_conv(xx, ww, bb):
-        return F.conv2d(xx, ww, bb, s, p)
+        return F.conv2d(xx, ww, bb, s, p, 1, g)
 
     if phase == "cudnn-bench":
         specials[f"{lib}.bench"] = (torch_conv, True, lambda: cudnn_benchmark(True))
         reference = "fp64"
         specials[reference] = (
-            lambda xx, ww, bb: F.conv2d(xx.double(), ww.double(), bb.double(), s, p),
+            lambda xx, ww, bb: F.conv2d(xx.double(), ww.double(), bb.double(), s, p, 1, g),
             True,
             contextlib.nullcontext,
         )
@@ -577,11 +582,11 @@ def conv_case(spec: Spec, plan: Plan, algos: Sequence[str], phase: str = "main")
             for variant in variants:
 
                 def ours(xx, ww, bb, algo=algo, variant=variant or "auto"):
-                    return cnnext.ops.conv2d(xx, ww, bb, s, p, algo=algo, variant=variant)
+                    return cnnext.ops.conv2d(xx, ww, bb, s, p, 1, g, algo=algo, variant=variant)
 
                 name = f"cnnext.{algo}" + (f".{variant}" if variant else "")
                 specials[name] = (ours, False, emulated)
-        if plan.kind == "cpu":
+        if plan.kind == "cpu" and g == 1:  # slow_conv2d has no groups
 
             def slow(xx, ww, bb):
                 if spec.pass_ == "fwd":
@@ -595,9 +600,15 @@ def conv_case(spec: Spec, plan: Plan, algos: Sequence[str], phase: str = "main")
         for name, (_, baseline, context) in specials.items()
     ]
     backward = spec.pass_ != "fwd"
-    reduction = layer.c_in * layer.k**2
+    reduction = layer.reduction
     if backward:
         reduction = max(reduction, layer.c_out * layer.k**2, n * layer.out_size**2)
+    extra = {}
+    choose = getattr(getattr(cnnext, "_algo", None), "choose", None)
+    if choose is not None and phase == "main":
+        with plan.cnnext_context():  # the emulated device chooses as CUDA does
+            algo, variant = choose(inputs[0], inputs[1], s, p, (1, 1), g)
+        extra["auto_pick"] = algo + ("" if variant == "auto" else f".{variant}")
     return Case(
         spec=spec,
         work=layer.flops(n) * (3.0 if backward else 1.0),
@@ -607,6 +618,7 @@ def conv_case(spec: Spec, plan: Plan, algos: Sequence[str], phase: str = "main")
         primary=f"{lib}.bench" if phase == "cudnn-bench" else lib,
         tol=tolerance(spec.precision, reduction),
         shape=str(layer),
+        extra=extra,
     )
 
 
@@ -809,7 +821,7 @@ def estimate_bytes(spec: Spec, plan: Plan, cfg: Config) -> int:
         return elem * (4 * x + 6 * y) + 8 * 3 * y + (64 << 20)
     x = n * layer.c_in * layer.size**2
     y = n * layer.c_out * layer.out_size**2
-    w = layer.c_out * layer.c_in * layer.k**2
+    w = layer.c_out * layer.reduction
     total = elem * (4 * x + 4 * y + 6 * w) + (256 << 20)
     if spec.family == "fused":
         total += elem * 4 * y
@@ -1148,6 +1160,7 @@ def make_row(case: Case, impl: Impl, m: Measurement, threads: int) -> dict:
         "work": case.work,
         "rate": rate,
         "rate_best": case.work / best / 1e9,
+        **case.extra,
     }
 
 
@@ -1171,8 +1184,8 @@ def run_cases(
                 continue
             if cfg.verbose:
                 print(f"[{i + 1}/{len(specs)}] {phase} {spec.title}", file=sys.stderr)
-            case = build_case(spec, plan, cfg, phase)
             with precision_flags(spec.precision, plan):
+                case = build_case(spec, plan, cfg, phase)  # fused computes with the flags
                 for threads in threads_list:
                     torch.set_num_threads(threads)
                     validate(case)
@@ -1350,8 +1363,8 @@ def markdown(results: Results) -> str:
         f"blocked_autorange(min_run_time={min_run_time})`, {rounds} interleaved round(s) "
         "merged; on CUDA per-call CUDA events with an L2 flush before each call. Cells: "
         "median ms, rate at the median (GFLOP/s: fwd+bwd counts 3x the forward FLOPs; GB/s: "
-        "bytes read + written once) and % of the peak. Ratios: baseline median / cnnext "
-        "median (>1: cnnext faster).",
+        "bytes read + written once) and % of the peak; min ms in brackets. Ratios: baseline "
+        "median / cnnext median (>1: cnnext faster).",
         f"Total run time {meta.get('seconds', '?')} s.",
         "",
         "## Summary (geometric means)",
@@ -1370,7 +1383,9 @@ def markdown(results: Results) -> str:
         bases = [i for i in impls if i not in ours]
         ratio_cols = [(o, b) for o in ours for b in bases]
         lines += ["", f"## {op} | {pass_} | {precision} | {layout} | {threads} thread(s)", ""]
+        auto = any("auto_pick" in r for r in rows)
         head = ["layer", "N", *impls, *(f"{o} vs {b}" for o, b in ratio_cols)]
+        head += ["algo=auto picks"] if auto else []
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         cases: dict[tuple, dict[str, dict]] = {}
         for r in rows:
@@ -1384,10 +1399,15 @@ def markdown(results: Results) -> str:
                     continue
                 pct = f" ({r['pct_peak']:.0f}%)" if r["pct_peak"] is not None else ""
                 unit = "GF/s" if r["unit"] == "GFLOP/s" else "GB/s"
-                cells.append(f"{r['median_ms']:.3f} ms, {r['rate']:.1f} {unit}{pct}")
+                cells.append(
+                    f"{r['median_ms']:.3f} ms (min {r['min_ms']:.3f}), {r['rate']:.1f} {unit}{pct}"
+                )
             for o, b in ratio_cols:
                 ratio = by_impl.get(o, {}).get("ratios", {}).get(b)
                 cells.append(f"{ratio:.2f}x" if ratio else "")
+            if auto:
+                picks = {r.get("auto_pick") for r in by_impl.values()} - {None}
+                cells.append(", ".join(sorted(picks)))
             lines.append("| " + " | ".join(cells) + " |")
     if results.skipped or results.notes:
         lines += ["", "## Skipped and notes", ""]
