@@ -173,6 +173,8 @@ CONV_LAYERS = [
 ]
 # Conv + BatchNorm + ReLU: every conv layer of the networks that have BatchNorm.
 FUSED_LAYERS = [layer for layer in CONV_LAYERS if layer.net != "lenet5"]
+# Pool shapes of the networks (ResNet-18: the stem's 3x3/s2 pool, the global pool of the head);
+# max and avg pooling both run on each.
 POOL_LAYERS = [
     PoolLayer("lenet5", "pool1", 6, 28, 2, 2),
     PoolLayer("lenet5", "pool2", 16, 10, 2, 2),
@@ -181,14 +183,14 @@ POOL_LAYERS = [
     PoolLayer("vgg11-cifar", "pool3", 256, 8, 2, 2),
     PoolLayer("vgg11-cifar", "pool4", 512, 4, 2, 2),
     PoolLayer("vgg11-cifar", "pool5", 512, 2, 2, 2),
-    PoolLayer("resnet18-cifar", "avgpool", 512, 4, 4, 4),
-    PoolLayer("resnet18-224", "maxpool", 64, 112, 3, 2, 1),
-    PoolLayer("resnet18-224", "avgpool", 512, 7, 7, 7),
+    PoolLayer("resnet18-cifar", "head_pool", 512, 4, 4, 4),
+    PoolLayer("resnet18-224", "stem_pool", 64, 112, 3, 2, 1),
+    PoolLayer("resnet18-224", "head_pool", 512, 7, 7, 7),
 ]
 QUICK_LAYERS = {
     "conv": {"lenet5.conv1", "resnet18-cifar.layer1", "resnet18-cifar.layer4", "resnet18-224.stem"},
     "fused": {"resnet18-cifar.layer3", "resnet18-224.layer4"},
-    "pool": {"lenet5.pool1", "vgg11-cifar.pool1", "resnet18-224.maxpool"},
+    "pool": {"lenet5.pool1", "vgg11-cifar.pool1", "resnet18-224.stem_pool"},
 }
 # Harness tests: a few hundred emulated CUDA threads per launch at most.
 TINY_CONV = [
@@ -1416,52 +1418,66 @@ def markdown(results: Results) -> str:
 
 
 def plot(results: Results, path: Path) -> None:
-    """One panel per (op, pass, precision, layout, threads): each cnnext implementation's
-    speed-up over the case's primary baseline, per layer and batch (log scale)."""
+    """A grid of panels, one row per (op, pass, precision, layout) and one column per thread
+    count: each cnnext implementation's speed-up over the case's primary baseline, per layer
+    and batch (log scale; above 1x cnnext is faster)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    groups = [(k, rows) for k, rows in grouped(results).items() if any("ratios" in r for r in rows)]
-    if not groups:
+    ours = [r for r in results.rows if "ratios" in r]
+    panels: dict[tuple, dict[int, list[dict]]] = {}
+    for r in ours:
+        key = _group_key(r)[:-1]
+        panels.setdefault(key, {}).setdefault(r["threads"], []).append(r)
+    threads = sorted({r["threads"] for r in ours})
+    if not panels:
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "no ratios to plot", ha="center", va="center")
         ax.set_axis_off()
         fig.savefig(path, dpi=80)
         plt.close(fig)
         return
-    width = max(6.0, max(len({(r["layer"], r["batch"]) for r in rows}) for _, rows in groups) * 0.6)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(width, 3.2 * len(groups)), squeeze=False)
-    for ax, ((_, op, pass_, precision, layout, threads), rows) in zip(
-        axes[:, 0], groups, strict=True
+    cases_max = max(len({(r["layer"], r["batch"]) for r in ours if _group_key(r)[:-1] == k})
+                    for k in panels)  # fmt: skip
+    width = max(5.0, 0.55 * cases_max) * len(threads)
+    fig, axes = plt.subplots(
+        len(panels), len(threads), figsize=(width, 3.4 * len(panels)), squeeze=False
+    )
+    for row_axes, ((_, op, pass_, precision, layout), by_threads) in zip(
+        axes, panels.items(), strict=True
     ):
-        ours = [r for r in rows if "ratios" in r]
-        names = list(dict.fromkeys(r["impl"] for r in ours))
-        cases = list(dict.fromkeys((r["layer"], r["batch"]) for r in ours))
-        primary = ours[0]["primary"]
-        bar = 0.8 / max(1, len(names))
-        for j, name in enumerate(names):
-            by_case = {
-                (r["layer"], r["batch"]): r["ratios"].get(primary)
-                for r in ours
-                if r["impl"] == name
-            }
-            xs = [i + (j - (len(names) - 1) / 2) * bar for i in range(len(cases))]
-            ys = [by_case.get(c) or float("nan") for c in cases]
-            ax.bar(xs, ys, bar, label=name)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-        ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels(
-            [f"{lay}\nN={n}" for lay, n in cases], rotation=60, fontsize=7, ha="right"
-        )
-        ax.set_ylabel(f"speed-up vs {primary}")
-        ax.set_title(f"{op} | {pass_} | {precision} | {layout} | {threads} thread(s)", fontsize=9)
-        ax.legend(fontsize=7)
+        for ax, t in zip(row_axes, threads, strict=True):
+            rows = by_threads.get(t, [])
+            names = list(dict.fromkeys(r["impl"] for r in rows))
+            cases = list(dict.fromkeys((r["layer"], r["batch"]) for r in rows))
+            primary = rows[0]["primary"] if rows else "baseline"
+            bar = 0.8 / max(1, len(names))
+            for j, name in enumerate(names):
+                by_case = {
+                    (r["layer"], r["batch"]): r["ratios"].get(primary)
+                    for r in rows
+                    if r["impl"] == name
+                }
+                xs = [i + (j - (len(names) - 1) / 2) * bar for i in range(len(cases))]
+                ys = [by_case.get(c) or float("nan") for c in cases]
+                ax.bar(xs, ys, bar, label=name)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks(range(len(cases)))
+            ax.set_xticklabels(
+                [f"{lay} N={n}" for lay, n in cases], rotation=60, fontsize=7, ha="right"
+            )
+            ax.set_ylabel(f"speed-up vs {primary}", fontsize=8)
+            ax.set_title(f"{op} | {pass_} | {precision} | {layout} | {t} thread(s)", fontsize=9)
+            ax.grid(axis="y", which="major", linewidth=0.3)
+            if names:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
