@@ -55,6 +55,7 @@ def test_run_writes_json_md_png(tmp_path: Path, capsys: pytest.CaptureFixture) -
     }
     for r in rows:
         assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] and r["pct_peak"] > 0
+        assert 0 <= r["max_rel_err"] <= r["validated_tol"]
         if not r["baseline"]:
             expected = {"oneDNN", "torch.im2col"} if r["family"] == "conv" else {"torch"}
             assert set(r["ratios"]) == expected
