@@ -1637,7 +1637,7 @@ def script_main(
     """The command line of a per-family script: the shared options (plus ``extend``'s), run
     with the ``fixed`` config fields, print the report."""
     parser = argparse.ArgumentParser(
-        description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser, families=False)
     if extend is not None:

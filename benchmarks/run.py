@@ -37,7 +37,7 @@ import common  # noqa: E402
 def main(argv: Sequence[str] | None = None) -> common.Results:
     """Parse ``argv``, run the suite, print the report and write the result files."""
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common.add_arguments(parser, families=True)
     args = parser.parse_args(argv)
