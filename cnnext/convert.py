@@ -278,10 +278,16 @@ def _fx_chains(model: nn.Module, report: ConvertReport) -> list[_Chain] | None:
         act_module = module_of(act)
         if type(act_module) is nn.ReLU:
             relu, relu_module = str(act.target), True
-        elif act.op == "call_function" and act.target in _RELU_FUNCTIONS and act.args[0] is bn_node:
-            relu, relu_module = f"{getattr(act.target, '__name__', 'relu')}()", False
-        elif act.op == "call_method" and act.target in _RELU_METHODS:
-            relu, relu_module = f".{act.target}()", False
+        elif act.op in ("call_function", "call_method") and act.args and act.args[0] is bn_node:
+            if act.target not in (_RELU_FUNCTIONS if act.op == "call_function" else _RELU_METHODS):
+                return f"the BN's output feeds {_activation_name(act, act_module)}, not a ReLU"
+            name = getattr(act.target, "__name__", str(act.target))
+            relu, relu_module = (f"{name}()" if act.op == "call_function" else f".{name}()"), False
+            inplace = act.kwargs.get("inplace", act.args[1] if len(act.args) > 1 else False)
+            if inplace or name.endswith("_"):
+                # A call cannot be rewritten, and an in-place relu would overwrite the fused op's
+                # output, which its backward keeps.
+                return f"the BN's output feeds an in-place {relu}"
         else:
             return f"the BN's output feeds {_activation_name(act, act_module)}, not a ReLU"
         why = shared(conv_path) or shared(bn_path)
@@ -364,11 +370,17 @@ def _fuse(model: nn.Module, chains: list[_Chain], algo: str, report: ConvertRepo
             continue
         _set(model, chain.conv, fused)
         _set(model, chain.bn, nn.Identity())
+        why_kept = chain.relu_shared
         if chain.relu_module and not chain.relu_shared:
             _set(model, chain.relu, nn.Identity())
-        report.fused.append(
-            Fusion(chain.conv, chain.bn, chain.relu, bool(chain.relu_shared), chain.relu_shared)
-        )
+        elif chain.relu_module:
+            relu = model.get_submodule(chain.relu)
+            if relu.inplace:  # type: ignore[union-attr]
+                # Applied in place to the fused op's output, which its backward keeps, it would
+                # fail autograd's version check; out of place it computes the same everywhere.
+                relu.inplace = False  # type: ignore[union-attr]
+                why_kept += "; made out-of-place"
+        report.fused.append(Fusion(chain.conv, chain.bn, chain.relu, bool(why_kept), why_kept))
 
 
 # ---- one-for-one replacement --------------------------------------------------------------------

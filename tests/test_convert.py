@@ -221,7 +221,7 @@ def test_bad_algo() -> None:
 
 
 class FunctionalRelu(nn.Module):
-    def __init__(self, act: nn.Module | None = None) -> None:
+    def __init__(self, act: nn.Module | str) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3, padding=1)
         self.bn = nn.BatchNorm2d(6)
@@ -229,7 +229,13 @@ class FunctionalRelu(nn.Module):
 
     def forward(self, x):  # noqa: D102
         y = self.bn(self.conv(x))
-        return self.act(y) if self.act is not None else F.relu(y)
+        if self.act == "F.relu":
+            return F.relu(y)
+        if self.act == ".relu()":
+            return y.relu()
+        if self.act == "F.relu(inplace=True)":
+            return F.relu(y, inplace=True)
+        return self.act(y)
 
 
 class Untraceable(nn.Module):
@@ -261,25 +267,33 @@ def test_fusion_in_resnet_keeps_shared_relu() -> None:
     assert isinstance(converted.bn1, nn.Identity) and isinstance(converted.relu, nn.Identity)
     block = converted.layer1[0]
     assert isinstance(block.conv1, cnnext.nn.ConvBNReLU2d) and isinstance(block.bn1, nn.Identity)
-    assert type(block.relu) is nn.ReLU  # used twice in BasicBlock.forward: kept
+    assert type(block.relu) is nn.ReLU  # used twice in BasicBlock.forward: kept,
+    assert not block.relu.inplace  # and out of place, not to overwrite the fused op's output
     (fusion,) = [f for f in report.fused if f.conv == "layer1.0.conv1"]
     assert fusion.relu_kept and "called 2 times" in fusion.why_kept
+    assert "out-of-place" in fusion.why_kept
     assert type(block.conv2) is cnnext.nn.Conv2d  # bn2 feeds the residual addition
     assert any("addition" in x.reason for x in report.left)
-    assert len(report.fused) == 9  # conv1 + 2 per BasicBlock
+    assert len(report.fused) == 9  # the stem + conv1 of each of the 8 BasicBlocks
 
 
 @needs_fused
-@pytest.mark.parametrize("act", [None, nn.ReLU(), nn.ReLU6()], ids=["F.relu", "ReLU", "ReLU6"])
+@pytest.mark.parametrize(
+    "act",
+    ["F.relu", ".relu()", "F.relu(inplace=True)", nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6()],
+    ids=str,
+)
 def test_fusion_activation_kinds(act) -> None:
     model = FunctionalRelu(act)
     report = check_converted(model, torch.randn(2, 3, 7, 7), fuse=True, steps=2)
     if isinstance(act, nn.ReLU6):
         assert not report.fused and "ReLU6" in report.left[0].reason
+    elif act == "F.relu(inplace=True)":  # it would overwrite the output the fused op keeps
+        assert not report.fused and "in-place" in report.left[0].reason
     else:
         (fusion,) = report.fused
         assert (fusion.conv, fusion.bn) == ("conv", "bn")
-        assert fusion.relu_kept == (act is None)
+        assert fusion.relu_kept == isinstance(act, str)
 
 
 @needs_fused
