@@ -116,7 +116,7 @@ class ConvertReport:
         rows += [(r.path, r.before, r.after, "") for r in self.replaced]
         lines.append(f"replaced ({len(self.fused)} fused chains, {len(self.replaced)} modules):")
         lines += _rows(("path", "was", "now", "note"), rows)
-        lines.append(f"left unchanged ({len(self.left)}):")
+        lines.append(f"left unchanged or not fused ({len(self.left)}):")
         lines += _rows(
             ("path", "module", "reason"), [(x.path, x.module, x.reason) for x in self.left]
         )
