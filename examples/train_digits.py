@@ -2,7 +2,7 @@
 
     python examples/train_digits.py                       # ~1 minute on 2 CPU cores
     python examples/train_digits.py --algo im2col --optimizer sgd --epochs 12
-    python examples/train_digits.py --emulate-cuda --subset 256 --epochs 1   # CUDA kernels, emulated
+    python examples/train_digits.py --emulate-cuda --subset 256 --epochs 1  # emulated CUDA
     python examples/train_digits.py --dataset mnist --data-dir ~/data --download
 
 The model is the modern pipeline: [Conv -> BN -> ReLU -> MaxPool] x 2 -> Flatten -> Linear ->
@@ -81,8 +81,9 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * 0.1
     shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2.0 / x.shape[-1] * 2)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
-                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
@@ -90,12 +91,25 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # ---- models -------------------------------------------------------------------------------------
 
 
+def conv_block(cin: int, cout: int, algo: str) -> nn.Sequential:
+    """Conv -> BN -> ReLU: cnnext's fused ConvBNReLU2d when this build has it, else cnnext's
+    Conv2d followed by torch's BatchNorm2d and ReLU. Both are nn.Sequential with children
+    0/1/2, so their state_dict keys equal the plain-torch block's."""
+    if hasattr(cnnext.nn, "ConvBNReLU2d"):
+        return cnnext.nn.ConvBNReLU2d(cin, cout, 3, padding=1, algo=algo)
+    return nn.Sequential(
+        cnnext.nn.Conv2d(cin, cout, 3, padding=1, bias=False, algo=algo),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
+
+
 def cnnext_model(in_ch: int, side: int, algo: str) -> nn.Sequential:
     flat = 32 * (side // 4) ** 2
     return nn.Sequential(
-        cnnext.nn.ConvBNReLU2d(in_ch, 16, 3, padding=1, algo=algo),
+        conv_block(in_ch, 16, algo),
         cnnext.nn.MaxPool2d(2),
-        cnnext.nn.ConvBNReLU2d(16, 32, 3, padding=1, algo=algo),
+        conv_block(16, 32, algo),
         cnnext.nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(flat, 128),
@@ -169,8 +183,12 @@ def train(model: nn.Module, name: str, data, args, device: str) -> History:  # n
         model.train()
         order = torch.randperm(len(y_train), generator=shuffle)
         seen, loss_sum, correct = 0, 0.0, 0
-        bar = tqdm(range(0, len(order), args.batch_size), desc=f"{name:>6} epoch {epoch}",
-                   leave=False, disable=args.quiet)
+        bar = tqdm(
+            range(0, len(order), args.batch_size),
+            desc=f"{name:>6} epoch {epoch}",
+            leave=False,
+            disable=args.quiet,
+        )
         for i in bar:
             idx = order[i : i + args.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one sample in train mode
@@ -192,8 +210,10 @@ def train(model: nn.Module, name: str, data, args, device: str) -> History:  # n
         history.test_loss.append(test_loss)
         history.test_acc.append(test_acc)
         if not args.quiet:
-            print(f"{name:>6} epoch {epoch}: train loss {history.train_loss[-1]:.3f} "
-                  f"acc {history.train_acc[-1]:.1f}% | test loss {test_loss:.3f} acc {test_acc:.1f}%")
+            print(
+                f"{name:>6} epoch {epoch}: train loss {history.train_loss[-1]:.3f} "
+                f"acc {history.train_acc[-1]:.1f}% | test loss {test_loss:.3f} acc {test_acc:.1f}%"
+            )
     return history
 
 
@@ -218,7 +238,7 @@ def plot_curves(ours: History, twin: History, path: Path) -> None:
 
 
 def plot_filters(model: nn.Sequential, path: Path) -> None:
-    w = model[0].conv.weight.detach().cpu()  # [16, C_in, 3, 3]
+    w = model[0][0].weight.detach().cpu()  # [16, C_in, 3, 3]
     fig, axes = plt.subplots(2, 8, figsize=(10, 2.8))
     for i, ax in enumerate(axes.flat):
         ax.imshow(w[i].mean(0), cmap="coolwarm")
@@ -259,10 +279,22 @@ def plot_confusion(pred: torch.Tensor, target: torch.Tensor, path: Path) -> None
     ax.imshow(cm, cmap="Blues")
     for i in range(CLASSES):
         for j in range(CLASSES):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test set)",
-           xticks=range(CLASSES), yticks=range(CLASSES))
+            ax.text(
+                j,
+                i,
+                int(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        title="confusion matrix (test set)",
+        xticks=range(CLASSES),
+        yticks=range(CLASSES),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -273,7 +305,9 @@ def plot_confusion(pred: torch.Tensor, target: torch.Tensor, path: Path) -> None
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist", "cifar10"])
+    p.add_argument(
+        "--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist", "cifar10"]
+    )
     p.add_argument("--data-dir", default="data")
     p.add_argument("--download", action="store_true")
     p.add_argument("--epochs", type=int, default=10)
@@ -282,8 +316,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--algo", default="auto", choices=["auto", "direct", "im2col"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--emulate-cuda", action="store_true",
-                   help="run cnnext's CUDA kernels on the CPU through the emulator (slow)")
+    p.add_argument(
+        "--emulate-cuda",
+        action="store_true",
+        help="run cnnext's CUDA kernels on the CPU through the emulator (slow)",
+    )
     p.add_argument("--subset", type=int, default=0, help="use only this many training images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
@@ -307,9 +344,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.subset:
         data = (data[0][: args.subset], data[1][: args.subset], *data[2:])
     in_ch, side = data[0].shape[1], data[0].shape[-1]
-    print(f"data: {args.dataset}, {len(data[1])} train / {len(data[3])} test images of "
-          f"{in_ch}x{side}x{side}; cnnext algo={args.algo}"
-          f"{', CUDA kernels emulated' if args.emulate_cuda else ''} on {args.device}")
+    print(
+        f"data: {args.dataset}, {len(data[1])} train / {len(data[3])} test images of "
+        f"{in_ch}x{side}x{side}; cnnext algo={args.algo}"
+        f"{', CUDA kernels emulated' if args.emulate_cuda else ''} on {args.device}"
+    )
 
     torch.manual_seed(args.seed)
     twin = torch_twin(in_ch, side)
@@ -340,9 +379,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     elapsed = time.perf_counter() - start
     print(f"checkpoint {checkpoint} loads into plain torch: test accuracy {acc_reloaded:.1f}%")
-    print(f"pictures: {', '.join(str(out / n) for n in ('curves.png', 'filters.png', 'feature_maps.png', 'confusion.png'))}")
-    print(f"test accuracy: cnnext {acc_ours:.1f}% | plain torch {acc_twin:.1f}% "
-          f"(difference {abs(acc_ours - acc_twin):.1f} points) in {elapsed:.0f} s")
+    print(
+        "pictures: "
+        + ", ".join(
+            str(out / n) for n in ("curves.png", "filters.png", "feature_maps.png", "confusion.png")
+        )
+    )
+    print(
+        f"test accuracy: cnnext {acc_ours:.1f}% | plain torch {acc_twin:.1f}% "
+        f"(difference {abs(acc_ours - acc_twin):.1f} points) in {elapsed:.0f} s"
+    )
     return {"cnnext": acc_ours, "torch": acc_twin, "reloaded": acc_reloaded, "seconds": elapsed}
 
 
