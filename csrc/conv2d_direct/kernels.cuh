@@ -26,6 +26,8 @@
 #endif
 
 namespace cnnext {
+// Anonymous: ASan gives redzones only to non-COMDAT static locals (the emulated __shared__).
+namespace {
 
 // ---- epilogues ---------------------------------------------------------------------------------
 
@@ -643,4 +645,5 @@ void conv2d_direct_grad_bias_launch(const WeightGradGeometry& g, const scalar_t*
                 current_stream(), grad_output, grad_bias, g);
 }
 
+}  // namespace
 }  // namespace cnnext
