@@ -4,7 +4,8 @@
 // order) until it reaches a barrier or returns. Then warp barriers whose lanes have all arrived
 // open; failing that, the block barrier opens if every live thread waits at the same call site.
 // If nothing can open, the block is deadlocked or its threads wait at different barriers: both
-// are errors, as they are undefined behaviour on a GPU.
+// are errors, as they are undefined behaviour on a GPU. The threads of a failed block that still
+// wait at a barrier are then unwound, so that each fiber ends cleanly (also for the sanitizers).
 #include "emu/emu.h"
 
 #include <sys/mman.h>
@@ -219,8 +220,7 @@ std::string site(const char* file, int line) {
   return os.str();
 }
 
-// ---- TSan fibers
-// ---------------------------------------------------------------------------------
+// ---- TSan fibers -------------------------------------------------------------------------------
 #ifdef CNNEXT_EMU_TSAN
 // A TSan fiber is costly to make and destroy (it maps its own shadow stack and trace: ~0.1-1 ms),
 // and a launch needs one per emulated thread per block, so they are pooled per OS thread and
