@@ -46,6 +46,7 @@ import glob
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -188,7 +189,10 @@ def sanitizer_env(sanitizer: str, log_dir: Path, halt_on_error: bool | None = No
         MKL_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
-    env[f"{short.upper()}_OPTIONS"] = ":".join(f"{k}={v}" for k, v in options.items())
+    text = ":".join(f"{k}={v}" for k, v in options.items())
+    # Extra options for a debugging session, e.g. CNNEXT_SANITIZER_OPTIONS=verbosity=1.
+    extra = os.environ.get("CNNEXT_SANITIZER_OPTIONS")
+    env[f"{short.upper()}_OPTIONS"] = f"{text}:{extra}" if extra else text
     return env
 
 
@@ -241,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-only", action="store_true", help="(re)build, run nothing")
     opts, pytest_args = parser.parse_known_args(argv)
     sanitizer = opts.sanitizer
+    # SIGTERM (e.g. from `timeout`) as an exception, so subprocess.run kills the child too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     if runtime_library(sanitizer) is None:
         print(

@@ -4,7 +4,8 @@
 // order) until it reaches a barrier or returns. Then warp barriers whose lanes have all arrived
 // open; failing that, the block barrier opens if every live thread waits at the same call site.
 // If nothing can open, the block is deadlocked or its threads wait at different barriers: both
-// are errors, as they are undefined behaviour on a GPU.
+// are errors, as they are undefined behaviour on a GPU. The threads of a failed block that still
+// wait at a barrier are then unwound, so that each fiber ends cleanly (also for the sanitizers).
 #include "emu/emu.h"
 
 #include <sys/mman.h>
@@ -219,12 +220,36 @@ std::string site(const char* file, int line) {
   return os.str();
 }
 
+// ---- TSan fibers -------------------------------------------------------------------------------
+#ifdef CNNEXT_EMU_TSAN
+// A TSan fiber is costly to make and destroy (it maps its own shadow stack and trace: ~0.1-1 ms),
+// and a launch needs one per emulated thread per block, so they are pooled per OS thread and
+// reused across blocks and launches. A reused fiber synchronises with the scheduler when its new
+// thread starts (resume), as a new fiber does by being created: what TSan checks is unchanged.
+// The functions whose frames never return (fiber_entry, fiber_main, the last switch) are not
+// instrumented, so a reused fiber's shadow call stack does not grow.
+struct TsanFiberPool {
+  std::vector<void*> free_list;
+  void* get() {
+    if (free_list.empty()) return __tsan_create_fiber(0);
+    void* f = free_list.back();
+    free_list.pop_back();
+    return f;
+  }
+  void put(void* f) { free_list.push_back(f); }
+};
+thread_local TsanFiberPool tsan_fiber_pool;
+#define CNNEXT_EMU_NO_TSAN __attribute__((no_sanitize_thread))
+#else
+#define CNNEXT_EMU_NO_TSAN
+#endif
+
 // ---- context switching -------------------------------------------------------------------------
 void fiber_main();
 
 #ifdef CNNEXT_EMU_BOOST
 namespace bctx = boost::context::detail;
-void fiber_entry(bctx::transfer_t t) {
+CNNEXT_EMU_NO_TSAN void fiber_entry(bctx::transfer_t t) {
 #ifdef CNNEXT_EMU_TSAN
   __tsan_ignore_thread_begin();
 #endif
@@ -232,7 +257,7 @@ void fiber_entry(bctx::transfer_t t) {
   fiber_main();
 }
 #else
-void fiber_entry() {
+CNNEXT_EMU_NO_TSAN void fiber_entry() {
 #ifdef CNNEXT_EMU_TSAN
   __tsan_ignore_thread_begin();
 #endif
@@ -241,7 +266,7 @@ void fiber_entry() {
 #endif
 
 // Fiber side: hand control back to the scheduler. `finished` marks the last switch.
-void switch_to_scheduler(bool finished) {
+CNNEXT_EMU_NO_TSAN void switch_to_scheduler(bool finished) {
   Block& b = *tl_block;
 #ifdef CNNEXT_EMU_ASAN
   // The frames of a finished fiber never return, so their redzones would stay poisoned and give
@@ -266,7 +291,7 @@ void switch_to_scheduler(bool finished) {
 #endif
 }
 
-void fiber_main() {
+CNNEXT_EMU_NO_TSAN void fiber_main() {
 #ifdef CNNEXT_EMU_ASAN
   {
     Block& b = *tl_block;
@@ -308,7 +333,8 @@ void resume(Block& b, unsigned tid) {
                  z = tid / (b.dims.x * b.dims.y);
   threadIdx = dim3(x, y, z);
   tl_tid = tid;
-  if (t.status == Status::NotStarted) {
+  const bool starting = t.status == Status::NotStarted;
+  if (starting) {
     t.stack = stack_pool.get();
 #ifdef CNNEXT_EMU_BOOST
     t.ctx = bctx::make_fcontext(t.stack + stack_bytes(), stack_bytes(), &fiber_entry);
@@ -320,7 +346,7 @@ void resume(Block& b, unsigned tid) {
     makecontext(&t.ctx, &fiber_entry, 0);
 #endif
 #ifdef CNNEXT_EMU_TSAN
-    t.tsan_fiber = __tsan_create_fiber(0);
+    t.tsan_fiber = tsan_fiber_pool.get();
 #endif
   }
   t.status = Status::Runnable;
@@ -328,7 +354,8 @@ void resume(Block& b, unsigned tid) {
   __sanitizer_start_switch_fiber(&b.scheduler_fake_stack, t.stack, stack_bytes());
 #endif
 #ifdef CNNEXT_EMU_TSAN
-  __tsan_switch_to_fiber(t.tsan_fiber, __tsan_switch_to_fiber_no_sync);
+  // Only a thread's start synchronises: it happens after the launch and after earlier blocks.
+  __tsan_switch_to_fiber(t.tsan_fiber, starting ? 0 : __tsan_switch_to_fiber_no_sync);
 #endif
 #ifdef CNNEXT_EMU_BOOST
   bctx::transfer_t back = bctx::jump_fcontext(t.ctx, nullptr);
@@ -359,7 +386,7 @@ void release_stacks(Block& b) {
     if (t.stack) stack_pool.put(t.stack);
     t.stack = nullptr;
 #ifdef CNNEXT_EMU_TSAN
-    if (t.tsan_fiber) __tsan_destroy_fiber(t.tsan_fiber);
+    if (t.tsan_fiber) tsan_fiber_pool.put(t.tsan_fiber);
     t.tsan_fiber = nullptr;
 #endif
   }
