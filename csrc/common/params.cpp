@@ -2,6 +2,8 @@
 
 #include "common/checks.h"
 
+#include <algorithm>
+
 namespace cnnext {
 
 Pair pair_arg(const char* op, const char* name, at::IntArrayRef v) {
@@ -40,13 +42,31 @@ int64_t padded_size(const char* op, int64_t size, int64_t pad) {
   return padded;
 }
 
-// With one output position along an axis only the window at 0 is read, so the stride does not
-// matter there; 1 keeps the kernels' stride-sized buffers (per-phase planes) small. A stride of
-// 2^31 on a 5 x 5 input made the CPU kernels allocate and walk stride-proportional buffers.
+// A stride beyond the padded input leaves one output position, which any stride from the padded
+// size up gives too (with or without ceil_mode): clamping keeps the kernels' stride-sized buffers
+// (per-phase planes) bounded by the input. A stride of 2^31 on a 5 x 5 input made the CPU
+// kernels allocate and walk stride-proportional buffers.
 template <typename Params>
-void one_output_stride(Params& p) {
-  if (p.h_out == 1) p.sh = 1;
-  if (p.w_out == 1) p.sw = 1;
+void clamp_stride(Params& p, int64_t padded_h, int64_t padded_w) {
+  p.sh = std::min(p.sh, padded_h);
+  p.sw = std::min(p.sw, padded_w);
+}
+
+// A dilated window may step over the whole input and read only padding (h = 2, kernel 2,
+// dilation 3, padding 1: taps at -1 and 2). Torch then returns -inf with an argmax outside the
+// window (even outside the plane, which its backward follows out of bounds); no gradient can be
+// right, so such arguments are rejected. With dilation 1 every window touches the input.
+void check_windows_touch_input(const char* op, const char* axis, int64_t size, int64_t kernel,
+                               int64_t stride, int64_t pad, int64_t dilation, int64_t out) {
+  if (dilation == 1) return;
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t start = o * stride - pad;
+    const int64_t first =
+        start >= 0 ? start : start + (-start + dilation - 1) / dilation * dilation;
+    CNNEXT_CHECK(first < size && (first - start) / dilation < kernel, op, "window ", o,
+                 " along the ", axis, " reads only padding (input ", size, ", kernel_size ", kernel,
+                 ", stride ", stride, ", padding ", pad, ", dilation ", dilation, ")");
+  }
 }
 
 }  // namespace
@@ -106,7 +126,7 @@ Conv2dParams conv2d_params(const char* op, const at::Tensor& input, const at::Te
                ")");
   p.h_out = (padded_h - ekh) / p.sh + 1;
   p.w_out = (padded_w - ekw) / p.sw + 1;
-  one_output_stride(p);
+  clamp_stride(p, padded_h, padded_w);
   return p;
 }
 
@@ -173,13 +193,14 @@ Pool2dParams pool2d_params(const char* op, const at::Tensor& input, at::IntArray
                ")");
   window_extent(op, "kernel_size", p.kh, p.dh);
   window_extent(op, "kernel_size", p.kw, p.dw);
-  padded_size(op, p.h, p.ph);
-  padded_size(op, p.w, p.pw);
+  const int64_t padded_h = padded_size(op, p.h, p.ph), padded_w = padded_size(op, p.w, p.pw);
   p.h_out = pool_output_size(p.h, p.kh, p.ph, p.sh, p.dh, ceil_mode);
   p.w_out = pool_output_size(p.w, p.kw, p.pw, p.sw, p.dw, ceil_mode);
   CNNEXT_CHECK(p.h_out >= 1 && p.w_out >= 1, op, "output size is too small: input ", p.h, " x ",
                p.w, " gives output ", p.h_out, " x ", p.w_out);
-  one_output_stride(p);
+  check_windows_touch_input(op, "height", p.h, p.kh, p.sh, p.ph, p.dh, p.h_out);
+  check_windows_touch_input(op, "width", p.w, p.kw, p.sw, p.pw, p.dw, p.w_out);
+  clamp_stride(p, padded_h, padded_w);
   return p;
 }
 
