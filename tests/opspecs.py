@@ -65,7 +65,7 @@ class OpSpec:
         return f"SPECS[{self.name!r}]"
 
 
-# ---- shared drawing helpers -----------------------------------------------------------------------
+# ---- shared drawing helpers ---------------------------------------------------------------------
 
 
 def _size_for(draw: Callable, extent: int, pad: int, spare: int) -> int:
@@ -89,7 +89,7 @@ def _input(cfg: Config, device: str, dtype: torch.dtype, channels: int) -> torch
     return make_input(shape, device, dtype, cfg["layout"])
 
 
-# ---- convolution (both algorithms) ----------------------------------------------------------------
+# ---- convolution (both algorithms) --------------------------------------------------------------
 
 
 def _draw_conv(draw: Callable, emulated: bool) -> Config:
@@ -185,7 +185,7 @@ def _conv_spec(algo: str) -> OpSpec:
     )
 
 
-# ---- pooling --------------------------------------------------------------------------------------
+# ---- pooling ------------------------------------------------------------------------------------
 
 
 def _draw_pool(draw: Callable, emulated: bool, dilated: bool) -> Config:
@@ -375,7 +375,7 @@ SPECS: list[OpSpec] = [_conv_spec("direct"), _conv_spec("im2col"), MAX_SPEC, AVG
 )
 
 
-# ---- running and comparing ------------------------------------------------------------------------
+# ---- running and comparing ----------------------------------------------------------------------
 
 
 def emulated(schedule: str | None) -> Any:

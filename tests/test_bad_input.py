@@ -132,7 +132,7 @@ def test_base_call_is_valid(kernel: str) -> None:
             _call(spec, _device(kernel), {"training": True})
 
 
-# ---- NaN and Inf ----------------------------------------------------------------------------------
+# ---- NaN and Inf --------------------------------------------------------------------------------
 
 SPECIAL = {
     "nan": [float("nan")],

@@ -44,7 +44,7 @@ def _dtypes(device: str) -> list[torch.dtype]:
     return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-# ---- valid parameters: cnnext == torch ------------------------------------------------------------
+# ---- valid parameters: cnnext == torch ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("device", ["cpu", "emu", "cuda"])
@@ -63,7 +63,7 @@ def test_random_valid_matches_torch(spec: OpSpec, device: str, data: st.DataObje
     check_against_torch(spec, cfg, tensors, requires, schedule)
 
 
-# ---- invalid or extreme parameters: an error naming the op (run in a subprocess) -----------------
+# ---- invalid or extreme parameters: an error naming the op (run in a subprocess) ----------------
 
 HUGE = st.integers(2**31, INT64_MAX)
 # Padding that overflows h + 2 * padding (a smaller huge padding is valid, with a giant output).
