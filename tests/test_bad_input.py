@@ -191,3 +191,16 @@ def test_max_pool_nan_rule_with_gradient() -> None:
             (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
         assert idx[0, 0, 0, 0] == 4 and out[0, 0, 0, 0].isnan()
         assert grad[0, 0, 1, 0] == 1 and grad[0, 0, 0, 1] == 0
+
+
+PY_NAMES = {"conv": "cnnext.conv2d", "max": "cnnext.max_pool2d", "avg": "cnnext.avg_pool2d"}
+
+
+@pytest.mark.parametrize("argument", ["stride", "padding", "dilation"])
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.family in PY_NAMES], ids=str)
+def test_python_arguments_name_op(spec: OpSpec, argument: str) -> None:
+    """Arguments that are not an int or a pair fail in Python, naming the function."""
+    if spec.family == "avg" and argument == "dilation":
+        pytest.skip("avg_pool2d has no dilation")
+    with pytest.raises(ValueError, match=f"{PY_NAMES[spec.family]}: expected {argument} to be"):
+        _call(spec, "cpu", {argument: (1, 2, 3)})

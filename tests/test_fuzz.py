@@ -235,9 +235,13 @@ def _check_pool(spec: OpSpec, c: dict) -> None:
         return
     out = fn(x, **args)
     stride = c["stride"] or c["kernel"]
-    # torch takes int32 arguments; a stride beyond the padded input means one output position.
+    # torch takes int32 arguments. A stride beyond both the padded input and the window leaves
+    # the one window at 0 (also with ceil_mode, where the window may exceed the padded input).
     args["stride"] = tuple(
-        min(s, size + 2 * p) for s, size, p in zip(stride, c["hw"], c["padding"], strict=True)
+        min(s, max(size + 2 * p, _extent(k, d)) + 1)
+        for s, size, p, k, d in zip(
+            stride, c["hw"], c["padding"], c["kernel"], c["dilation"], strict=True
+        )
     )
     if max(*args["kernel_size"], *args["padding"], *args.get("dilation", (1,))) < 2**31:
         compare(out, ref(x, **args), 1.0, False, "output")

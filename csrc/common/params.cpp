@@ -42,10 +42,10 @@ int64_t padded_size(const char* op, int64_t size, int64_t pad) {
   return padded;
 }
 
-// A stride beyond the padded input leaves one output position, which any stride from the padded
-// size up gives too (with or without ceil_mode): clamping keeps the kernels' stride-sized buffers
-// (per-phase planes) bounded by the input. A stride of 2^31 on a 5 x 5 input made the CPU
-// kernels allocate and walk stride-proportional buffers.
+// The stride only places the windows after the first. Once it reaches the padded size there is
+// one output position (already counted), the window at 0, so clamping changes no result and
+// keeps the kernels' stride-sized buffers (per-phase planes) bounded by the input: a stride of
+// 2^31 on a 5 x 5 input made the CPU kernels allocate and walk stride-proportional buffers.
 template <typename Params>
 void clamp_stride(Params& p, int64_t padded_h, int64_t padded_w) {
   p.sh = std::min(p.sh, padded_h);
