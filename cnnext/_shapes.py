@@ -9,15 +9,15 @@ from typing import Any
 Int = Any  # int or torch.SymInt
 
 
-def pair(value: int | Sequence[int], name: str = "argument") -> tuple[int, int]:
-    """``3 -> (3, 3)``; ``(3, 5) -> (3, 5)``."""
+def pair(value: int | Sequence[int], name: str = "argument", op: str = "cnnext") -> tuple[int, int]:
+    """``3 -> (3, 3)``; ``(3, 5) -> (3, 5)``; else a ValueError naming ``op`` and ``name``."""
     if isinstance(value, int):
         return (value, value)
     value = tuple(value)
     if len(value) == 1:
         return (value[0], value[0])
     if len(value) != 2:
-        raise ValueError(f"cnnext: expected {name} to be an int or a pair of ints, got {value}")
+        raise ValueError(f"{op}: expected {name} to be an int or a pair of ints, got {value}")
     return (value[0], value[1])
 
 

@@ -43,10 +43,10 @@ def get_im2col_workspace_limit() -> int:
 IntPair = int | Sequence[int]
 
 
-def _stride(stride: IntPair | None, kernel: tuple[int, int]) -> tuple[int, int]:
+def _stride(stride: IntPair | None, kernel: tuple[int, int], op: str = "cnnext") -> tuple[int, int]:
     if stride is None or (not isinstance(stride, int) and len(stride) == 0):
         return kernel
-    return pair(stride, "stride")
+    return pair(stride, "stride", op)
 
 
 # ---- pooling ------------------------------------------------------------------------------------
@@ -74,13 +74,14 @@ def max_pool2d(
     Returns:
         ``Tensor[N, C, H_out, W_out]`` (in the input's memory format), and the argmax if asked.
     """
-    k = pair(kernel_size, "kernel_size")
+    op = "cnnext.max_pool2d"
+    k = pair(kernel_size, "kernel_size", op)
     output, argmax = MaxPool2dFunction.apply(
         input,
         k,
-        _stride(stride, k),
-        pair(padding, "padding"),
-        pair(dilation, "dilation"),
+        _stride(stride, k, op),
+        pair(padding, "padding", op),
+        pair(dilation, "dilation", op),
         ceil_mode,
     )
     return (output, argmax) if return_indices else output
@@ -107,12 +108,13 @@ def avg_pool2d(
     Returns:
         ``Tensor[N, C, H_out, W_out]`` in the input's memory format.
     """
-    k = pair(kernel_size, "kernel_size")
+    op = "cnnext.avg_pool2d"
+    k = pair(kernel_size, "kernel_size", op)
     return AvgPool2dFunction.apply(
         input,
         k,
-        _stride(stride, k),
-        pair(padding, "padding"),
+        _stride(stride, k, op),
+        pair(padding, "padding", op),
         ceil_mode,
         count_include_pad,
         divisor_override,
@@ -161,9 +163,9 @@ def conv2d(
         input,
         weight,
         bias,
-        pair(stride, "stride"),
-        pair(padding, "padding"),
-        pair(dilation, "dilation"),
+        pair(stride, "stride", "cnnext.conv2d"),
+        pair(padding, "padding", "cnnext.conv2d"),
+        pair(dilation, "dilation", "cnnext.conv2d"),
         groups,
         algo,
         variant,

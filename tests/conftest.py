@@ -15,8 +15,23 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import cnnext
+
+# Property tests (tests/test_fuzz.py): a bounded, derandomized run by default, so the suite stays
+# fast and CI reproducible; CNNEXT_HYPOTHESIS_PROFILE=long explores far more (random) examples.
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile(
+    "default",
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=_HEALTH,
+)
+settings.register_profile("long", max_examples=1500, deadline=None, suppress_health_check=_HEALTH)
+settings.load_profile(os.environ.get("CNNEXT_HYPOTHESIS_PROFILE", "default"))
 
 DEVICES = ["cpu", "emu-forward", "emu-reverse", "emu-random", "cuda"]
 EMU_DEVICES = ["emu-forward", "emu-reverse", "emu-random"]

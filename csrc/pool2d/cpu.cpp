@@ -152,8 +152,8 @@ Interior interior_columns(const Geometry& g, int64_t span) {
 // unit-stride tap sources. For stride s > 1 each row is first split into its s phases (phase r
 // holds columns r, r + s, r + 2s, ...), so that for every stride tap kj of interior output o
 // reads source(t, kj)[o], and consecutive outputs are one vector load. Split rows are kept in
-// kh * dh slots (the rows of one window fall in distinct slots), so a row shared by the windows
-// of consecutive output rows is split once.
+// min(window extent, h) slots (the rows of one window inside the input fall in distinct slots),
+// so a row shared by the windows of consecutive output rows is split once.
 template <typename scalar_t>
 class RowSources {
  public:
@@ -162,13 +162,16 @@ class RowSources {
         dh_(dh),
         dw_(dw),
         phase_len_((g.w + g.sw - 1) / g.sw),
-        slots_(g.kh * dh),
-        rows_(g.kh),
-        row_index_(g.kh),
-        tap_(g.kw),
+        // Sized by the window's rows and columns inside the input, not by the kernel: a
+        // window may be far larger than the input (kernel 10^8, padding 5 * 10^7 is valid).
+        slots_(std::min((g.kh - 1) * dh + 1, g.h)),
+        rows_(std::min(g.kh, g.h)),
+        row_index_(std::min(g.kh, g.h)),
+        // Only interior outputs (whole window row inside the input) read taps.
+        tap_((g.kw - 1) * dw + 1 <= g.w ? g.kw : 0),
         slot_row_(slots_) {
     if (g.sw > 1) split_.resize(slots_ * g.sw * phase_len_);
-    for (int64_t kj = 0; kj < g.kw; ++kj) {
+    for (int64_t kj = 0; kj < static_cast<int64_t>(tap_.size()); ++kj) {
       const int64_t e = kj * dw - g.pw;  // column of tap kj for output 0
       const int64_t q = e >= 0 ? e / g.sw : -((-e + g.sw - 1) / g.sw), r = e - q * g.sw;
       tap_[kj] = r * phase_len_ + q;
