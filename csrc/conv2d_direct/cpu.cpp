@@ -26,6 +26,7 @@
 #include "common/checks.h"
 #include "common/library.h"
 #include "common/params.h"
+#include "conv2d_direct/conv2d_direct.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define CNNEXT_X86_COPIES 1
@@ -518,9 +519,11 @@ PackedFilter<T> pack_filter(int64_t groups, int64_t outs, int64_t chans,
 // ---- forward
 // -------------------------------------------------------------------------------------
 
+// With `relu` the store applies max(0, .) after the bias (the fused epilogue of conv_bn_relu):
+// the tile is still in L1, so the activation costs no extra pass over the output.
 template <typename T>
 void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Tensor& weight,
-                   const T* bias, at::Tensor& output) {
+                   const T* bias, bool relu, at::Tensor& output) {
   const Isa isa = cpu_isa(kForwardOp);
   const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group();
   const int64_t L = div_up(p.w + 2 * p.pw, p.sw);
@@ -588,10 +591,17 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
               const T* src = tile.get() + o * q_step;
               const int64_t shift = oy * a.L - q0;  // tile index of column 0 (may be negative)
               T* dst = out_c + oy * os.h;
-              if (os.w == 1) {
+              if (os.w == 1 && relu) {
+                // std::max(v, 0) keeps NaN, as torch.relu does.
+                for (int64_t ox = x_begin; ox < x_end; ++ox)
+                  dst[ox] = std::max(src[shift + ox] + bv, T(0));
+              } else if (os.w == 1) {
                 for (int64_t ox = x_begin; ox < x_end; ++ox) dst[ox] = src[shift + ox] + bv;
               } else {
-                for (int64_t ox = x_begin; ox < x_end; ++ox) dst[ox * os.w] = src[shift + ox] + bv;
+                for (int64_t ox = x_begin; ox < x_end; ++ox) {
+                  const T v = src[shift + ox] + bv;
+                  dst[ox * os.w] = relu ? std::max(v, T(0)) : v;
+                }
               }
             }
           }
@@ -601,10 +611,12 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
   }
 }
 
+}  // namespace
+
 at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, c10::string_view variant) {
+                                     int64_t groups, c10::string_view variant, bool relu) {
   const Conv2dParams p = conv2d_params(kForwardOp, input, weight, bias, stride, padding, dilation,
                                        groups, /*allow_reduced=*/false);
   check_variant(kForwardOp, variant);
@@ -617,10 +629,12 @@ at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& 
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_direct", [&] {
     forward_typed<scalar_t>(p, input, weight, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                            output);
+                            relu, output);
   });
   return output;
 }
+
+namespace {
 
 // ---- grad_input
 // ----------------------------------------------------------------------------------
@@ -956,6 +970,8 @@ void grad_bias_typed(const Conv2dParams& p, const at::Tensor& grad_output, at::T
   });
 }
 
+}  // namespace
+
 // `input` is read only for grad_weight and `weight` only for grad_input: otherwise they may be
 // one-element placeholders expanded to the right shape (see cnnext.autograd.Conv2dFunction).
 // Both are read through their strides, never copied.
@@ -991,10 +1007,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
+namespace {
+
+at::Tensor conv2d_direct_op_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                c10::string_view variant) {
+  return conv2d_direct_forward_cpu(input, weight, bias, stride, padding, dilation, groups, variant,
+                                   /*relu=*/false);
+}
+
 }  // namespace
 }  // namespace cnnext
 
 TORCH_LIBRARY_IMPL(cnnext, CPU, m) {
-  m.impl("conv2d_direct", &cnnext::conv2d_direct_forward_cpu);
+  m.impl("conv2d_direct", &cnnext::conv2d_direct_op_cpu);
   m.impl("conv2d_direct_backward", &cnnext::conv2d_direct_backward_cpu);
 }

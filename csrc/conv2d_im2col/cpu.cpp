@@ -27,6 +27,7 @@
 
 #include "common/checks.h"
 #include "common/params.h"
+#include "conv2d_im2col/conv2d_im2col.h"
 
 // Fortran BLAS as libtorch_cpu exports it when torch is built with MKL. Weak: a torch without
 // these symbols resolves them to null and blas_gemm falls back to at::addmm_.
@@ -406,9 +407,17 @@ int64_t samples_per_chunk(const Conv2dParams& p, const Layout& l, int64_t max_co
 
 // ---- forward --------------------------------------------------------------------------------
 
+// max(0, v) that keeps NaN, as torch.relu does; a loop of it vectorises to max instructions.
+template <typename scalar_t>
+void relu_inplace(scalar_t* v, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) v[i] = std::max(v[i], scalar_t(0));
+}
+
+// `relu` (the fused epilogue of conv_bn_relu) clamps each tile right after its GEMM, while the
+// tile is still in cache: no separate pass over the output.
 template <typename scalar_t>
 void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* w,
-                  const scalar_t* bias, scalar_t* y, int64_t max_col_bytes) {
+                  const scalar_t* bias, bool relu, scalar_t* y, int64_t max_col_bytes) {
   const int64_t cog = p.c_out_per_group(), in_size = p.c_in * p.h * p.w;
   const int64_t out_size = p.c_out * l.p;
   const int64_t slots = sample_slots(p);
@@ -446,13 +455,20 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
       gemm_rm<scalar_t>(cog, cols, l.k, w + g * cog * l.k, l.k, a + g * l.k * lda, lda,
                         c + g * cog * ldc, ldc, add_bias_first);
     }
+    if (direct && relu) {
+      for (int64_t o = 0; o < p.c_out; ++o) relu_inplace(c + o * ldc, cols);
+    }
     if (!direct) {
       for (int64_t b = 0; b < t.nb; ++b) {
         for (int64_t o = 0; o < p.c_out; ++o) {
           const scalar_t* src = c + o * ldc + b * rows;
           scalar_t* dst = y + (t.n0 + b) * out_size + o * l.p;
           const scalar_t bo = bias != nullptr ? bias[o] : scalar_t(0);
-          for (int64_t i = 0; i < rows; ++i) dst[i] = src[i] + bo;
+          if (relu) {
+            for (int64_t i = 0; i < rows; ++i) dst[i] = std::max(src[i] + bo, scalar_t(0));
+          } else {
+            for (int64_t i = 0; i < rows; ++i) dst[i] = src[i] + bo;
+          }
         }
       }
     }
@@ -462,7 +478,7 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
 // `wt` is W'^T per group: [G][K = (ki, kj, c)][cog].
 template <typename scalar_t>
 void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* wt,
-                  const scalar_t* bias, scalar_t* y, int64_t max_col_bytes) {
+                  const scalar_t* bias, bool relu, scalar_t* y, int64_t max_col_bytes) {
   const int64_t cog = p.c_out_per_group(), total = p.n * l.p;
   // Tiles of output pixels (any range of q = n * P + pixel is a contiguous block of NHWC rows),
   // cache-sized and within the budget; slots are parallel tasks over contiguous tile ranges.
@@ -493,6 +509,7 @@ void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
       gemm_rm<scalar_t>(rows, cog, l.k, a + g * l.k, l.gk, wt + g * l.k * cog, cog, yc + g * cog,
                         p.c_out, bias != nullptr);
     }
+    if (relu) relu_inplace(yc, rows * p.c_out);
   };
   if (slots <= 1 || tiles <= 1) {
     for (int64_t i = 0; i < tiles; ++i) run_tile(i, 0);
@@ -505,10 +522,12 @@ void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
   });
 }
 
+}  // namespace
+
 at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, int64_t max_col_bytes) {
+                                     int64_t groups, int64_t max_col_bytes, bool relu) {
   const Conv2dParams p =
       conv2d_params(kForward, input, weight, bias, stride, padding, dilation, groups, false);
   CNNEXT_CHECK(max_col_bytes > 0, kForward, "expected max_col_bytes to be positive, got ",
@@ -536,12 +555,14 @@ at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_im2col_forward_cpu", [&] {
     const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
     auto* run = nhwc ? &forward_nhwc<scalar_t> : &forward_nchw<scalar_t>;
-    run(p, l, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
+    run(p, l, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp, relu,
         y.mutable_data_ptr<scalar_t>(), max_col_bytes);
   });
   if (!y.is_same(output)) output.copy_(y);
   return output;
 }
+
+namespace {
 
 // ---- backward -------------------------------------------------------------------------------
 
@@ -660,6 +681,8 @@ void backward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* dy, c
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -712,10 +735,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
+namespace {
+
+at::Tensor conv2d_im2col_op_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                int64_t max_col_bytes) {
+  return conv2d_im2col_forward_cpu(input, weight, bias, stride, padding, dilation, groups,
+                                   max_col_bytes, /*relu=*/false);
+}
+
 }  // namespace
 }  // namespace cnnext
 
 TORCH_LIBRARY_IMPL(cnnext, CPU, m) {
-  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_forward_cpu);
+  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_op_cpu);
   m.impl("conv2d_im2col_backward", &cnnext::conv2d_im2col_backward_cpu);
 }

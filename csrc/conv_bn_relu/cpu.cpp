@@ -1,0 +1,590 @@
+// Fused Conv2d + BatchNorm2d + ReLU on the CPU, reusing the direct and im2col convolutions
+// (conv2d_direct.h, conv2d_im2col.h). Eval: BatchNorm is folded into temporaries
+// w' = w * s, b' = (b - mean) * s + beta with s = gamma / sqrt(var + eps), and the convolution
+// applies bias + ReLU as it stores each output tile (no extra pass). Train: the convolution, then
+// the per-channel batch statistics in one deterministic pass (runs of at most kRun values reduced
+// exactly while in cache, merged in a fixed order by Chan's formula, in double), then normalise,
+// scale, shift and ReLU in one pass. Backward: the ReLU mask and BatchNorm's two channel sums in
+// one pass (fixed-order partials), the gradient of the convolution output in a second, then the
+// convolution's own backward. Every sum has an order that depends on the shapes only.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/library.h"
+#include "common/params.h"
+#include "conv2d_direct/conv2d_direct.h"
+#include "conv2d_im2col/conv2d_im2col.h"
+#include "conv_bn_relu/conv_bn_relu.h"
+
+namespace cnnext {
+namespace {
+
+using fused::Algo;
+using fused::given;
+using fused::kBackwardOp;
+using fused::kForwardOp;
+
+constexpr int64_t kRun = 4096;           // values of one exactly-reduced run (in L1/L2)
+constexpr int64_t kTaskElems = 1 << 15;  // elements per parallel task
+constexpr int kLanes = 8;                // independent partial sums, so the loops vectorise
+
+int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t task_grain(int64_t elems_per_item) {
+  return std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, elems_per_item));
+}
+
+// A dense activation in its memory format: n * c planes of hw values (NCHW) or n * hw rows of
+// c values (NHWC). The convolutions return their output dense in the input's format.
+struct Dense {
+  int64_t n = 0, c = 0, hw = 0;
+  bool cl = false;
+  int64_t numel() const { return n * c * hw; }
+};
+
+Dense dense_of(const Conv2dParams& p, bool cl) { return {p.n, p.c_out, p.h_out * p.w_out, cl}; }
+
+at::MemoryFormat format_of(bool cl) {
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return given(t) ? t->const_data_ptr<T>() : nullptr;
+}
+
+// "auto" on the CPU: cnnext._algo.choose's measured rule (the Python layer resolves "auto"
+// there, with the autotuner when it is on; this serves direct calls of the op): the direct
+// kernel for grouped layers and for large output planes with 8+ input channels, im2col for 1x1
+// kernels, small planes and first layers.
+Algo resolve_algo(Algo algo, const Conv2dParams& p) {
+  if (algo != Algo::kAuto) return algo;
+  if (p.groups > 1) return Algo::kDirect;
+  const bool pointwise = p.kh == 1 && p.kw == 1;
+  if (pointwise || p.h_out * p.w_out < 512 || p.c_in_per_group() < 8) return Algo::kIm2col;
+  return Algo::kDirect;
+}
+
+at::Tensor conv_forward(Algo algo, const at::Tensor& input, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                        int64_t max_col_bytes, bool relu) {
+  if (algo == Algo::kDirect) {
+    return conv2d_direct_forward_cpu(input, weight, bias, stride, padding, dilation, groups, "auto",
+                                     relu);
+  }
+  return conv2d_im2col_forward_cpu(input, weight, bias, stride, padding, dilation, groups,
+                                   max_col_bytes, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
+    Algo algo, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> mask, int64_t max_col_bytes) {
+  if (algo == Algo::kDirect) {
+    return conv2d_direct_backward_cpu(grad, input, weight, stride, padding, dilation, groups, mask,
+                                      "auto");
+  }
+  return conv2d_im2col_backward_cpu(grad, input, weight, stride, padding, dilation, groups, mask,
+                                    max_col_bytes);
+}
+
+// ---- eval: folding BatchNorm into the convolution -----------------------------------------------
+
+// w' = w * s (k values per output channel) and, where b_out is given,
+// b' = (b - mean) * s + beta, with s = gamma * invstd. Missing b, gamma, beta mean 0, 1, 0.
+template <typename T>
+void fold(int64_t c_out, int64_t k, const T* w, const T* b, const T* gamma, const T* beta,
+          const T* mean, const T* invstd, T* w_out, T* b_out) {
+  using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  at::parallel_for(0, c_out, task_grain(k), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const acc_t s = (gamma ? acc_t(gamma[o]) : acc_t(1)) * acc_t(invstd[o]);
+      if (w_out != nullptr) {
+        for (int64_t i = o * k; i < (o + 1) * k; ++i) w_out[i] = static_cast<T>(acc_t(w[i]) * s);
+      }
+      if (b_out != nullptr) {
+        const acc_t bias = b ? acc_t(b[o]) : acc_t(0), shift = beta ? acc_t(beta[o]) : acc_t(0);
+        b_out[o] = static_cast<T>((bias - acc_t(mean[o])) * s + shift);
+      }
+    }
+  });
+}
+
+// Gradients of the folded parameters back to the module's: with s = gamma * invstd,
+// dw = dw' * s, db = db' * s, dbeta = db', dgamma = invstd * (sum_k dw'[o, k] w[o, k] +
+// db'[o] (b[o] - mean[o])). Outputs that are null are not computed.
+template <typename T>
+void fold_backward(int64_t c_out, int64_t k, const T* gw, const T* gb, const T* w, const T* b,
+                   const T* gamma, const T* mean, const T* invstd, T* grad_w, T* grad_b,
+                   T* grad_gamma, T* grad_beta) {
+  using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  at::parallel_for(0, c_out, task_grain(k), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const acc_t s = (gamma ? acc_t(gamma[o]) : acc_t(1)) * acc_t(invstd[o]);
+      const T* gw_o = gw + o * k;
+      if (grad_w != nullptr) {
+        for (int64_t i = 0; i < k; ++i) grad_w[o * k + i] = static_cast<T>(acc_t(gw_o[i]) * s);
+      }
+      if (grad_gamma != nullptr) {
+        const T* w_o = w + o * k;
+        acc_t lanes[kLanes] = {};
+        int64_t i = 0;
+        for (; i + kLanes <= k; i += kLanes) {
+          for (int j = 0; j < kLanes; ++j) lanes[j] += acc_t(gw_o[i + j]) * acc_t(w_o[i + j]);
+        }
+        acc_t dot = 0;
+        for (int j = 0; j < kLanes; ++j) dot += lanes[j];
+        for (; i < k; ++i) dot += acc_t(gw_o[i]) * acc_t(w_o[i]);
+        dot += acc_t(gb[o]) * ((b ? acc_t(b[o]) : acc_t(0)) - acc_t(mean[o]));
+        grad_gamma[o] = static_cast<T>(dot * acc_t(invstd[o]));
+      }
+      if (grad_b != nullptr) grad_b[o] = static_cast<T>(acc_t(gb[o]) * s);
+      if (grad_beta != nullptr) grad_beta[o] = gb[o];
+    }
+  });
+}
+
+// grad * (output > 0): ReLU's backward, as torch's threshold_backward.
+template <typename T>
+void relu_mask(int64_t numel, const T* g, const T* y, T* out) {
+  at::parallel_for(0, numel, kTaskElems, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = y[i] > T(0) ? g[i] : T(0);
+  });
+}
+
+// ---- train: batch statistics --------------------------------------------------------------------
+
+// Count, mean and sum of squared deviations of a set of values; merge() is Chan et al.'s
+// pairwise update, exact up to rounding whatever the sizes of the two sets.
+template <typename acc_t>
+struct Moments {
+  acc_t count = 0, mean = 0, m2 = 0;
+  void merge(acc_t n, acc_t m, acc_t q) {
+    if (n == 0) return;
+    const acc_t total = count + n, delta = m - mean;
+    mean += delta * (n / total);
+    m2 += q + delta * delta * (count * n / total);
+    count = total;
+  }
+};
+
+// Moments of a contiguous run, in two passes over it while it is in cache.
+template <typename T, typename acc_t>
+void run_moments(const T* x, int64_t count, acc_t* mean, acc_t* m2) {
+  acc_t s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) s[j] += acc_t(x[i + j]);
+  }
+  acc_t sum = 0;
+  for (int j = 0; j < kLanes; ++j) sum += s[j];
+  for (; i < count; ++i) sum += acc_t(x[i]);
+  const acc_t m = sum / acc_t(count);
+  acc_t q[kLanes] = {};
+  for (i = 0; i + kLanes <= count; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t d = acc_t(x[i + j]) - m;
+      q[j] += d * d;
+    }
+  }
+  acc_t sq = 0;
+  for (int j = 0; j < kLanes; ++j) sq += q[j];
+  for (; i < count; ++i) {
+    const acc_t d = acc_t(x[i]) - m;
+    sq += d * d;
+  }
+  *mean = m;
+  *m2 = sq;
+}
+
+// Per-channel moments of z. Partials (per plane piece, or per chunk of NHWC rows) are computed in
+// parallel and merged per channel in index order: the result does not depend on the threads.
+template <typename T, typename acc_t>
+std::vector<Moments<acc_t>> channel_moments(const Dense& d, const T* z) {
+  std::vector<Moments<acc_t>> out(d.c);
+  if (d.numel() == 0) return out;
+  if (!d.cl) {
+    const int64_t pieces = div_up(d.hw, kRun), per_c = d.n * pieces;
+    std::vector<acc_t> pmean(d.c * per_c), pm2(d.c * per_c);
+    at::parallel_for(0, d.n * d.c * pieces, task_grain(std::min(d.hw, kRun)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t i = begin; i < end; ++i) {
+                         const int64_t piece = i % pieces, plane = i / pieces;
+                         const int64_t c = plane % d.c, n = plane / d.c, q0 = piece * kRun;
+                         const int64_t slot = c * per_c + n * pieces + piece;
+                         run_moments<T, acc_t>(z + plane * d.hw + q0, std::min(kRun, d.hw - q0),
+                                               &pmean[slot], &pm2[slot]);
+                       }
+                     });
+    at::parallel_for(0, d.c, task_grain(per_c), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t j = 0; j < per_c; ++j) {
+          const int64_t len = std::min(kRun, d.hw - (j % pieces) * kRun);
+          out[c].merge(acc_t(len), pmean[c * per_c + j], pm2[c * per_c + j]);
+        }
+      }
+    });
+    return out;
+  }
+  // NHWC: a chunk of rows gives per-channel moments (vectorised across the channels).
+  const int64_t rows = d.n * d.hw, chunk = std::max<int64_t>(1, kRun / d.c);
+  const int64_t chunks = div_up(rows, chunk);
+  std::vector<acc_t> pmean(chunks * d.c), pm2(chunks * d.c);
+  at::parallel_for(0, chunks, task_grain(chunk * d.c), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r0 = k * chunk, nr = std::min(chunk, rows - r0);
+      acc_t* m = pmean.data() + k * d.c;
+      acc_t* q = pm2.data() + k * d.c;
+      std::fill(m, m + d.c, acc_t(0));
+      std::fill(q, q + d.c, acc_t(0));
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        const T* row = z + r * d.c;
+        for (int64_t c = 0; c < d.c; ++c) m[c] += acc_t(row[c]);
+      }
+      for (int64_t c = 0; c < d.c; ++c) m[c] /= acc_t(nr);
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        const T* row = z + r * d.c;
+        for (int64_t c = 0; c < d.c; ++c) {
+          const acc_t dv = acc_t(row[c]) - m[c];
+          q[c] += dv * dv;
+        }
+      }
+    }
+  });
+  at::parallel_for(0, d.c, task_grain(chunks), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t k = 0; k < chunks; ++k) {
+        const int64_t nr = std::min(chunk, rows - k * chunk);
+        out[c].merge(acc_t(nr), pmean[k * d.c + c], pm2[k * d.c + c]);
+      }
+    }
+  });
+  return out;
+}
+
+// y = max(0, z * a[c] + b[c]): normalise, scale, shift and ReLU in one pass.
+template <typename T>
+void normalize_relu(const Dense& d, const T* z, const T* a, const T* b, T* y) {
+  if (!d.cl) {
+    at::parallel_for(0, d.n * d.c, task_grain(d.hw), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const T av = a[plane % d.c], bv = b[plane % d.c];
+        const T* src = z + plane * d.hw;
+        T* dst = y + plane * d.hw;
+        for (int64_t i = 0; i < d.hw; ++i) dst[i] = std::max(src[i] * av + bv, T(0));
+      }
+    });
+  } else {
+    at::parallel_for(0, d.n * d.hw, task_grain(d.c), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* src = z + r * d.c;
+        T* dst = y + r * d.c;
+        for (int64_t c = 0; c < d.c; ++c) dst[c] = std::max(src[c] * a[c] + b[c], T(0));
+      }
+    });
+  }
+}
+
+// ---- train backward -----------------------------------------------------------------------------
+
+// Per channel: sum of gm and of gm * (z - mean), gm = (y > 0 ? g : 0). Same partial / ordered
+// merge structure as channel_moments.
+template <typename T, typename acc_t>
+std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, const T* y, const T* z,
+                                                const T* mean) {
+  std::vector<std::array<acc_t, 2>> out(d.c, {acc_t(0), acc_t(0)});
+  if (d.numel() == 0) return out;
+  if (!d.cl) {
+    const int64_t pieces = div_up(d.hw, kRun), per_c = d.n * pieces;
+    std::vector<std::array<acc_t, 2>> part(d.c * per_c);
+    at::parallel_for(
+        0, d.n * d.c * pieces, task_grain(std::min(d.hw, kRun)), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t piece = i % pieces, plane = i / pieces;
+            const int64_t c = plane % d.c, n = plane / d.c, q0 = piece * kRun;
+            const int64_t len = std::min(kRun, d.hw - q0), off = plane * d.hw + q0;
+            const acc_t m = acc_t(mean[c]);
+            acc_t s0[kLanes] = {}, s1[kLanes] = {};
+            int64_t q = 0;
+            for (; q + kLanes <= len; q += kLanes) {
+              for (int j = 0; j < kLanes; ++j) {
+                const acc_t gm = y[off + q + j] > T(0) ? acc_t(g[off + q + j]) : acc_t(0);
+                s0[j] += gm;
+                s1[j] += gm * (acc_t(z[off + q + j]) - m);
+              }
+            }
+            acc_t t0 = 0, t1 = 0;
+            for (int j = 0; j < kLanes; ++j) t0 += s0[j], t1 += s1[j];
+            for (; q < len; ++q) {
+              const acc_t gm = y[off + q] > T(0) ? acc_t(g[off + q]) : acc_t(0);
+              t0 += gm;
+              t1 += gm * (acc_t(z[off + q]) - m);
+            }
+            part[c * per_c + n * pieces + piece] = {t0, t1};
+          }
+        });
+    at::parallel_for(0, d.c, task_grain(per_c), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t j = 0; j < per_c; ++j) {
+          out[c][0] += part[c * per_c + j][0];
+          out[c][1] += part[c * per_c + j][1];
+        }
+      }
+    });
+    return out;
+  }
+  const int64_t rows = d.n * d.hw, chunk = std::max<int64_t>(1, kRun / d.c);
+  const int64_t chunks = div_up(rows, chunk);
+  std::vector<acc_t> p0(chunks * d.c), p1(chunks * d.c), m(d.c);
+  for (int64_t c = 0; c < d.c; ++c) m[c] = acc_t(mean[c]);
+  at::parallel_for(0, chunks, task_grain(chunk * d.c), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r0 = k * chunk, nr = std::min(chunk, rows - r0);
+      acc_t* s0 = p0.data() + k * d.c;
+      acc_t* s1 = p1.data() + k * d.c;
+      std::fill(s0, s0 + d.c, acc_t(0));
+      std::fill(s1, s1 + d.c, acc_t(0));
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        const int64_t off = r * d.c;
+        for (int64_t c = 0; c < d.c; ++c) {
+          const acc_t gm = y[off + c] > T(0) ? acc_t(g[off + c]) : acc_t(0);
+          s0[c] += gm;
+          s1[c] += gm * (acc_t(z[off + c]) - m[c]);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, d.c, task_grain(chunks), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t k = 0; k < chunks; ++k) {
+        out[c][0] += p0[k * d.c + c];
+        out[c][1] += p1[k * d.c + c];
+      }
+    }
+  });
+  return out;
+}
+
+// dz = gm * k1[c] + (z - mean[c]) * k2[c] + k3[c], gm = (y > 0 ? g : 0).
+template <typename T>
+void grad_conv_output(const Dense& d, const T* g, const T* y, const T* z, const T* mean,
+                      const T* k1, const T* k2, const T* k3, T* dz) {
+  auto at_ = [&](int64_t i, int64_t c) {
+    const T gm = y[i] > T(0) ? g[i] : T(0);
+    dz[i] = gm * k1[c] + (z[i] - mean[c]) * k2[c] + k3[c];
+  };
+  if (!d.cl) {
+    at::parallel_for(0, d.n * d.c, task_grain(d.hw), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % d.c;
+        for (int64_t i = plane * d.hw; i < (plane + 1) * d.hw; ++i) at_(i, c);
+      }
+    });
+  } else {
+    at::parallel_for(0, d.n * d.hw, task_grain(d.c), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t c = 0; c < d.c; ++c) at_(r * d.c + c, c);
+      }
+    });
+  }
+}
+
+// ---- ops ----------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool training, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view algo_name, int64_t max_col_bytes) {
+  const Conv2dParams p = fused::check_forward(
+      kForwardOp, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
+      eps, stride, padding, dilation, groups, max_col_bytes, /*allow_reduced=*/false);
+  const Algo algo = resolve_algo(fused::parse_algo(kForwardOp, algo_name), p);
+  const auto options = input.options();
+  at::Tensor save_mean = at::empty({p.c_out}, options);
+  at::Tensor save_invstd = at::empty({p.c_out}, options);
+  const int64_t k = p.c_in_per_group() * p.kh * p.kw;
+  auto conv = [&](const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
+    return conv_forward(algo, input, w, b, stride, padding, dilation, groups, max_col_bytes, relu);
+  };
+
+  if (!training) {
+    // Temporaries only: the module's parameters and buffers are never written.
+    const at::Tensor w = weight.contiguous();
+    at::Tensor w_fold = at::empty(weight.sizes(), options);
+    at::Tensor b_fold = at::empty({p.c_out}, options);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_bn_relu_fold", [&] {
+      using acc_t = at::acc_type<scalar_t, false>;
+      const at::Tensor rm = running_mean->contiguous(), rv = running_var->contiguous();
+      const scalar_t* var = rv.const_data_ptr<scalar_t>();
+      scalar_t* mean_out = save_mean.mutable_data_ptr<scalar_t>();
+      scalar_t* invstd_out = save_invstd.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < p.c_out; ++c) {
+        mean_out[c] = rm.const_data_ptr<scalar_t>()[c];
+        invstd_out[c] = static_cast<scalar_t>(acc_t(1) / std::sqrt(acc_t(var[c]) + acc_t(eps)));
+      }
+      fold<scalar_t>(p.c_out, k, w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(conv_bias),
+                     ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias), mean_out,
+                     invstd_out, w_fold.mutable_data_ptr<scalar_t>(),
+                     b_fold.mutable_data_ptr<scalar_t>());
+    });
+    // Two distinct empty tensors: outputs must not alias.
+    return {conv(w_fold, b_fold, /*relu=*/true), save_mean, save_invstd, at::empty({0}, options),
+            at::empty({0}, options)};
+  }
+
+  const bool cl = is_channels_last(input);
+  const at::Tensor z = conv(weight, conv_bias, /*relu=*/false).contiguous(format_of(cl));
+  at::Tensor output = at::empty(z.sizes(), options.memory_format(format_of(cl)));
+  at::Tensor batch_var = at::empty({p.c_out}, options);
+  const Dense d = dense_of(p, cl);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_bn_relu_train", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    const std::vector<Moments<acc_t>> moments =
+        channel_moments<scalar_t, acc_t>(d, z.const_data_ptr<scalar_t>());
+    const scalar_t* gamma = ptr_or_null<scalar_t>(bn_weight);
+    const scalar_t* beta = ptr_or_null<scalar_t>(bn_bias);
+    std::vector<scalar_t> a(p.c_out), b(p.c_out);
+    for (int64_t c = 0; c < p.c_out; ++c) {
+      // An empty batch has no statistics: mean 0 and variance 0 (its running stats are not
+      // updated; see cnnext.autograd).
+      const Moments<acc_t>& m = moments[c];
+      const acc_t var = m.count > 0 ? m.m2 / m.count : acc_t(0);
+      const acc_t invstd = acc_t(1) / std::sqrt(var + acc_t(eps));
+      const acc_t scale = (gamma ? acc_t(gamma[c]) : acc_t(1)) * invstd;
+      save_mean.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(m.mean);
+      save_invstd.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(invstd);
+      batch_var.mutable_data_ptr<scalar_t>()[c] =
+          static_cast<scalar_t>(m.count > 1 ? m.m2 / (m.count - 1) : acc_t(0));
+      a[c] = static_cast<scalar_t>(scale);
+      b[c] = static_cast<scalar_t>((beta ? acc_t(beta[c]) : acc_t(0)) - m.mean * scale);
+    }
+    normalize_relu<scalar_t>(d, z.const_data_ptr<scalar_t>(), a.data(), b.data(),
+                             output.mutable_data_ptr<scalar_t>());
+  });
+  return {output, save_mean, save_invstd, batch_var, z};
+}
+
+// `input` is read only for the weight's gradient (and, in eval mode, bn_weight's) and `weight`
+// only for the input's (and, in eval mode, bn_weight's): otherwise they may be placeholders of the
+// right shape (see cnnext.autograd.ConvBNReLU2dFunction).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& conv_output,
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& bn_weight, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view algo_name, int64_t max_col_bytes,
+    std::array<bool, 5> mask) {
+  const Conv2dParams p = fused::check_backward(
+      kBackwardOp, grad_output, output, conv_output, input, weight, conv_bias, bn_weight, save_mean,
+      save_invstd, training, stride, padding, dilation, groups, max_col_bytes,
+      /*allow_reduced=*/false);
+  const Algo algo = resolve_algo(fused::parse_algo(kBackwardOp, algo_name), p);
+  const auto options = grad_output.options();
+  const bool cl = is_channels_last(output);
+  const at::MemoryFormat fmt = format_of(cl);
+  const at::Tensor g = grad_output.contiguous(fmt), y = output.contiguous(fmt);
+  const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+  const Dense d = dense_of(p, cl);
+  const int64_t k = p.c_in_per_group() * p.kh * p.kw;
+  auto vec_or_none = [&](bool want) { return at::empty({want ? p.c_out : 0}, options); };
+  at::Tensor grad_gamma = vec_or_none(mask[3]), grad_beta = vec_or_none(mask[4]);
+  at::Tensor grad_input = at::empty({0}, options), grad_weight = at::empty({0}, options);
+  at::Tensor grad_bias = vec_or_none(mask[2]);
+  auto backward = [&](const at::Tensor& grad, const at::Tensor& w, std::array<bool, 3> m) {
+    return conv_backward(algo, grad, input, w, stride, padding, dilation, groups, m, max_col_bytes);
+  };
+
+  if (training) {
+    const at::Tensor z = conv_output.contiguous(fmt);
+    const bool need_conv = mask[0] || mask[1] || mask[2];
+    at::Tensor dz = need_conv ? at::empty(z.sizes(), options.memory_format(fmt)) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_bn_relu_backward_train", [&] {
+      using acc_t = at::acc_type<scalar_t, false>;
+      const scalar_t* mp = mean.const_data_ptr<scalar_t>();
+      const scalar_t* ip = invstd.const_data_ptr<scalar_t>();
+      const scalar_t* gamma = ptr_or_null<scalar_t>(bn_weight);
+      const auto sums = backward_sums<scalar_t, acc_t>(d, g.const_data_ptr<scalar_t>(),
+                                                       y.const_data_ptr<scalar_t>(),
+                                                       z.const_data_ptr<scalar_t>(), mp);
+      std::vector<scalar_t> k1(p.c_out), k2(p.c_out), k3(p.c_out);
+      const acc_t count = acc_t(d.n * d.hw);
+      for (int64_t c = 0; c < p.c_out; ++c) {
+        const acc_t is = acc_t(ip[c]), scale = (gamma ? acc_t(gamma[c]) : acc_t(1)) * is;
+        if (mask[3]) grad_gamma.mutable_data_ptr<scalar_t>()[c] = scalar_t(sums[c][1] * is);
+        if (mask[4]) grad_beta.mutable_data_ptr<scalar_t>()[c] = scalar_t(sums[c][0]);
+        // dz = scale * (gm - mean(gm) - xhat * mean(gm * xhat)), xhat = (z - mean) * invstd.
+        k1[c] = scalar_t(scale);
+        k2[c] = count > 0 ? scalar_t(-scale * is * is * sums[c][1] / count) : scalar_t(0);
+        k3[c] = count > 0 ? scalar_t(-scale * sums[c][0] / count) : scalar_t(0);
+      }
+      if (need_conv) {
+        grad_conv_output<scalar_t>(d, g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                                   z.const_data_ptr<scalar_t>(), mp, k1.data(), k2.data(),
+                                   k3.data(), dz.mutable_data_ptr<scalar_t>());
+      }
+    });
+    if (need_conv) {
+      auto [gi, gw, gb] = backward(dz, weight, {mask[0], mask[1], mask[2]});
+      grad_input = gi, grad_weight = gw, grad_bias = gb;
+    }
+    return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
+  }
+
+  // Eval: the gradient through the folded convolution, then back to the module's parameters.
+  if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) {
+    return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
+  }
+  at::Tensor gm = at::empty(g.sizes(), options.memory_format(fmt));
+  const at::Tensor w = (mask[0] || mask[3]) ? weight.contiguous() : weight;
+  at::Tensor w_fold = mask[0] ? at::empty(weight.sizes(), options) : weight;
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_bn_relu_backward_eval_mask", [&] {
+    relu_mask<scalar_t>(g.numel(), g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                        gm.mutable_data_ptr<scalar_t>());
+    if (mask[0]) {
+      fold<scalar_t>(p.c_out, k, w.const_data_ptr<scalar_t>(), nullptr,
+                     ptr_or_null<scalar_t>(bn_weight), nullptr, mean.const_data_ptr<scalar_t>(),
+                     invstd.const_data_ptr<scalar_t>(), w_fold.mutable_data_ptr<scalar_t>(),
+                     nullptr);
+    }
+  });
+  const bool need_gw = mask[1] || mask[3], need_gb = mask[2] || mask[3] || mask[4];
+  auto [gi, gw_fold, gb_fold] = backward(gm, w_fold, {mask[0], need_gw, need_gb});
+  grad_input = gi;
+  if (mask[1]) grad_weight = at::empty(weight.sizes(), options);
+  if (need_gw || need_gb) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_bn_relu_backward_eval", [&] {
+      auto out = [](bool want, at::Tensor& t) {
+        return want ? t.mutable_data_ptr<scalar_t>() : nullptr;
+      };
+      fold_backward<scalar_t>(p.c_out, k, need_gw ? gw_fold.const_data_ptr<scalar_t>() : nullptr,
+                              need_gb ? gb_fold.const_data_ptr<scalar_t>() : nullptr,
+                              mask[3] ? w.const_data_ptr<scalar_t>() : nullptr,
+                              ptr_or_null<scalar_t>(conv_bias), ptr_or_null<scalar_t>(bn_weight),
+                              mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
+                              out(mask[1], grad_weight), out(mask[2], grad_bias),
+                              out(mask[3], grad_gamma), out(mask[4], grad_beta));
+    });
+  }
+  return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
+}
+
+}  // namespace
+}  // namespace cnnext
+
+TORCH_LIBRARY_IMPL(cnnext, CPU, m) {
+  m.impl("conv_bn_relu", &cnnext::conv_bn_relu_forward_cpu);
+  m.impl("conv_bn_relu_backward", &cnnext::conv_bn_relu_backward_cpu);
+}
