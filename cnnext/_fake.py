@@ -191,12 +191,12 @@ def _conv_bn_relu_fake(
 @register_fake("conv_bn_relu_backward")
 def _conv_bn_relu_backward_fake(
     grad_output,
-    output,
     conv_output,
     input,
     weight,
     conv_bias,
     bn_weight,
+    bn_bias,
     save_mean,
     save_invstd,
     training,
@@ -213,11 +213,10 @@ def _conv_bn_relu_backward_fake(
     def vector(want: bool) -> torch.Tensor:
         return grad_output.new_empty(channels if want else 0)
 
-    # grad_input takes the layout of the output (the gradient of the convolution's output is
-    # formed in it).
-    grad_input = (
-        empty_like_format(output, input.shape) if output_mask[0] else grad_output.new_empty(0)
-    )
+    # grad_input takes the layout the forward computed in: conv_output's (training), the
+    # input's (eval).
+    ref = conv_output if training else input
+    grad_input = empty_like_format(ref, input.shape) if output_mask[0] else grad_output.new_empty(0)
     grad_weight = grad_output.new_empty(weight.shape if output_mask[1] else (0,))
     return (
         grad_input,

@@ -190,9 +190,12 @@ class ConvBNReLU2dFunction(torch.autograd.Function):
     (BatchNorm folded into the convolution). ``momentum`` is the update factor (the module
     resolves ``momentum=None`` to the cumulative average before calling).
 
-    Saves the input only where a gradient needs it (the weight's, and in eval mode bn_weight's)
-    and the weight likewise (the input's, and in eval mode bn_weight's); a tensor not saved
-    reaches the backward op as a one-element placeholder of the right shape.
+    The output is not saved: backward recomputes the ReLU mask (training: from the saved
+    convolution output and statistics; eval: by rerunning the folded convolution), so an inplace
+    op on the output (e.g. a following ``nn.ReLU(inplace=True)``) is harmless. In training the
+    input is saved only for the weight's gradient and the weight only for the input's (a tensor
+    not saved reaches the backward op as a one-element placeholder of the right shape); eval
+    saves both.
     """
 
     @staticmethod
@@ -243,18 +246,15 @@ class ConvBNReLU2dFunction(torch.autograd.Function):
             if running_var is not None:
                 running_var.mul_(1 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum)
         need = ctx.needs_input_grad
-        eval_gamma = not training and need[3]
-        save_input = need[1] or eval_gamma
-        save_weight = need[0] or eval_gamma
         ctx.save_for_backward(
-            output,
             conv_output,
             save_mean,
             save_invstd,
-            input if save_input else None,
-            weight if save_weight else None,
+            input if need[1] or not training else None,
+            weight if need[0] or not training else None,
             conv_bias,
             bn_weight,
+            bn_bias,
         )
         ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
         ctx.has = (conv_bias is not None, bn_weight is not None, bn_bias is not None)
@@ -265,7 +265,7 @@ class ConvBNReLU2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # noqa: D102
-        output, conv_output, save_mean, save_invstd, input, weight, conv_bias, bn_weight = (
+        conv_output, save_mean, save_invstd, input, weight, conv_bias, bn_weight, bn_bias = (
             ctx.saved_tensors
         )
         if input is None:
@@ -284,12 +284,12 @@ class ConvBNReLU2dFunction(torch.autograd.Function):
         grad_output = _like_output(grad_output, ctx.output_stride)
         grads = lib(ctx.emulated).conv_bn_relu_backward(
             grad_output,
-            output,
             conv_output,
             input,
             weight,
             conv_bias,
             bn_weight,
+            bn_bias,
             save_mean,
             save_invstd,
             ctx.training,

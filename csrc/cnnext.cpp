@@ -59,9 +59,12 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
       "int max_col_bytes=67108864) -> (Tensor output, Tensor save_mean, Tensor save_invstd, "
       "Tensor batch_var, Tensor conv_output)");
   // output_mask: input, weight, conv_bias, bn_weight, bn_bias. Masked-off gradients are empty.
+  // The ReLU mask is recomputed from internal values, never read from the forward output (which
+  // callers may modify in place, e.g. an inplace ReLU after it): training from conv_output and
+  // the saved statistics, eval by rerunning the folded convolution.
   m.def(
-      "conv_bn_relu_backward(Tensor grad_output, Tensor output, Tensor conv_output, Tensor input, "
-      "Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor save_mean, "
+      "conv_bn_relu_backward(Tensor grad_output, Tensor conv_output, Tensor input, "
+      "Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor save_mean, "
       "Tensor save_invstd, bool training, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, str algo, int max_col_bytes, bool[5] output_mask) -> (Tensor grad_input, "
       "Tensor grad_weight, Tensor grad_conv_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");

@@ -239,6 +239,39 @@ def test_partial_gradients(device: str, algo: str) -> None:
 
 
 @pytest.mark.parametrize("algo", ALGOS)
+def test_inplace_ops_on_the_output(device: str, algo: str) -> None:
+    """Backward never reads the output: an inplace ReLU after the module (a shared ResNet ReLU
+    left by cnnext.convert) or any inplace op on the output leaves the gradients right."""
+    case = CASES[0]
+    ref, fused = make_pair(case, device, algo=algo)
+    for mode, op in (
+        ("train", "relu_"),
+        ("train", "affine_"),
+        ("eval", "relu_"),
+        ("eval", "affine_"),
+    ):
+        if mode == "eval":
+            ref.eval()
+            fused.eval()
+        x = torch.randn(case.n, case.c_in, case.h, case.w, device=device)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = ref(xr) if op == "relu_" else ref(xr) * 2 - 1
+        got = fused(xf)
+        if op == "relu_":
+            torch.relu_(got)
+        else:
+            got.mul_(2).sub_(1)  # moves the output's zeros: a mask read from it would be wrong
+        assert_close(got, expected, scale=case.scale)
+        grad = torch.randn_like(expected)
+        expected.backward(grad)
+        got.backward(grad)
+        assert_close(xf.grad, xr.grad, scale=case.scale)
+        for pr, pf in zip(ref.parameters(), fused.parameters(), strict=True):
+            assert_close(pf.grad, pr.grad, scale=case.scale)
+            pr.grad = pf.grad = None
+
+
+@pytest.mark.parametrize("algo", ALGOS)
 def test_batch_zero_and_unbatched(device: str, algo: str) -> None:
     case = CASES[0]
     ref, fused = make_pair(case, device, algo=algo)
@@ -348,7 +381,7 @@ def test_opcheck(ns: str, algo: str) -> None:
         ):
             torch.library.opcheck(
                 lib.conv_bn_relu_backward,
-                (grad, output, conv_output, x, w, b, gamma, mean, invstd, training, *conf, algo,
+                (grad, conv_output, x, w, b, gamma, beta, mean, invstd, training, *conf, algo,
                  1 << 20, mask),
             )  # fmt: skip
     # Without the optional tensors, channels_last.
@@ -568,11 +601,16 @@ def test_bad_op_arguments() -> None:
         y, mean, invstd, _, z = lib.conv_bn_relu(x, w, None, None, None, None, None, True, 1e-5,
                                                  *conf)  # fmt: skip
         mask = [True] * 5
+        v3 = torch.ones(3)
         bad = [
-            ((y[:, :3], y, z, x, w, None, None, mean, invstd), "expected grad_output of shape"),
-            ((y, y, z[:1], x, w, None, None, mean, invstd), "expected conv_output of shape"),
-            ((y, y, z, x, w, None, None, mean[:3], invstd), "expected save_mean to be a 1D"),
-            ((y, y, z, x, w, None, None, mean, invstd.double()), "expected save_invstd of dtype"),
+            ((y[:, :3], z, x, w, None, None, None, mean, invstd), "expected grad_output of shape"),
+            ((y, z[:1], x, w, None, None, None, mean, invstd), "expected conv_output of shape"),
+            ((y, z, x, w, None, None, None, mean[:3], invstd), "expected save_mean to be a 1D"),
+            (
+                (y, z, x, w, None, None, None, mean, invstd.double()),
+                "expected save_invstd of dtype",
+            ),
+            ((y, z, x, w, None, None, v3, mean, invstd), "expected bn_bias to be a 1D"),
         ]
         for args, message in bad:
             with pytest.raises(RuntimeError, match="cnnext::conv_bn_relu_backward: " + message):

@@ -77,25 +77,20 @@ inline Conv2dParams check_forward(const char* op, const at::Tensor& input, const
 }
 
 // Validates the backward op's arguments against the forward's geometry.
-inline Conv2dParams check_backward(const char* op, const at::Tensor& grad_output,
-                                   const at::Tensor& output, const at::Tensor& conv_output,
-                                   const at::Tensor& input, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& conv_bias,
-                                   const std::optional<at::Tensor>& bn_weight,
-                                   const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                                   bool training, at::IntArrayRef stride, at::IntArrayRef padding,
-                                   at::IntArrayRef dilation, int64_t groups, int64_t max_col_bytes,
-                                   bool allow_reduced) {
+inline Conv2dParams check_backward(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& conv_output,
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    int64_t max_col_bytes, bool allow_reduced) {
   const Conv2dParams p = conv2d_params(op, input, weight, std::nullopt, stride, padding, dilation,
                                        groups, allow_reduced);
   const std::vector<int64_t> out_vec = p.output_sizes();
   const at::IntArrayRef out_sizes(out_vec);
   check_same(op, "grad_output", grad_output, "input", input);
-  check_same(op, "output", output, "input", input);
   CNNEXT_CHECK(grad_output.sizes() == out_sizes, op, "expected grad_output of shape ", out_sizes,
                ", got ", grad_output.sizes());
-  CNNEXT_CHECK(output.sizes() == out_sizes, op, "expected output of shape ", out_sizes, ", got ",
-               output.sizes());
   if (training) {
     check_same(op, "conv_output", conv_output, "input", input);
     CNNEXT_CHECK(conv_output.sizes() == out_sizes, op, "expected conv_output of shape ", out_sizes,
@@ -103,6 +98,7 @@ inline Conv2dParams check_backward(const char* op, const at::Tensor& grad_output
   }
   check_channel_param(op, "conv_bias", conv_bias, input, p.c_out);
   check_channel_param(op, "bn_weight", bn_weight, input, p.c_out);
+  check_channel_param(op, "bn_bias", bn_bias, input, p.c_out);
   const at::ScalarType st = stats_type(input.scalar_type());
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"save_mean", save_mean},
                                 {"save_invstd", save_invstd}}) {

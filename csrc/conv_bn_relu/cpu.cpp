@@ -4,9 +4,11 @@
 // applies bias + ReLU as it stores each output tile (no extra pass). Train: the convolution, then
 // the per-channel batch statistics in one deterministic pass (runs of at most kRun values reduced
 // exactly while in cache, merged in a fixed order by Chan's formula, in double), then normalise,
-// scale, shift and ReLU in one pass. Backward: the ReLU mask and BatchNorm's two channel sums in
+// scale, shift and ReLU in one pass. Backward: BatchNorm's two channel sums under the ReLU mask in
 // one pass (fixed-order partials), the gradient of the convolution output in a second, then the
-// convolution's own backward. Every sum has an order that depends on the shapes only.
+// convolution's own backward. The mask is recomputed (from the saved statistics in training, by
+// rerunning the folded convolution in eval), never read from the output, which callers may
+// modify in place. Every sum has an order that depends on the shapes only.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -155,7 +157,8 @@ void fold_backward(int64_t c_out, int64_t k, const T* gw, const T* gb, const T* 
   });
 }
 
-// grad * (output > 0): ReLU's backward, as torch's threshold_backward.
+// grad * (pre > 0): ReLU's backward (torch's threshold_backward reads the output, whose sign is
+// the pre-activation's).
 template <typename T>
 void relu_mask(int64_t numel, const T* g, const T* y, T* out) {
   at::parallel_for(0, numel, kTaskElems, [&](int64_t begin, int64_t end) {
@@ -273,6 +276,20 @@ std::vector<Moments<acc_t>> channel_moments(const Dense& d, const T* z) {
   return out;
 }
 
+// a = gamma * invstd, b = beta - mean * a: y = max(0, z * a + b). Computed from the saved (rounded)
+// statistics in forward and backward alike, so backward recomputes the forward's ReLU mask
+// exactly.
+template <typename T>
+void affine_coefficients(int64_t channels, const T* gamma, const T* beta, const T* mean,
+                         const T* invstd, T* a, T* b) {
+  using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t scale = (gamma ? acc_t(gamma[c]) : acc_t(1)) * acc_t(invstd[c]);
+    a[c] = static_cast<T>(scale);
+    b[c] = static_cast<T>((beta ? acc_t(beta[c]) : acc_t(0)) - acc_t(mean[c]) * scale);
+  }
+}
+
 // y = max(0, z * a[c] + b[c]): normalise, scale, shift and ReLU in one pass.
 template <typename T>
 void normalize_relu(const Dense& d, const T* z, const T* a, const T* b, T* y) {
@@ -298,11 +315,11 @@ void normalize_relu(const Dense& d, const T* z, const T* a, const T* b, T* y) {
 
 // ---- train backward -----------------------------------------------------------------------------
 
-// Per channel: sum of gm and of gm * (z - mean), gm = (y > 0 ? g : 0). Same partial / ordered
-// merge structure as channel_moments.
+// Per channel: sum of gm and of gm * (z - mean), gm = (z * a + b > 0 ? g : 0), the forward's
+// ReLU mask. Same partial / ordered merge structure as channel_moments.
 template <typename T, typename acc_t>
-std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, const T* y, const T* z,
-                                                const T* mean) {
+std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, const T* z,
+                                                const T* mean, const T* a, const T* b) {
   std::vector<std::array<acc_t, 2>> out(d.c, {acc_t(0), acc_t(0)});
   if (d.numel() == 0) return out;
   if (!d.cl) {
@@ -315,19 +332,21 @@ std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, cons
             const int64_t c = plane % d.c, n = plane / d.c, q0 = piece * kRun;
             const int64_t len = std::min(kRun, d.hw - q0), off = plane * d.hw + q0;
             const acc_t m = acc_t(mean[c]);
+            const T av = a[c], bv = b[c];
             acc_t s0[kLanes] = {}, s1[kLanes] = {};
             int64_t q = 0;
             for (; q + kLanes <= len; q += kLanes) {
               for (int j = 0; j < kLanes; ++j) {
-                const acc_t gm = y[off + q + j] > T(0) ? acc_t(g[off + q + j]) : acc_t(0);
+                const T zv = z[off + q + j];
+                const acc_t gm = zv * av + bv > T(0) ? acc_t(g[off + q + j]) : acc_t(0);
                 s0[j] += gm;
-                s1[j] += gm * (acc_t(z[off + q + j]) - m);
+                s1[j] += gm * (acc_t(zv) - m);
               }
             }
             acc_t t0 = 0, t1 = 0;
             for (int j = 0; j < kLanes; ++j) t0 += s0[j], t1 += s1[j];
             for (; q < len; ++q) {
-              const acc_t gm = y[off + q] > T(0) ? acc_t(g[off + q]) : acc_t(0);
+              const acc_t gm = z[off + q] * av + bv > T(0) ? acc_t(g[off + q]) : acc_t(0);
               t0 += gm;
               t1 += gm * (acc_t(z[off + q]) - m);
             }
@@ -358,7 +377,7 @@ std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, cons
       for (int64_t r = r0; r < r0 + nr; ++r) {
         const int64_t off = r * d.c;
         for (int64_t c = 0; c < d.c; ++c) {
-          const acc_t gm = y[off + c] > T(0) ? acc_t(g[off + c]) : acc_t(0);
+          const acc_t gm = z[off + c] * a[c] + b[c] > T(0) ? acc_t(g[off + c]) : acc_t(0);
           s0[c] += gm;
           s1[c] += gm * (acc_t(z[off + c]) - m[c]);
         }
@@ -376,12 +395,12 @@ std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, cons
   return out;
 }
 
-// dz = gm * k1[c] + (z - mean[c]) * k2[c] + k3[c], gm = (y > 0 ? g : 0).
+// dz = gm * k1[c] + (z - mean[c]) * k2[c] + k3[c], gm = (z * a + b > 0 ? g : 0).
 template <typename T>
-void grad_conv_output(const Dense& d, const T* g, const T* y, const T* z, const T* mean,
+void grad_conv_output(const Dense& d, const T* g, const T* z, const T* a, const T* b, const T* mean,
                       const T* k1, const T* k2, const T* k3, T* dz) {
   auto at_ = [&](int64_t i, int64_t c) {
-    const T gm = y[i] > T(0) ? g[i] : T(0);
+    const T gm = z[i] * a[c] + b[c] > T(0) ? g[i] : T(0);
     dz[i] = gm * k1[c] + (z[i] - mean[c]) * k2[c] + k3[c];
   };
   if (!d.cl) {
@@ -454,48 +473,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     using acc_t = at::acc_type<scalar_t, false>;
     const std::vector<Moments<acc_t>> moments =
         channel_moments<scalar_t, acc_t>(d, z.const_data_ptr<scalar_t>());
-    const scalar_t* gamma = ptr_or_null<scalar_t>(bn_weight);
-    const scalar_t* beta = ptr_or_null<scalar_t>(bn_bias);
-    std::vector<scalar_t> a(p.c_out), b(p.c_out);
+    scalar_t* mean = save_mean.mutable_data_ptr<scalar_t>();
+    scalar_t* invstd = save_invstd.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < p.c_out; ++c) {
       // An empty batch has no statistics: mean 0 and variance 0 (its running stats are not
       // updated; see cnnext.autograd).
       const Moments<acc_t>& m = moments[c];
       const acc_t var = m.count > 0 ? m.m2 / m.count : acc_t(0);
-      const acc_t invstd = acc_t(1) / std::sqrt(var + acc_t(eps));
-      const acc_t scale = (gamma ? acc_t(gamma[c]) : acc_t(1)) * invstd;
-      save_mean.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(m.mean);
-      save_invstd.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(invstd);
+      mean[c] = static_cast<scalar_t>(m.mean);
+      invstd[c] = static_cast<scalar_t>(acc_t(1) / std::sqrt(var + acc_t(eps)));
       batch_var.mutable_data_ptr<scalar_t>()[c] =
           static_cast<scalar_t>(m.count > 1 ? m.m2 / (m.count - 1) : acc_t(0));
-      a[c] = static_cast<scalar_t>(scale);
-      b[c] = static_cast<scalar_t>((beta ? acc_t(beta[c]) : acc_t(0)) - m.mean * scale);
     }
+    std::vector<scalar_t> a(p.c_out), b(p.c_out);
+    affine_coefficients<scalar_t>(p.c_out, ptr_or_null<scalar_t>(bn_weight),
+                                  ptr_or_null<scalar_t>(bn_bias), mean, invstd, a.data(), b.data());
     normalize_relu<scalar_t>(d, z.const_data_ptr<scalar_t>(), a.data(), b.data(),
                              output.mutable_data_ptr<scalar_t>());
   });
   return {output, save_mean, save_invstd, batch_var, z};
 }
 
-// `input` is read only for the weight's gradient (and, in eval mode, bn_weight's) and `weight`
-// only for the input's (and, in eval mode, bn_weight's): otherwise they may be placeholders of the
-// right shape (see cnnext.autograd.ConvBNReLU2dFunction).
+// Training: `input` is read only for the weight's gradient and `weight` only for the input's;
+// otherwise they may be placeholders of the right shape (see
+// cnnext.autograd.ConvBNReLU2dFunction). Eval reads both: it reruns the folded convolution for
+// the ReLU mask.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& conv_output,
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
-    const std::optional<at::Tensor>& bn_weight, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, c10::string_view algo_name, int64_t max_col_bytes,
-    std::array<bool, 5> mask) {
+    const at::Tensor& grad_output, const at::Tensor& conv_output, const at::Tensor& input,
+    const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    c10::string_view algo_name, int64_t max_col_bytes, std::array<bool, 5> mask) {
   const Conv2dParams p = fused::check_backward(
-      kBackwardOp, grad_output, output, conv_output, input, weight, conv_bias, bn_weight, save_mean,
-      save_invstd, training, stride, padding, dilation, groups, max_col_bytes,
+      kBackwardOp, grad_output, conv_output, input, weight, conv_bias, bn_weight, bn_bias,
+      save_mean, save_invstd, training, stride, padding, dilation, groups, max_col_bytes,
       /*allow_reduced=*/false);
   const Algo algo = resolve_algo(fused::parse_algo(kBackwardOp, algo_name), p);
   const auto options = grad_output.options();
-  const bool cl = is_channels_last(output);
+  // The layout the forward computed in: conv_output's (training), the input's (eval).
+  const bool cl = is_channels_last(training ? conv_output : input);
   const at::MemoryFormat fmt = format_of(cl);
-  const at::Tensor g = grad_output.contiguous(fmt), y = output.contiguous(fmt);
+  const at::Tensor g = grad_output.contiguous(fmt);
   const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
   const Dense d = dense_of(p, cl);
   const int64_t k = p.c_in_per_group() * p.kh * p.kw;
@@ -516,9 +535,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
       const scalar_t* mp = mean.const_data_ptr<scalar_t>();
       const scalar_t* ip = invstd.const_data_ptr<scalar_t>();
       const scalar_t* gamma = ptr_or_null<scalar_t>(bn_weight);
-      const auto sums = backward_sums<scalar_t, acc_t>(d, g.const_data_ptr<scalar_t>(),
-                                                       y.const_data_ptr<scalar_t>(),
-                                                       z.const_data_ptr<scalar_t>(), mp);
+      std::vector<scalar_t> a(p.c_out), b(p.c_out);
+      affine_coefficients<scalar_t>(p.c_out, gamma, ptr_or_null<scalar_t>(bn_bias), mp, ip,
+                                    a.data(), b.data());
+      const auto sums = backward_sums<scalar_t, acc_t>(
+          d, g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), mp, a.data(), b.data());
       std::vector<scalar_t> k1(p.c_out), k2(p.c_out), k3(p.c_out);
       const acc_t count = acc_t(d.n * d.hw);
       for (int64_t c = 0; c < p.c_out; ++c) {
@@ -531,9 +552,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
         k3[c] = count > 0 ? scalar_t(-scale * sums[c][0] / count) : scalar_t(0);
       }
       if (need_conv) {
-        grad_conv_output<scalar_t>(d, g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                                   z.const_data_ptr<scalar_t>(), mp, k1.data(), k2.data(),
-                                   k3.data(), dz.mutable_data_ptr<scalar_t>());
+        grad_conv_output<scalar_t>(d, g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+                                   a.data(), b.data(), mp, k1.data(), k2.data(), k3.data(),
+                                   dz.mutable_data_ptr<scalar_t>());
       }
     });
     if (need_conv) {
@@ -547,18 +568,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) {
     return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
   }
+  const at::Tensor w = weight.contiguous();
+  at::Tensor w_fold = at::empty(weight.sizes(), options);
+  at::Tensor b_fold = at::empty({p.c_out}, options);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_bn_relu_backward_fold", [&] {
+    fold<scalar_t>(p.c_out, k, w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(conv_bias),
+                   ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias),
+                   mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
+                   w_fold.mutable_data_ptr<scalar_t>(), b_fold.mutable_data_ptr<scalar_t>());
+  });
+  // The forward's pre-activation, bit for bit (same folded parameters, same kernel), for the mask.
+  const at::Tensor pre = conv_forward(algo, input, w_fold, b_fold, stride, padding, dilation,
+                                      groups, max_col_bytes, /*relu=*/false)
+                             .contiguous(fmt);
   at::Tensor gm = at::empty(g.sizes(), options.memory_format(fmt));
-  const at::Tensor w = (mask[0] || mask[3]) ? weight.contiguous() : weight;
-  at::Tensor w_fold = mask[0] ? at::empty(weight.sizes(), options) : weight;
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_bn_relu_backward_eval_mask", [&] {
-    relu_mask<scalar_t>(g.numel(), g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_bn_relu_backward_mask", [&] {
+    relu_mask<scalar_t>(g.numel(), g.const_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(),
                         gm.mutable_data_ptr<scalar_t>());
-    if (mask[0]) {
-      fold<scalar_t>(p.c_out, k, w.const_data_ptr<scalar_t>(), nullptr,
-                     ptr_or_null<scalar_t>(bn_weight), nullptr, mean.const_data_ptr<scalar_t>(),
-                     invstd.const_data_ptr<scalar_t>(), w_fold.mutable_data_ptr<scalar_t>(),
-                     nullptr);
-    }
   });
   const bool need_gw = mask[1] || mask[3], need_gb = mask[2] || mask[3] || mask[4];
   auto [gi, gw_fold, gb_fold] = backward(gm, w_fold, {mask[0], need_gw, need_gb});
@@ -571,11 +597,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
       };
       fold_backward<scalar_t>(p.c_out, k, need_gw ? gw_fold.const_data_ptr<scalar_t>() : nullptr,
                               need_gb ? gb_fold.const_data_ptr<scalar_t>() : nullptr,
-                              mask[3] ? w.const_data_ptr<scalar_t>() : nullptr,
-                              ptr_or_null<scalar_t>(conv_bias), ptr_or_null<scalar_t>(bn_weight),
-                              mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
-                              out(mask[1], grad_weight), out(mask[2], grad_bias),
-                              out(mask[3], grad_gamma), out(mask[4], grad_beta));
+                              w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(conv_bias),
+                              ptr_or_null<scalar_t>(bn_weight), mean.const_data_ptr<scalar_t>(),
+                              invstd.const_data_ptr<scalar_t>(), out(mask[1], grad_weight),
+                              out(mask[2], grad_bias), out(mask[3], grad_gamma),
+                              out(mask[4], grad_beta));
     });
   }
   return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};

@@ -146,13 +146,14 @@ __global__ void fold_backward_kernel(const scalar_t* __restrict__ gw,
   if (grad_beta != nullptr) grad_beta[o] = gb[o];
 }
 
-// grad * (output > 0): ReLU's backward, as torch's threshold_backward. Thread = element.
+// grad * (pre > 0): ReLU's backward (torch's threshold_backward reads the output, whose sign is
+// the pre-activation's). Thread = element.
 template <typename scalar_t>
-__global__ void relu_mask_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+__global__ void relu_mask_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ pre,
                                  scalar_t* __restrict__ out, int64_t total) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
-    out[i] = y[i] > scalar_t(0) ? g[i] : scalar_t(0);
+    out[i] = pre[i] > scalar_t(0) ? g[i] : scalar_t(0);
   }
 }
 
@@ -196,6 +197,41 @@ __device__ __forceinline__ void welford_merge(acc_t& n, acc_t& mean, acc_t& m2, 
   mean += delta * (n2 / total);
   m2 += m2_2 + delta * delta * (n * n2 / total);
   n = total;
+}
+
+// The affine coefficients of y = max(0, z * a + b): a = gamma * invstd, b = beta - mean * a (null
+// gamma, beta: 1, 0). One function for forward and backward, so backward recomputes the forward's
+// ReLU mask exactly.
+template <typename scalar_t>
+__device__ __forceinline__ void affine_coefficients(const scalar_t* __restrict__ gamma,
+                                                    const scalar_t* __restrict__ beta,
+                                                    cuda_acc_t<scalar_t> mean,
+                                                    cuda_acc_t<scalar_t> invstd, int64_t c,
+                                                    cuda_acc_t<scalar_t>* a,
+                                                    cuda_acc_t<scalar_t>* b) {
+  using acc_t = cuda_acc_t<scalar_t>;
+  *a = (gamma != nullptr ? static_cast<acc_t>(gamma[c]) : acc_t(1)) * invstd;
+  *b = (beta != nullptr ? static_cast<acc_t>(beta[c]) : acc_t(0)) - mean * *a;
+}
+
+// The stored output max(0, z * a + b) (backward compares it with 0 for the mask).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t normalized_relu(scalar_t z, cuda_acc_t<scalar_t> a,
+                                                    cuda_acc_t<scalar_t> b) {
+  using acc_t = cuda_acc_t<scalar_t>;
+  const acc_t v = static_cast<acc_t>(z) * a + b;
+  return static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+}
+
+// Thread = channel: the affine coefficients coef = (a, b) from the saved statistics.
+template <typename scalar_t>
+__global__ void affine_kernel(const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
+                              const cuda_acc_t<scalar_t>* __restrict__ mean,
+                              const cuda_acc_t<scalar_t>* __restrict__ invstd,
+                              cuda_acc_t<scalar_t>* __restrict__ coef, int64_t channels) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  affine_coefficients(gamma, beta, mean[c], invstd[c], c, &coef[c], &coef[channels + c]);
 }
 
 // Block (channel, slice): each thread runs Welford over positions tid, tid + 128, ... of the
@@ -256,12 +292,10 @@ __global__ void stats_finalize_kernel(const cuda_acc_t<scalar_t>* __restrict__ p
   }
   const acc_t var = n > acc_t(0) ? m2 / n : acc_t(0);
   const acc_t invstd = acc_t(1) / std::sqrt(var + eps);
-  const acc_t a = (gamma != nullptr ? static_cast<acc_t>(gamma[c]) : acc_t(1)) * invstd;
   mean_out[c] = mean;
   invstd_out[c] = invstd;
   var_out[c] = n > acc_t(1) ? m2 / (n - acc_t(1)) : acc_t(0);
-  coef[c] = a;
-  coef[g.c + c] = (beta != nullptr ? static_cast<acc_t>(beta[c]) : acc_t(0)) - mean * a;
+  affine_coefficients(gamma, beta, mean, invstd, c, &coef[c], &coef[g.c + c]);
 }
 
 // y = max(0, z * a[c] + b[c]); thread = element of the dense tensor.
@@ -270,23 +304,22 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ z,
                                  const cuda_acc_t<scalar_t>* __restrict__ coef,
                                  scalar_t* __restrict__ y, int64_t total, int64_t channels,
                                  int64_t c_stride) {
-  using acc_t = cuda_acc_t<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t c = (i / c_stride) % channels;
-    const acc_t v = static_cast<acc_t>(z[i]) * coef[c] + coef[channels + c];
-    y[i] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+    y[i] = normalized_relu(z[i], coef[c], coef[channels + c]);
   }
 }
 
 // ---- train backward -----------------------------------------------------------------------------
 
-// Block (channel, slice): sums of gm and gm * (z - mean), gm = (y > 0 ? g : 0), by a fixed tree.
+// Block (channel, slice): sums of gm and gm * (z - mean) by a fixed tree, gm = grad where the
+// forward's output (recomputed from z and coef = (a, b)) is positive, else 0.
 template <typename scalar_t>
 __global__ void backward_partial_kernel(const scalar_t* __restrict__ grad,
-                                        const scalar_t* __restrict__ y,
                                         const scalar_t* __restrict__ z,
                                         const cuda_acc_t<scalar_t>* __restrict__ mean,
+                                        const cuda_acc_t<scalar_t>* __restrict__ coef,
                                         cuda_acc_t<scalar_t>* __restrict__ partial,
                                         ChannelGeometry g) {
   using acc_t = cuda_acc_t<scalar_t>;
@@ -295,11 +328,12 @@ __global__ void backward_partial_kernel(const scalar_t* __restrict__ grad,
   const int64_t c = block / g.slices, slice = block % g.slices;
   const int64_t begin = slice * g.slice_len;
   const int64_t end = std::min(g.n * g.hw, begin + g.slice_len);
-  const acc_t m = mean[c];
+  const acc_t m = mean[c], a = coef[c], b = coef[g.c + c];
   acc_t sum_g = 0, sum_gx = 0;
   for (int64_t p = begin + tid; p < end; p += kReduceThreads) {
     const int64_t i = channel_offset(g, c, p);
-    const acc_t gm = y[i] > scalar_t(0) ? static_cast<acc_t>(grad[i]) : acc_t(0);
+    const bool on = normalized_relu(z[i], a, b) > scalar_t(0);
+    const acc_t gm = on ? static_cast<acc_t>(grad[i]) : acc_t(0);
     sum_g += gm;
     sum_gx += gm * (static_cast<acc_t>(z[i]) - m);
   }
@@ -344,12 +378,13 @@ __global__ void backward_finalize_kernel(
   coef[2 * g.c + c] = count > acc_t(0) ? -scale * sum_g / count : acc_t(0);
 }
 
-// dz = gm * k1[c] + (z - mean[c]) * k2[c] + k3[c]; thread = element of the dense tensor.
+// dz = gm * k1[c] + (z - mean[c]) * k2[c] + k3[c], gm as in backward_partial_kernel (affine =
+// (a, b)); thread = element of the dense tensor.
 template <typename scalar_t>
 __global__ void grad_conv_output_kernel(const scalar_t* __restrict__ grad,
-                                        const scalar_t* __restrict__ y,
                                         const scalar_t* __restrict__ z,
                                         const cuda_acc_t<scalar_t>* __restrict__ mean,
+                                        const cuda_acc_t<scalar_t>* __restrict__ affine,
                                         const cuda_acc_t<scalar_t>* __restrict__ coef,
                                         scalar_t* __restrict__ dz, int64_t total, int64_t channels,
                                         int64_t c_stride) {
@@ -357,7 +392,8 @@ __global__ void grad_conv_output_kernel(const scalar_t* __restrict__ grad,
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t c = (i / c_stride) % channels;
-    const acc_t gm = y[i] > scalar_t(0) ? static_cast<acc_t>(grad[i]) : acc_t(0);
+    const bool on = normalized_relu(z[i], affine[c], affine[channels + c]) > scalar_t(0);
+    const acc_t gm = on ? static_cast<acc_t>(grad[i]) : acc_t(0);
     dz[i] = static_cast<scalar_t>(gm * coef[c] +
                                   (static_cast<acc_t>(z[i]) - mean[c]) * coef[channels + c] +
                                   coef[2 * channels + c]);
@@ -491,28 +527,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   return {output, save_mean, save_invstd, batch_var, z};
 }
 
-// `input` is read only for the weight's gradient (and, in eval mode, bn_weight's) and `weight`
-// only for the input's (and, in eval mode, bn_weight's): otherwise they may be placeholders of the
-// right shape (see cnnext.autograd.ConvBNReLU2dFunction).
+// Training: `input` is read only for the weight's gradient and `weight` only for the input's;
+// otherwise they may be placeholders of the right shape (see
+// cnnext.autograd.ConvBNReLU2dFunction). Eval reads both: it reruns the folded convolution for
+// the ReLU mask.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& conv_output,
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
-    const std::optional<at::Tensor>& bn_weight, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, c10::string_view algo_name, int64_t max_col_bytes,
-    std::array<bool, 5> mask) {
+    const at::Tensor& grad_output, const at::Tensor& conv_output, const at::Tensor& input,
+    const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    c10::string_view algo_name, int64_t max_col_bytes, std::array<bool, 5> mask) {
   const Conv2dParams p = fused::check_backward(
-      kBackwardOp, grad_output, output, conv_output, input, weight, conv_bias, bn_weight, save_mean,
-      save_invstd, training, stride, padding, dilation, groups, max_col_bytes,
+      kBackwardOp, grad_output, conv_output, input, weight, conv_bias, bn_weight, bn_bias,
+      save_mean, save_invstd, training, stride, padding, dilation, groups, max_col_bytes,
       /*allow_reduced=*/true);
   const Algo algo =
       resolve_algo(fused::parse_algo(kBackwardOp, algo_name), p, grad_output.scalar_type());
   CNNEXT_DEVICE_GUARD(grad_output);
   const auto options = grad_output.options();
   const auto stats_options = options.dtype(fused::stats_type(grad_output.scalar_type()));
-  const bool cl = is_channels_last(output);
+  // The layout the forward computed in: conv_output's (training), the input's (eval).
+  const bool cl = is_channels_last(training ? conv_output : input);
   const at::MemoryFormat fmt = format_of(cl);
-  const at::Tensor g = grad_output.contiguous(fmt), y = output.contiguous(fmt);
+  const at::Tensor g = grad_output.contiguous(fmt);
   const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
   const cudaStream_t stream = current_stream();
   const int64_t k = p.c_in_per_group() * p.kh * p.kw;
@@ -533,11 +571,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
         at::kHalf, at::kBFloat16, g.scalar_type(), "conv_bn_relu_backward_train", [&] {
           using acc_t = cuda_acc_t<scalar_t>;
           at::Tensor partial = at::empty({p.c_out * geo.slices * 2}, stats_options);
+          at::Tensor affine = at::empty({2 * p.c_out}, stats_options);
           at::Tensor coef = at::empty({3 * p.c_out}, stats_options);
+          CNNEXT_LAUNCH((affine_kernel<scalar_t>), dim3(channel_blocks(p.c_out)), dim3(kThreads), 0,
+                        stream, ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias),
+                        mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                        affine.mutable_data_ptr<acc_t>(), p.c_out);
           CNNEXT_LAUNCH((backward_partial_kernel<scalar_t>),
                         dim3(static_cast<unsigned int>(p.c_out * geo.slices)), dim3(kReduceThreads),
-                        0, stream, g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                        z.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
+                        0, stream, g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+                        mean.const_data_ptr<acc_t>(), affine.const_data_ptr<acc_t>(),
                         partial.mutable_data_ptr<acc_t>(), geo);
           CNNEXT_LAUNCH((backward_finalize_kernel<scalar_t>), dim3(channel_blocks(p.c_out)),
                         dim3(kThreads), 0, stream, partial.const_data_ptr<acc_t>(),
@@ -548,8 +591,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
           const int64_t total = z.numel();
           if (need_conv && total > 0) {
             CNNEXT_LAUNCH((grad_conv_output_kernel<scalar_t>), grid_for(total), dim3(kThreads), 0,
-                          stream, g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                          z.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
+                          stream, g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+                          mean.const_data_ptr<acc_t>(), affine.const_data_ptr<acc_t>(),
                           coef.const_data_ptr<acc_t>(), dz.mutable_data_ptr<scalar_t>(), total,
                           p.c_out, geo.sc);
           }
@@ -565,27 +608,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) {
     return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
   }
+  const at::Tensor w = weight.contiguous();
+  at::Tensor w_fold = at::empty(weight.sizes(), options);
+  at::Tensor b_fold = at::empty({p.c_out}, options);
   at::Tensor gm = at::empty(g.sizes(), options.memory_format(fmt));
-  const at::Tensor w = (mask[0] || mask[3]) ? weight.contiguous() : weight;
-  at::Tensor w_fold = mask[0] ? at::empty(weight.sizes(), options) : weight;
-  const bool need_gw = mask[1] || mask[3], need_gb = mask[2] || mask[3] || mask[4];
+  at::Tensor pre;  // the forward's pre-activation, bit for bit: same folded parameters and kernel
+  if (algo == Algo::kDirect) pre = at::empty(g.sizes(), options.memory_format(fmt));
+  const at::Tensor x = algo == Algo::kDirect ? input.contiguous(fmt) : input;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, g.scalar_type(), "conv_bn_relu_backward_eval_mask", [&] {
+      at::kHalf, at::kBFloat16, g.scalar_type(), "conv_bn_relu_backward_fold", [&] {
         using acc_t = cuda_acc_t<scalar_t>;
+        CNNEXT_LAUNCH((fold_kernel<scalar_t>), dim3(ceil_div(p.c_out * k, kThreads)),
+                      dim3(kThreads), 0, stream, w.const_data_ptr<scalar_t>(),
+                      ptr_or_null<scalar_t>(conv_bias), ptr_or_null<scalar_t>(bn_weight),
+                      ptr_or_null<scalar_t>(bn_bias), mean.const_data_ptr<acc_t>(),
+                      invstd.const_data_ptr<acc_t>(), w_fold.mutable_data_ptr<scalar_t>(),
+                      b_fold.mutable_data_ptr<scalar_t>(), p.c_out, k);
+        if (algo == Algo::kDirect && pre.numel() > 0) {
+          conv2d_direct_launch<scalar_t, /*TRANSPOSED=*/false>(
+              kBackwardOp, forward_geometry(p, x, pre), x.const_data_ptr<scalar_t>(),
+              w_fold.const_data_ptr<scalar_t>(), pre.mutable_data_ptr<scalar_t>(),
+              BiasEpilogue<scalar_t>{b_fold.const_data_ptr<scalar_t>()}, DirectVariant::kAuto);
+        }
+      });
+  if (algo == Algo::kIm2col) {
+    pre = conv2d_im2col_forward_cuda(input, w_fold, b_fold, stride, padding, dilation, groups,
+                                     max_col_bytes, /*relu=*/false)
+              .contiguous(fmt);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, g.scalar_type(), "conv_bn_relu_backward_mask", [&] {
         const int64_t total = g.numel();
         if (total > 0) {
           CNNEXT_LAUNCH((relu_mask_kernel<scalar_t>), grid_for(total), dim3(kThreads), 0, stream,
-                        g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                        g.const_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(),
                         gm.mutable_data_ptr<scalar_t>(), total);
         }
-        if (mask[0]) {
-          CNNEXT_LAUNCH((fold_kernel<scalar_t>), dim3(ceil_div(p.c_out * k, kThreads)),
-                        dim3(kThreads), 0, stream, w.const_data_ptr<scalar_t>(), nullptr,
-                        ptr_or_null<scalar_t>(bn_weight), nullptr, mean.const_data_ptr<acc_t>(),
-                        invstd.const_data_ptr<acc_t>(), w_fold.mutable_data_ptr<scalar_t>(),
-                        nullptr, p.c_out, k);
-        }
       });
+  const bool need_gw = mask[1] || mask[3], need_gb = mask[2] || mask[3] || mask[4];
   auto [gi, gw_fold, gb_fold] = backward(gm, w_fold, {mask[0], need_gw, need_gb});
   grad_input = gi;
   if (mask[1]) grad_weight = at::empty(weight.sizes(), options);
@@ -596,17 +656,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
           auto out = [](bool want, at::Tensor& t) {
             return want ? t.mutable_data_ptr<scalar_t>() : nullptr;
           };
-          // need_gb holds whenever need_gw does not (mask[1] alone gives need_gw only): the
-          // kernel reads gb only for grad_b, grad_beta and grad_gamma.
+          // gb is read for grad_b, grad_beta and grad_gamma only, gw for grad_w and grad_gamma
+          // only: each is computed whenever it is read.
           CNNEXT_LAUNCH((fold_backward_kernel<scalar_t>), dim3(static_cast<unsigned int>(p.c_out)),
                         dim3(kReduceThreads), 0, stream,
                         need_gw ? gw_fold.const_data_ptr<scalar_t>() : nullptr,
                         need_gb ? gb_fold.const_data_ptr<scalar_t>() : nullptr,
-                        mask[3] ? w.const_data_ptr<scalar_t>() : nullptr,
-                        ptr_or_null<scalar_t>(conv_bias), ptr_or_null<scalar_t>(bn_weight),
-                        mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                        out(mask[1], grad_weight), out(mask[2], grad_bias),
-                        out(mask[3], grad_gamma), out(mask[4], grad_beta), k);
+                        w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(conv_bias),
+                        ptr_or_null<scalar_t>(bn_weight), mean.const_data_ptr<acc_t>(),
+                        invstd.const_data_ptr<acc_t>(), out(mask[1], grad_weight),
+                        out(mask[2], grad_bias), out(mask[3], grad_gamma), out(mask[4], grad_beta),
+                        k);
         });
   }
   return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
