@@ -238,6 +238,30 @@ def test_partial_gradients(device: str, algo: str) -> None:
             assert_close(got, expected, scale=case.scale, msg=f"{mode} {which}")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_long_channels(device: str, layout: str) -> None:
+    """9800 values per channel: several pieces per plane (CPU NCHW), several row chunks (CPU
+    NHWC) and several slices per channel (CUDA), each merged in order."""
+    case = Case(2, 2, 70, 70, 2, 1, bias=True)
+    ref, fused = make_pair(case, device, algo="direct")
+    for mode in ("train", "eval"):
+        if mode == "eval":
+            ref.eval()
+            fused.eval()
+        x = make_input((case.n, case.c_in, case.h, case.w), device, torch.float32, layout)
+        check_step(ref, fused, x, case.scale)
+
+
+def test_eval_direct_naive_fallback(emu_device: str) -> None:
+    """A 2x2 filter dilated by 120: no shared-memory tile fits, so the eval forward runs the
+    naive direct kernel with the bias + ReLU epilogue."""
+    case = Case(1, 2, 125, 125, 3, 2, dilation=120)
+    ref, fused = make_pair(case, emu_device, algo="direct")
+    ref.eval()
+    fused.eval()
+    check_step(ref, fused, torch.randn(case.n, case.c_in, case.h, case.w), case.scale)
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 def test_inplace_ops_on_the_output(device: str, algo: str) -> None:
     """Backward never reads the output: an inplace ReLU after the module (a shared ResNet ReLU
