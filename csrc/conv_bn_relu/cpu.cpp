@@ -18,8 +18,10 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -40,6 +42,7 @@ using fused::kForwardOp;
 constexpr int64_t kRun = 4096;           // values of one exactly-reduced run (in L1/L2)
 constexpr int64_t kTaskElems = 1 << 15;  // elements per parallel task
 constexpr int kLanes = 8;                // independent partial sums, so the loops vectorise
+constexpr int64_t kBuf = 512;            // positions of a masked-gradient block (on the stack)
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t task_grain(int64_t elems_per_item) {
@@ -99,6 +102,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
   }
   return conv2d_im2col_backward_cpu(grad, input, weight, stride, padding, dilation, groups, mask,
                                     max_col_bytes);
+}
+
+// v where cond holds, else +0 (also for an infinite or NaN v, as torch's threshold_backward), by
+// masking the bits: GCC if-converts and vectorises this where it leaves `cond ? v : 0` a branch.
+template <typename T>
+inline T keep_if(bool cond, T v) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  static_assert(sizeof(T) == sizeof(U));
+  U bits;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits &= U(0) - U(cond);
+  std::memcpy(&v, &bits, sizeof(T));
+  return v;
 }
 
 // ---- eval: folding BatchNorm into the convolution -----------------------------------------------
@@ -162,7 +178,7 @@ void fold_backward(int64_t c_out, int64_t k, const T* gw, const T* gb, const T* 
 template <typename T>
 void relu_mask(int64_t numel, const T* g, const T* y, T* out) {
   at::parallel_for(0, numel, kTaskElems, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = y[i] > T(0) ? g[i] : T(0);
+    for (int64_t i = begin; i < end; ++i) out[i] = keep_if(y[i] > T(0), g[i]);
   });
 }
 
@@ -325,34 +341,42 @@ std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, cons
   if (!d.cl) {
     const int64_t pieces = div_up(d.hw, kRun), per_c = d.n * pieces;
     std::vector<std::array<acc_t, 2>> part(d.c * per_c);
-    at::parallel_for(
-        0, d.n * d.c * pieces, task_grain(std::min(d.hw, kRun)), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t piece = i % pieces, plane = i / pieces;
-            const int64_t c = plane % d.c, n = plane / d.c, q0 = piece * kRun;
-            const int64_t len = std::min(kRun, d.hw - q0), off = plane * d.hw + q0;
-            const acc_t m = acc_t(mean[c]);
-            const T av = a[c], bv = b[c];
-            acc_t s0[kLanes] = {}, s1[kLanes] = {};
-            int64_t q = 0;
-            for (; q + kLanes <= len; q += kLanes) {
-              for (int j = 0; j < kLanes; ++j) {
-                const T zv = z[off + q + j];
-                const acc_t gm = zv * av + bv > T(0) ? acc_t(g[off + q + j]) : acc_t(0);
-                s0[j] += gm;
-                s1[j] += gm * (acc_t(zv) - m);
-              }
-            }
-            acc_t t0 = 0, t1 = 0;
-            for (int j = 0; j < kLanes; ++j) t0 += s0[j], t1 += s1[j];
-            for (; q < len; ++q) {
-              const acc_t gm = z[off + q] * av + bv > T(0) ? acc_t(g[off + q]) : acc_t(0);
-              t0 += gm;
-              t1 += gm * (acc_t(z[off + q]) - m);
-            }
-            part[c * per_c + n * pieces + piece] = {t0, t1};
-          }
-        });
+    at::parallel_for(0, d.n * d.c * pieces, task_grain(std::min(d.hw, kRun)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t i = begin; i < end; ++i) {
+                         const int64_t piece = i % pieces, plane = i / pieces;
+                         const int64_t c = plane % d.c, n = plane / d.c, q0 = piece * kRun;
+                         const int64_t len = std::min(kRun, d.hw - q0), off = plane * d.hw + q0;
+                         const acc_t m = acc_t(mean[c]);
+                         const T av = a[c], bv = b[c];
+                         // The masked gradient of kBuf positions first (a vectorised select), then
+                         // the two sums over it in kLanes running sums (vectorised too), added in a
+                         // fixed order.
+                         T gm[kBuf];
+                         acc_t s0[kLanes] = {}, s1[kLanes] = {};
+                         acc_t t0 = 0, t1 = 0;
+                         for (int64_t q0 = 0; q0 < len; q0 += kBuf) {
+                           const int64_t nb = std::min(kBuf, len - q0);
+                           const T* zq = z + off + q0;
+                           const T* gq = g + off + q0;
+                           for (int64_t q = 0; q < nb; ++q)
+                             gm[q] = keep_if(zq[q] * av + bv > T(0), gq[q]);
+                           int64_t q = 0;
+                           for (; q + kLanes <= nb; q += kLanes) {
+                             for (int j = 0; j < kLanes; ++j) {
+                               s0[j] += acc_t(gm[q + j]);
+                               s1[j] += acc_t(gm[q + j]) * (acc_t(zq[q + j]) - m);
+                             }
+                           }
+                           for (; q < nb; ++q) {
+                             t0 += acc_t(gm[q]);
+                             t1 += acc_t(gm[q]) * (acc_t(zq[q]) - m);
+                           }
+                         }
+                         for (int j = 0; j < kLanes; ++j) t0 += s0[j], t1 += s1[j];
+                         part[c * per_c + n * pieces + piece] = {t0, t1};
+                       }
+                     });
     at::parallel_for(0, d.c, task_grain(per_c), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         for (int64_t j = 0; j < per_c; ++j) {
@@ -377,9 +401,10 @@ std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, cons
       for (int64_t r = r0; r < r0 + nr; ++r) {
         const int64_t off = r * d.c;
         for (int64_t c = 0; c < d.c; ++c) {
-          const acc_t gm = z[off + c] * a[c] + b[c] > T(0) ? acc_t(g[off + c]) : acc_t(0);
+          const T zv = z[off + c];
+          const acc_t gm = acc_t(keep_if(zv * a[c] + b[c] > T(0), g[off + c]));
           s0[c] += gm;
-          s1[c] += gm * (acc_t(z[off + c]) - m[c]);
+          s1[c] += gm * (acc_t(zv) - m[c]);
         }
       }
     }
@@ -400,7 +425,7 @@ template <typename T>
 void grad_conv_output(const Dense& d, const T* g, const T* z, const T* a, const T* b, const T* mean,
                       const T* k1, const T* k2, const T* k3, T* dz) {
   auto at_ = [&](int64_t i, int64_t c) {
-    const T gm = z[i] * a[c] + b[c] > T(0) ? g[i] : T(0);
+    const T gm = keep_if(z[i] * a[c] + b[c] > T(0), g[i]);
     dz[i] = gm * k1[c] + (z[i] - mean[c]) * k2[c] + k3[c];
   };
   if (!d.cl) {

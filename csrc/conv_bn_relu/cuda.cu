@@ -1,11 +1,9 @@
 // Fused Conv2d + BatchNorm2d + ReLU on CUDA. Eval: fold_kernel folds BatchNorm into temporaries
-// (w' = w * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps)); the direct tiled kernel
-// of conv2d_direct/kernels.cuh runs with a bias + ReLU epilogue (one kernel), the im2col path with
-// its one bias pass doing the ReLU too. Train: the convolution, then stats_partial_kernel (block =
-// one channel x one slice of positions, 128 threads, per-thread Welford merged by a fixed tree)
-// and stats_finalize_kernel (thread = channel, slices merged in order), then normalize_kernel
-// (grid-stride, thread = element). Backward mirrors it: two-level channel sums, an elementwise
-// grad kernel, then the convolution's backward. No atomics: every sum has a fixed order.
+// w', b'; the tiled direct kernel runs with a bias + ReLU epilogue (one kernel), im2col with ReLU
+// in its one bias pass. Train: the convolution; stats_partial_kernel (block = channel x slice, 128
+// threads, per-thread Welford, fixed-tree merge), stats_finalize_kernel (thread = channel, slices
+// merged in order), normalize_kernel (grid-stride, thread = element). Backward mirrors it (two-
+// level channel sums, elementwise grad), then the convolution's backward. No atomics anywhere.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
