@@ -13,11 +13,13 @@
 
 namespace cnnext {
 
-// `relu`: the output store applies max(0, .) after the bias (fused epilogue).
+// Fused epilogue in the output store: acc * scale[c] + bias[c] (undefined `scale`: 1), then
+// max(0, .) with `relu`. `scale`: the input's dtype, length C_out.
 at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, c10::string_view variant, bool relu);
+                                     int64_t groups, c10::string_view variant,
+                                     const at::Tensor& scale, bool relu);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

@@ -519,11 +519,12 @@ PackedFilter<T> pack_filter(int64_t groups, int64_t outs, int64_t chans,
 // ---- forward
 // -------------------------------------------------------------------------------------
 
-// With `relu` the store applies max(0, .) after the bias (the fused epilogue of conv_bn_relu):
-// the tile is still in L1, so the activation costs no extra pass over the output.
+// The store computes acc * scale[c] + bias[c] (a null scale is 1, exactly), then max(0, .) with
+// `relu`: the fused epilogue of conv_bn_relu (BatchNorm's scale folded into the store rather
+// than into a copy of the weight). The tile is still in L1: no extra pass over the output.
 template <typename T>
 void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Tensor& weight,
-                   const T* bias, bool relu, at::Tensor& output) {
+                   const T* bias, const T* scale, bool relu, at::Tensor& output) {
   const Isa isa = cpu_isa(kForwardOp);
   const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group();
   const int64_t L = div_up(p.w + 2 * p.pw, p.sw);
@@ -584,6 +585,7 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
           for (int64_t o = 0; o < ocb && b * ocb + o < cout; ++o) {
             const int64_t oc = g * cout + b * ocb + o;
             const T bv = bias != nullptr ? bias[oc] : T(0);
+            const T sv = scale != nullptr ? scale[oc] : T(1);  // x * 1 == x: plain conv unchanged
             T* out_c = out + (n0 + n) * os.n + oc * os.c;
             for (int64_t oy = q0 / a.L; oy < std::min(p.h_out, div_up(q1, a.L)); ++oy) {
               const int64_t x_begin = std::max<int64_t>(0, q0 - oy * a.L);
@@ -594,12 +596,12 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
               if (os.w == 1 && relu) {
                 // std::max(v, 0) keeps NaN, as torch.relu does.
                 for (int64_t ox = x_begin; ox < x_end; ++ox)
-                  dst[ox] = std::max(src[shift + ox] + bv, T(0));
+                  dst[ox] = std::max(src[shift + ox] * sv + bv, T(0));
               } else if (os.w == 1) {
-                for (int64_t ox = x_begin; ox < x_end; ++ox) dst[ox] = src[shift + ox] + bv;
+                for (int64_t ox = x_begin; ox < x_end; ++ox) dst[ox] = src[shift + ox] * sv + bv;
               } else {
                 for (int64_t ox = x_begin; ox < x_end; ++ox) {
-                  const T v = src[shift + ox] + bv;
+                  const T v = src[shift + ox] * sv + bv;
                   dst[ox * os.w] = relu ? std::max(v, T(0)) : v;
                 }
               }
@@ -616,7 +618,8 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
 at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, c10::string_view variant, bool relu) {
+                                     int64_t groups, c10::string_view variant,
+                                     const at::Tensor& scale, bool relu) {
   const Conv2dParams p = conv2d_params(kForwardOp, input, weight, bias, stride, padding, dilation,
                                        groups, /*allow_reduced=*/false);
   check_variant(kForwardOp, variant);
@@ -627,9 +630,14 @@ at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& 
   // Any strides: packing reads the input (channels_last included) in place, once per sample.
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  if (scale.defined()) {
+    check_same(kForwardOp, "scale", scale, "input", input);
+    check_vector(kForwardOp, "scale", scale, p.c_out);
+  }
+  const at::Tensor s = scale.defined() ? scale.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_direct", [&] {
     forward_typed<scalar_t>(p, input, weight, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                            relu, output);
+                            s.defined() ? s.const_data_ptr<scalar_t>() : nullptr, relu, output);
   });
   return output;
 }
@@ -1014,7 +1022,7 @@ at::Tensor conv2d_direct_op_cpu(const at::Tensor& input, const at::Tensor& weigh
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                 c10::string_view variant) {
   return conv2d_direct_forward_cpu(input, weight, bias, stride, padding, dilation, groups, variant,
-                                   /*relu=*/false);
+                                   /*scale=*/at::Tensor(), /*relu=*/false);
 }
 
 }  // namespace

@@ -12,12 +12,14 @@
 
 namespace cnnext {
 
-// `relu`: max(0, .) after the bias (fused epilogue). CPU: applied to each output tile right after
-// its GEMM, while it is in cache. CUDA: in the one elementwise pass that also adds the bias.
+// Fused epilogue: acc * scale[c] + bias[c] (undefined `scale`: 1), then max(0, .) with `relu`;
+// `scale`: the input's dtype, length C_out. CPU: applied to each output tile right after its
+// GEMM, while it is in cache. CUDA: in the one elementwise pass that also adds the bias.
 at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, int64_t max_col_bytes, bool relu);
+                                     int64_t groups, int64_t max_col_bytes, const at::Tensor& scale,
+                                     bool relu);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -26,7 +28,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
 at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups, int64_t max_col_bytes, bool relu);
+                                      int64_t groups, int64_t max_col_bytes,
+                                      const at::Tensor& scale, bool relu);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

@@ -407,17 +407,25 @@ int64_t samples_per_chunk(const Conv2dParams& p, const Layout& l, int64_t max_co
 
 // ---- forward --------------------------------------------------------------------------------
 
-// max(0, v) that keeps NaN, as torch.relu does; a loop of it vectorises to max instructions.
+// The fused epilogue of conv_bn_relu on `count` values of one channel: v * scale + shift, then
+// max(0, .) with `relu` (std::max(v, 0) keeps NaN, as torch.relu does). Vectorises.
 template <typename scalar_t>
-void relu_inplace(scalar_t* v, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) v[i] = std::max(v[i], scalar_t(0));
+void epilogue_run(scalar_t* v, int64_t count, scalar_t scale, scalar_t shift, bool relu) {
+  if (relu) {
+    for (int64_t i = 0; i < count; ++i) v[i] = std::max(v[i] * scale + shift, scalar_t(0));
+  } else {
+    for (int64_t i = 0; i < count; ++i) v[i] = v[i] * scale + shift;
+  }
 }
 
-// `relu` (the fused epilogue of conv_bn_relu) clamps each tile right after its GEMM, while the
-// tile is still in cache: no separate pass over the output.
+// With `scale` (the fused epilogue of conv_bn_relu) each output is acc * scale[c] + bias[c],
+// then max(0, .) with `relu`: applied to each tile right after its GEMM, while the tile is still
+// in cache, so there is no separate pass over the output. Without a scale the bias is written
+// before the GEMM accumulates onto it, as in the plain convolution.
 template <typename scalar_t>
 void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* w,
-                  const scalar_t* bias, bool relu, scalar_t* y, int64_t max_col_bytes) {
+                  const scalar_t* bias, const scalar_t* scale, bool relu, scalar_t* y,
+                  int64_t max_col_bytes) {
   const int64_t cog = p.c_out_per_group(), in_size = p.c_in * p.h * p.w;
   const int64_t out_size = p.c_out * l.p;
   const int64_t slots = sample_slots(p);
@@ -446,7 +454,7 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
     scalar_t* c = direct ? y + t.n0 * out_size + t.oh0 * p.w_out
                          : tmp_buffer.mutable_data_ptr<scalar_t>() + slot * tmp_size;
     const int64_t ldc = direct ? l.p : cols;
-    const bool add_bias_first = direct && bias != nullptr;
+    const bool add_bias_first = direct && bias != nullptr && scale == nullptr;
     if (add_bias_first) {
       for (int64_t o = 0; o < p.c_out; ++o) std::fill(c + o * ldc, c + o * ldc + cols, bias[o]);
     }
@@ -455,8 +463,12 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
       gemm_rm<scalar_t>(cog, cols, l.k, w + g * cog * l.k, l.k, a + g * l.k * lda, lda,
                         c + g * cog * ldc, ldc, add_bias_first);
     }
-    if (direct && relu) {
-      for (int64_t o = 0; o < p.c_out; ++o) relu_inplace(c + o * ldc, cols);
+    if (direct && (scale != nullptr || relu)) {
+      for (int64_t o = 0; o < p.c_out; ++o) {
+        const scalar_t so = scale != nullptr ? scale[o] : scalar_t(1);
+        const scalar_t bo = scale != nullptr && bias != nullptr ? bias[o] : scalar_t(0);
+        epilogue_run(c + o * ldc, cols, so, bo, relu);
+      }
     }
     if (!direct) {
       for (int64_t b = 0; b < t.nb; ++b) {
@@ -464,10 +476,11 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
           const scalar_t* src = c + o * ldc + b * rows;
           scalar_t* dst = y + (t.n0 + b) * out_size + o * l.p;
           const scalar_t bo = bias != nullptr ? bias[o] : scalar_t(0);
+          const scalar_t so = scale != nullptr ? scale[o] : scalar_t(1);  // x * 1 == x
           if (relu) {
-            for (int64_t i = 0; i < rows; ++i) dst[i] = std::max(src[i] + bo, scalar_t(0));
+            for (int64_t i = 0; i < rows; ++i) dst[i] = std::max(src[i] * so + bo, scalar_t(0));
           } else {
-            for (int64_t i = 0; i < rows; ++i) dst[i] = src[i] + bo;
+            for (int64_t i = 0; i < rows; ++i) dst[i] = src[i] * so + bo;
           }
         }
       }
@@ -478,7 +491,8 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
 // `wt` is W'^T per group: [G][K = (ki, kj, c)][cog].
 template <typename scalar_t>
 void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* wt,
-                  const scalar_t* bias, bool relu, scalar_t* y, int64_t max_col_bytes) {
+                  const scalar_t* bias, const scalar_t* scale, bool relu, scalar_t* y,
+                  int64_t max_col_bytes) {
   const int64_t cog = p.c_out_per_group(), total = p.n * l.p;
   // Tiles of output pixels (any range of q = n * P + pixel is a contiguous block of NHWC rows),
   // cache-sized and within the budget; slots are parallel tasks over contiguous tile ranges.
@@ -500,16 +514,27 @@ void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
       a = col;
     }
     scalar_t* yc = y + q0 * p.c_out;
-    if (bias != nullptr) {
+    const bool add_bias_first = bias != nullptr && scale == nullptr;
+    if (add_bias_first) {
       for (int64_t r = 0; r < rows; ++r)
         std::memcpy(yc + r * p.c_out, bias, p.c_out * sizeof(scalar_t));
     }
     // Y_g[rows, cog] (rows C_out apart) = col_g[rows, K] . W'^T_g[K, cog], all row-major.
     for (int64_t g = 0; g < p.groups; ++g) {
       gemm_rm<scalar_t>(rows, cog, l.k, a + g * l.k, l.gk, wt + g * l.k * cog, cog, yc + g * cog,
-                        p.c_out, bias != nullptr);
+                        p.c_out, add_bias_first);
     }
-    if (relu) relu_inplace(yc, rows * p.c_out);
+    if (scale != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* v = yc + r * p.c_out;
+        for (int64_t c = 0; c < p.c_out; ++c) {
+          const scalar_t t = v[c] * scale[c] + (bias != nullptr ? bias[c] : scalar_t(0));
+          v[c] = relu ? std::max(t, scalar_t(0)) : t;
+        }
+      }
+    } else if (relu) {
+      epilogue_run(yc, rows * p.c_out, scalar_t(1), scalar_t(0), true);
+    }
   };
   if (slots <= 1 || tiles <= 1) {
     for (int64_t i = 0; i < tiles; ++i) run_tile(i, 0);
@@ -527,7 +552,8 @@ void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
 at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, int64_t max_col_bytes, bool relu) {
+                                     int64_t groups, int64_t max_col_bytes, const at::Tensor& scale,
+                                     bool relu) {
   const Conv2dParams p =
       conv2d_params(kForward, input, weight, bias, stride, padding, dilation, groups, false);
   CNNEXT_CHECK(max_col_bytes > 0, kForward, "expected max_col_bytes to be positive, got ",
@@ -551,12 +577,18 @@ at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& 
            : weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  if (scale.defined()) {
+    check_same(kForward, "scale", scale, "input", input);
+    check_vector(kForward, "scale", scale, p.c_out);
+  }
+  const at::Tensor s = scale.defined() ? scale.contiguous() : at::Tensor();
   at::Tensor y = cl && !nhwc ? at::empty(p.output_sizes(), output.options()) : output;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_im2col_forward_cpu", [&] {
     const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
     auto* run = nhwc ? &forward_nhwc<scalar_t> : &forward_nchw<scalar_t>;
-    run(p, l, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp, relu,
-        y.mutable_data_ptr<scalar_t>(), max_col_bytes);
+    run(p, l, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
+        s.defined() ? s.const_data_ptr<scalar_t>() : nullptr, relu, y.mutable_data_ptr<scalar_t>(),
+        max_col_bytes);
   });
   if (!y.is_same(output)) output.copy_(y);
   return output;
@@ -742,7 +774,7 @@ at::Tensor conv2d_im2col_op_cpu(const at::Tensor& input, const at::Tensor& weigh
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                 int64_t max_col_bytes) {
   return conv2d_im2col_forward_cpu(input, weight, bias, stride, padding, dilation, groups,
-                                   max_col_bytes, /*relu=*/false);
+                                   max_col_bytes, /*scale=*/at::Tensor(), /*relu=*/false);
 }
 
 }  // namespace

@@ -1,14 +1,15 @@
 // Fused Conv2d + BatchNorm2d + ReLU on the CPU, reusing the direct and im2col convolutions
-// (conv2d_direct.h, conv2d_im2col.h). Eval: BatchNorm is folded into temporaries
-// w' = w * s, b' = (b - mean) * s + beta with s = gamma / sqrt(var + eps), and the convolution
-// applies bias + ReLU as it stores each output tile (no extra pass). Train: the convolution, then
-// the per-channel batch statistics in one deterministic pass (runs of at most kRun values reduced
-// exactly while in cache, merged in a fixed order by Chan's formula, in double), then normalise,
-// scale, shift and ReLU in one pass. Backward: BatchNorm's two channel sums under the ReLU mask in
-// one pass (fixed-order partials), the gradient of the convolution output in a second, then the
-// convolution's own backward. The mask is recomputed (from the saved statistics in training, by
-// rerunning the folded convolution in eval), never read from the output, which callers may
-// modify in place. Every sum has an order that depends on the shapes only.
+// (conv2d_direct.h, conv2d_im2col.h). Eval: BatchNorm is folded into per-channel temporaries
+// s = gamma / sqrt(var + eps), b' = (b - mean) * s + beta, and the convolution's store computes
+// max(0, acc * s + b') for each output tile: no extra pass, and no folded copy of the weight
+// (which would cost more than the convolution for deep layers at batch 1). Train: the convolution,
+// then the per-channel batch statistics in one deterministic pass (runs of at most kRun values
+// reduced exactly while in cache, merged in a fixed order by Chan's formula, in double), then
+// normalise, scale, shift and ReLU in one pass. Backward: BatchNorm's two channel sums under the
+// ReLU mask in one pass (fixed-order partials), the gradient of the convolution output in a second,
+// then the convolution's own backward. The mask is recomputed (from the saved statistics in
+// training, by rerunning the folded convolution in eval), never read from the output, which callers
+// may modify in place. Every sum has an order that depends on the shapes only.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -80,16 +81,17 @@ Algo resolve_algo(Algo algo, const Conv2dParams& p) {
   return Algo::kDirect;
 }
 
+// out = conv(input, weight) * scale[c] + bias[c] (undefined scale: 1), then max(0, .) with relu.
 at::Tensor conv_forward(Algo algo, const at::Tensor& input, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                        int64_t max_col_bytes, bool relu) {
+                        const std::optional<at::Tensor>& bias, const at::Tensor& scale,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                        int64_t groups, int64_t max_col_bytes, bool relu) {
   if (algo == Algo::kDirect) {
     return conv2d_direct_forward_cpu(input, weight, bias, stride, padding, dilation, groups, "auto",
-                                     relu);
+                                     scale, relu);
   }
   return conv2d_im2col_forward_cpu(input, weight, bias, stride, padding, dilation, groups,
-                                   max_col_bytes, relu);
+                                   max_col_bytes, scale, relu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
@@ -119,37 +121,41 @@ inline T keep_if(bool cond, T v) {
 
 // ---- eval: folding BatchNorm into the convolution -----------------------------------------------
 
-// w' = w * s (k values per output channel) and, where b_out is given,
-// b' = (b - mean) * s + beta, with s = gamma * invstd. Missing b, gamma, beta mean 0, 1, 0.
+// BatchNorm folded per output channel: scale = gamma * invstd, shift = (b - mean) * scale + beta
+// (null b, gamma, beta: 0, 1, 0), so that relu(bn(conv(x) + b)) = relu(conv(x) * scale + shift).
 template <typename T>
-void fold(int64_t c_out, int64_t k, const T* w, const T* b, const T* gamma, const T* beta,
-          const T* mean, const T* invstd, T* w_out, T* b_out) {
+void fold_channels(int64_t c_out, const T* b, const T* gamma, const T* beta, const T* mean,
+                   const T* invstd, T* scale, T* shift) {
   using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  for (int64_t o = 0; o < c_out; ++o) {
+    const acc_t s = (gamma ? acc_t(gamma[o]) : acc_t(1)) * acc_t(invstd[o]);
+    const acc_t bias = b ? acc_t(b[o]) : acc_t(0), beta_o = beta ? acc_t(beta[o]) : acc_t(0);
+    scale[o] = static_cast<T>(s);
+    shift[o] = static_cast<T>((bias - acc_t(mean[o])) * s + beta_o);
+  }
+}
+
+// w' = w * scale[o] (k values per output channel): the folded weight, whose transpose gives the
+// input's gradient in eval mode.
+template <typename T>
+void scale_weight(int64_t c_out, int64_t k, const T* w, const T* scale, T* w_out) {
   at::parallel_for(0, c_out, task_grain(k), [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const acc_t s = (gamma ? acc_t(gamma[o]) : acc_t(1)) * acc_t(invstd[o]);
-      if (w_out != nullptr) {
-        for (int64_t i = o * k; i < (o + 1) * k; ++i) w_out[i] = static_cast<T>(acc_t(w[i]) * s);
-      }
-      if (b_out != nullptr) {
-        const acc_t bias = b ? acc_t(b[o]) : acc_t(0), shift = beta ? acc_t(beta[o]) : acc_t(0);
-        b_out[o] = static_cast<T>((bias - acc_t(mean[o])) * s + shift);
-      }
-    }
+    for (int64_t i = begin * k; i < end * k; ++i) w_out[i] = w[i] * scale[i / k];
   });
 }
 
-// Gradients of the folded parameters back to the module's: with s = gamma * invstd,
-// dw = dw' * s, db = db' * s, dbeta = db', dgamma = invstd * (sum_k dw'[o, k] w[o, k] +
-// db'[o] (b[o] - mean[o])). Outputs that are null are not computed.
+// Gradients of the folded parameters back to the module's, with dw' = dL/dw' and db' = dL/db' of
+// the folded convolution (w' = w * s, b' = shift): dw = dw' * s, db = db' * s, dbeta = db',
+// dgamma = invstd * (sum_k dw'[o, k] w[o, k] + db'[o] (b[o] - mean[o])). Null outputs are not
+// computed.
 template <typename T>
 void fold_backward(int64_t c_out, int64_t k, const T* gw, const T* gb, const T* w, const T* b,
-                   const T* gamma, const T* mean, const T* invstd, T* grad_w, T* grad_b,
+                   const T* scale, const T* mean, const T* invstd, T* grad_w, T* grad_b,
                    T* grad_gamma, T* grad_beta) {
   using acc_t = at::acc_type<T, /*is_cuda=*/false>;
   at::parallel_for(0, c_out, task_grain(k), [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      const acc_t s = (gamma ? acc_t(gamma[o]) : acc_t(1)) * acc_t(invstd[o]);
+      const acc_t s = acc_t(scale[o]);
       const T* gw_o = gw + o * k;
       if (grad_w != nullptr) {
         for (int64_t i = 0; i < k; ++i) grad_w[o * k + i] = static_cast<T>(acc_t(gw_o[i]) * s);
@@ -459,16 +465,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   const auto options = input.options();
   at::Tensor save_mean = at::empty({p.c_out}, options);
   at::Tensor save_invstd = at::empty({p.c_out}, options);
-  const int64_t k = p.c_in_per_group() * p.kh * p.kw;
-  auto conv = [&](const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
-    return conv_forward(algo, input, w, b, stride, padding, dilation, groups, max_col_bytes, relu);
-  };
-
   if (!training) {
-    // Temporaries only: the module's parameters and buffers are never written.
-    const at::Tensor w = weight.contiguous();
-    at::Tensor w_fold = at::empty(weight.sizes(), options);
-    at::Tensor b_fold = at::empty({p.c_out}, options);
+    // Per-channel temporaries only: the module's parameters and buffers are never written.
+    at::Tensor scale = at::empty({p.c_out}, options), shift = at::empty({p.c_out}, options);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_bn_relu_fold", [&] {
       using acc_t = at::acc_type<scalar_t, false>;
       const at::Tensor rm = running_mean->contiguous(), rv = running_var->contiguous();
@@ -479,18 +478,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
         mean_out[c] = rm.const_data_ptr<scalar_t>()[c];
         invstd_out[c] = static_cast<scalar_t>(acc_t(1) / std::sqrt(acc_t(var[c]) + acc_t(eps)));
       }
-      fold<scalar_t>(p.c_out, k, w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(conv_bias),
-                     ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias), mean_out,
-                     invstd_out, w_fold.mutable_data_ptr<scalar_t>(),
-                     b_fold.mutable_data_ptr<scalar_t>());
+      fold_channels<scalar_t>(p.c_out, ptr_or_null<scalar_t>(conv_bias),
+                              ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias),
+                              mean_out, invstd_out, scale.mutable_data_ptr<scalar_t>(),
+                              shift.mutable_data_ptr<scalar_t>());
     });
+    const at::Tensor output = conv_forward(algo, input, weight, shift, scale, stride, padding,
+                                           dilation, groups, max_col_bytes, /*relu=*/true);
     // Two distinct empty tensors: outputs must not alias.
-    return {conv(w_fold, b_fold, /*relu=*/true), save_mean, save_invstd, at::empty({0}, options),
-            at::empty({0}, options)};
+    return {output, save_mean, save_invstd, at::empty({0}, options), at::empty({0}, options)};
   }
 
   const bool cl = is_channels_last(input);
-  const at::Tensor z = conv(weight, conv_bias, /*relu=*/false).contiguous(format_of(cl));
+  const at::Tensor z = conv_forward(algo, input, weight, conv_bias, at::Tensor(), stride, padding,
+                                    dilation, groups, max_col_bytes, /*relu=*/false)
+                           .contiguous(format_of(cl));
   at::Tensor output = at::empty(z.sizes(), options.memory_format(format_of(cl)));
   at::Tensor batch_var = at::empty({p.c_out}, options);
   const Dense d = dense_of(p, cl);
@@ -594,16 +596,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
   }
   const at::Tensor w = weight.contiguous();
-  at::Tensor w_fold = at::empty(weight.sizes(), options);
-  at::Tensor b_fold = at::empty({p.c_out}, options);
+  at::Tensor scale = at::empty({p.c_out}, options), shift = at::empty({p.c_out}, options);
+  // The folded weight only where the input's gradient needs it.
+  at::Tensor w_fold = mask[0] ? at::empty(weight.sizes(), options) : w;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_bn_relu_backward_fold", [&] {
-    fold<scalar_t>(p.c_out, k, w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(conv_bias),
-                   ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias),
-                   mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
-                   w_fold.mutable_data_ptr<scalar_t>(), b_fold.mutable_data_ptr<scalar_t>());
+    fold_channels<scalar_t>(p.c_out, ptr_or_null<scalar_t>(conv_bias),
+                            ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias),
+                            mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
+                            scale.mutable_data_ptr<scalar_t>(), shift.mutable_data_ptr<scalar_t>());
+    if (mask[0]) {
+      scale_weight<scalar_t>(p.c_out, k, w.const_data_ptr<scalar_t>(),
+                             scale.const_data_ptr<scalar_t>(), w_fold.mutable_data_ptr<scalar_t>());
+    }
   });
-  // The forward's pre-activation, bit for bit (same folded parameters, same kernel), for the mask.
-  const at::Tensor pre = conv_forward(algo, input, w_fold, b_fold, stride, padding, dilation,
+  // The forward's pre-activation, bit for bit (same kernel, same epilogue minus the ReLU), for the
+  // mask.
+  const at::Tensor pre = conv_forward(algo, input, weight, shift, scale, stride, padding, dilation,
                                       groups, max_col_bytes, /*relu=*/false)
                              .contiguous(fmt);
   at::Tensor gm = at::empty(g.sizes(), options.memory_format(fmt));
@@ -623,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
       fold_backward<scalar_t>(p.c_out, k, need_gw ? gw_fold.const_data_ptr<scalar_t>() : nullptr,
                               need_gb ? gb_fold.const_data_ptr<scalar_t>() : nullptr,
                               w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(conv_bias),
-                              ptr_or_null<scalar_t>(bn_weight), mean.const_data_ptr<scalar_t>(),
+                              scale.const_data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(),
                               invstd.const_data_ptr<scalar_t>(), out(mask[1], grad_weight),
                               out(mask[2], grad_bias), out(mask[3], grad_gamma),
                               out(mask[4], grad_beta));

@@ -1,9 +1,10 @@
-// Fused Conv2d + BatchNorm2d + ReLU on CUDA. Eval: fold_kernel folds BatchNorm into temporaries
-// w', b'; the tiled direct kernel runs with a bias + ReLU epilogue (one kernel), im2col with ReLU
-// in its one bias pass. Train: the convolution; stats_partial_kernel (block = channel x slice, 128
-// threads, per-thread Welford, fixed-tree merge), stats_finalize_kernel (thread = channel, slices
-// merged in order), normalize_kernel (grid-stride, thread = element). Backward mirrors it (two-
-// level channel sums, elementwise grad), then the convolution's backward. No atomics anywhere.
+// Fused Conv2d + BatchNorm2d + ReLU on CUDA. Eval: fold_channels_kernel folds BatchNorm into a
+// per-channel scale and shift; the tiled direct kernel runs with a scale + shift + ReLU epilogue
+// (one kernel), im2col with them in its one bias pass. Train: the convolution; stats_partial_kernel
+// (block = channel x slice, 128 threads, per-thread Welford, fixed-tree merge),
+// stats_finalize_kernel (thread = channel, slices merged in order), normalize_kernel (grid-stride,
+// thread = element). Backward mirrors it (two- level channel sums, elementwise grad), then the
+// convolution's backward. No atomics anywhere.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -47,16 +48,19 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
 
 // ---- epilogue of the eval forward ---------------------------------------------------------------
 
-// The direct kernels' epilogue hook: folded bias, then ReLU (v < 0 ? 0 : v keeps NaN, as
-// torch.relu does). A kernel argument: trivially copyable, device pointers only.
-template <typename scalar_t>
-struct BiasReluEpilogue {
-  const scalar_t* bias = nullptr;
+// The direct kernels' epilogue hook: acc * scale[c] + shift[c] (BatchNorm folded, so no folded
+// copy of the weight is made), then ReLU (v < 0 ? 0 : v keeps NaN, as torch.relu does) when
+// RELU; without it eval backward recomputes the forward's pre-activation bit for bit. A kernel
+// argument: trivially copyable, device pointers only.
+template <typename scalar_t, bool RELU>
+struct ScaleShiftEpilogue {
+  const scalar_t* scale = nullptr;
+  const scalar_t* shift = nullptr;
 
   template <typename acc_t>
   __device__ __forceinline__ acc_t operator()(acc_t value, int64_t channel) const {
-    const acc_t v = value + static_cast<acc_t>(bias[channel]);
-    return v < acc_t(0) ? acc_t(0) : v;
+    const acc_t v = value * static_cast<acc_t>(scale[channel]) + static_cast<acc_t>(shift[channel]);
+    return RELU && v < acc_t(0) ? acc_t(0) : v;
   }
 };
 
@@ -75,40 +79,48 @@ __global__ void eval_stats_kernel(const scalar_t* __restrict__ running_mean,
   invstd[c] = acc_t(1) / std::sqrt(static_cast<acc_t>(running_var[c]) + eps);
 }
 
-// w' = w * s (thread = weight element, k per channel) and, where b_out is given, the first c_out
-// threads also write b' = (b - mean) * s + beta; s = gamma * invstd. Null b, gamma, beta mean
-// 0, 1, 0.
+// BatchNorm folded per output channel (thread = channel): scale = gamma * invstd,
+// shift = (b - mean) * scale + beta (null b, gamma, beta: 0, 1, 0), so that
+// relu(bn(conv(x) + b)) = relu(conv(x) * scale + shift).
 template <typename scalar_t>
-__global__ void fold_kernel(const scalar_t* __restrict__ w, const scalar_t* __restrict__ b,
-                            const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
-                            const cuda_acc_t<scalar_t>* __restrict__ mean,
-                            const cuda_acc_t<scalar_t>* __restrict__ invstd,
-                            scalar_t* __restrict__ w_out, scalar_t* __restrict__ b_out,
-                            int64_t c_out, int64_t k) {
+__global__ void fold_channels_kernel(const scalar_t* __restrict__ b,
+                                     const scalar_t* __restrict__ gamma,
+                                     const scalar_t* __restrict__ beta,
+                                     const cuda_acc_t<scalar_t>* __restrict__ mean,
+                                     const cuda_acc_t<scalar_t>* __restrict__ invstd,
+                                     scalar_t* __restrict__ scale, scalar_t* __restrict__ shift,
+                                     int64_t c_out) {
   using acc_t = cuda_acc_t<scalar_t>;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < c_out * k) {
-    const int64_t o = i / k;
-    const acc_t s = (gamma != nullptr ? static_cast<acc_t>(gamma[o]) : acc_t(1)) * invstd[o];
-    w_out[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) * s);
-  }
-  if (b_out != nullptr && i < c_out) {
-    const acc_t s = (gamma != nullptr ? static_cast<acc_t>(gamma[i]) : acc_t(1)) * invstd[i];
-    const acc_t bias = b != nullptr ? static_cast<acc_t>(b[i]) : acc_t(0);
-    const acc_t shift = beta != nullptr ? static_cast<acc_t>(beta[i]) : acc_t(0);
-    b_out[i] = static_cast<scalar_t>((bias - mean[i]) * s + shift);
-  }
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (o >= c_out) return;
+  const acc_t s = (gamma != nullptr ? static_cast<acc_t>(gamma[o]) : acc_t(1)) * invstd[o];
+  const acc_t bias = b != nullptr ? static_cast<acc_t>(b[o]) : acc_t(0);
+  const acc_t beta_o = beta != nullptr ? static_cast<acc_t>(beta[o]) : acc_t(0);
+  scale[o] = static_cast<scalar_t>(s);
+  shift[o] = static_cast<scalar_t>((bias - mean[o]) * s + beta_o);
 }
 
-// Gradients of the folded parameters back to the module's; block = output channel. With
-// s = gamma * invstd: dw = dw' * s, db = db' * s, dbeta = db', dgamma = invstd *
-// (sum_k dw'[o, k] w[o, k] + db'[o] (b[o] - mean[o])), the sum by a fixed tree. Null outputs are
-// not computed.
+// w' = w * scale[o] (thread = weight element, k per channel): the folded weight, whose transpose
+// gives the input's gradient in eval mode.
+template <typename scalar_t>
+__global__ void scale_weight_kernel(const scalar_t* __restrict__ w,
+                                    const scalar_t* __restrict__ scale,
+                                    scalar_t* __restrict__ w_out, int64_t c_out, int64_t k) {
+  using acc_t = cuda_acc_t<scalar_t>;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= c_out * k) return;
+  w_out[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) * static_cast<acc_t>(scale[i / k]));
+}
+
+// Gradients of the folded parameters back to the module's (block = output channel), with
+// dw' = dL/dw' and db' = dL/db' of the folded convolution (w' = w * s, b' = shift):
+// dw = dw' * s, db = db' * s, dbeta = db', dgamma = invstd * (sum_k dw'[o, k] w[o, k] +
+// db'[o] (b[o] - mean[o])), the sum by a fixed tree. Null outputs are not computed.
 template <typename scalar_t>
 __global__ void fold_backward_kernel(const scalar_t* __restrict__ gw,
                                      const scalar_t* __restrict__ gb,
                                      const scalar_t* __restrict__ w, const scalar_t* __restrict__ b,
-                                     const scalar_t* __restrict__ gamma,
+                                     const scalar_t* __restrict__ scale,
                                      const cuda_acc_t<scalar_t>* __restrict__ mean,
                                      const cuda_acc_t<scalar_t>* __restrict__ invstd,
                                      scalar_t* __restrict__ grad_w, scalar_t* __restrict__ grad_b,
@@ -117,7 +129,7 @@ __global__ void fold_backward_kernel(const scalar_t* __restrict__ gw,
   using acc_t = cuda_acc_t<scalar_t>;
   __shared__ acc_t sums[kReduceThreads];
   const int64_t o = blockIdx.x, tid = threadIdx.x;
-  const acc_t s = (gamma != nullptr ? static_cast<acc_t>(gamma[o]) : acc_t(1)) * invstd[o];
+  const acc_t s = static_cast<acc_t>(scale[o]);
   acc_t dot = 0;
   const bool read_gw = grad_w != nullptr || grad_gamma != nullptr;  // else gw may be null
   for (int64_t i = o * k + tid; read_gw && i < (o + 1) * k; i += kReduceThreads) {
@@ -432,6 +444,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
 
 unsigned int channel_blocks(int64_t c) { return ceil_div(c, kThreads); }
 
+// relu?(conv(input, weight) * scale[c] + shift[c]): the direct kernel with the ScaleShiftEpilogue
+// (one kernel), or im2col with scale, shift and ReLU in its one bias pass. Without relu it is the
+// pre-activation, bit for bit the value the ReLU version clamps.
+at::Tensor folded_conv(const char* op, Algo algo, const Conv2dParams& p, const at::Tensor& input,
+                       const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
+                       bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, int64_t max_col_bytes,
+                       at::MemoryFormat fmt) {
+  if (algo == Algo::kIm2col) {
+    return conv2d_im2col_forward_cuda(input, weight, shift, stride, padding, dilation, groups,
+                                      max_col_bytes, scale, relu);
+  }
+  at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
+  if (output.numel() == 0) return output;
+  const at::Tensor x = input.contiguous(fmt), w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "folded_conv", [&] {
+    const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+    const scalar_t* hp = shift.const_data_ptr<scalar_t>();
+    auto launch = [&](auto epilogue) {
+      conv2d_direct_launch<scalar_t, /*TRANSPOSED=*/false>(
+          op, forward_geometry(p, x, output), x.const_data_ptr<scalar_t>(),
+          w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), epilogue,
+          DirectVariant::kAuto);
+    };
+    if (relu) {
+      launch(ScaleShiftEpilogue<scalar_t, true>{sp, hp});
+    } else {
+      launch(ScaleShiftEpilogue<scalar_t, false>{sp, hp});
+    }
+  });
+  return output;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
@@ -450,17 +495,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   const bool cl = is_channels_last(input);
   const at::MemoryFormat fmt = format_of(cl);
   const cudaStream_t stream = current_stream();
-  const int64_t k = p.c_in_per_group() * p.kh * p.kw;
 
   if (!training) {
-    // Temporaries only: the module's parameters and buffers are never written.
-    const at::Tensor w = weight.contiguous();
-    at::Tensor w_fold = at::empty(weight.sizes(), options);
-    at::Tensor b_fold = at::empty({p.c_out}, options);
+    // Per-channel temporaries only: the module's parameters and buffers are never written.
+    at::Tensor scale = at::empty({p.c_out}, options), shift = at::empty({p.c_out}, options);
     const at::Tensor rm = running_mean->contiguous(), rv = running_var->contiguous();
-    at::Tensor output;
-    if (algo == Algo::kDirect) output = at::empty(p.output_sizes(), options.memory_format(fmt));
-    const at::Tensor x = algo == Algo::kDirect ? input.contiguous(fmt) : input;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "conv_bn_relu_eval", [&] {
           using acc_t = cuda_acc_t<scalar_t>;
@@ -469,25 +508,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
                         rv.const_data_ptr<scalar_t>(), static_cast<acc_t>(eps),
                         save_mean.mutable_data_ptr<acc_t>(), save_invstd.mutable_data_ptr<acc_t>(),
                         p.c_out);
-          CNNEXT_LAUNCH((fold_kernel<scalar_t>), dim3(ceil_div(p.c_out * k, kThreads)),
-                        dim3(kThreads), 0, stream, w.const_data_ptr<scalar_t>(),
-                        ptr_or_null<scalar_t>(conv_bias), ptr_or_null<scalar_t>(bn_weight),
-                        ptr_or_null<scalar_t>(bn_bias), save_mean.const_data_ptr<acc_t>(),
-                        save_invstd.const_data_ptr<acc_t>(), w_fold.mutable_data_ptr<scalar_t>(),
-                        b_fold.mutable_data_ptr<scalar_t>(), p.c_out, k);
-          if (algo == Algo::kDirect && output.numel() > 0) {
-            // One kernel: the convolution with the folded weight, bias + ReLU in its epilogue.
-            conv2d_direct_launch<scalar_t, /*TRANSPOSED=*/false>(
-                kForwardOp, forward_geometry(p, x, output), x.const_data_ptr<scalar_t>(),
-                w_fold.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-                BiasReluEpilogue<scalar_t>{b_fold.const_data_ptr<scalar_t>()},
-                DirectVariant::kAuto);
-          }
+          CNNEXT_LAUNCH((fold_channels_kernel<scalar_t>), dim3(channel_blocks(p.c_out)),
+                        dim3(kThreads), 0, stream, ptr_or_null<scalar_t>(conv_bias),
+                        ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias),
+                        save_mean.const_data_ptr<acc_t>(), save_invstd.const_data_ptr<acc_t>(),
+                        scale.mutable_data_ptr<scalar_t>(), shift.mutable_data_ptr<scalar_t>(),
+                        p.c_out);
         });
-    if (algo == Algo::kIm2col) {
-      output = conv2d_im2col_forward_cuda(input, w_fold, b_fold, stride, padding, dilation, groups,
-                                          max_col_bytes, /*relu=*/true);
-    }
+    const at::Tensor output =
+        folded_conv(kForwardOp, algo, p, input, weight, scale, shift, /*relu=*/true, stride,
+                    padding, dilation, groups, max_col_bytes, fmt);
     // Two distinct empty tensors: outputs must not alias.
     return {output, save_mean, save_invstd, at::empty({0}, options), at::empty({0}, options)};
   }
@@ -496,7 +526,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
                      ? conv2d_direct_forward_cuda(input, weight, conv_bias, stride, padding,
                                                   dilation, groups, "auto")
                      : conv2d_im2col_forward_cuda(input, weight, conv_bias, stride, padding,
-                                                  dilation, groups, max_col_bytes, false);
+                                                  dilation, groups, max_col_bytes, at::Tensor(),
+                                                  /*relu=*/false);
   z = z.contiguous(fmt);
   at::Tensor output = at::empty(z.sizes(), options.memory_format(fmt));
   at::Tensor batch_var = at::empty({p.c_out}, stats_options);
@@ -607,33 +638,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     return {grad_input, grad_weight, grad_bias, grad_gamma, grad_beta};
   }
   const at::Tensor w = weight.contiguous();
-  at::Tensor w_fold = at::empty(weight.sizes(), options);
-  at::Tensor b_fold = at::empty({p.c_out}, options);
-  at::Tensor gm = at::empty(g.sizes(), options.memory_format(fmt));
-  at::Tensor pre;  // the forward's pre-activation, bit for bit: same folded parameters and kernel
-  if (algo == Algo::kDirect) pre = at::empty(g.sizes(), options.memory_format(fmt));
-  const at::Tensor x = algo == Algo::kDirect ? input.contiguous(fmt) : input;
+  at::Tensor scale = at::empty({p.c_out}, options), shift = at::empty({p.c_out}, options);
+  // The folded weight only where the input's gradient needs it.
+  at::Tensor w_fold = mask[0] ? at::empty(weight.sizes(), options) : w;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, g.scalar_type(), "conv_bn_relu_backward_fold", [&] {
         using acc_t = cuda_acc_t<scalar_t>;
-        CNNEXT_LAUNCH((fold_kernel<scalar_t>), dim3(ceil_div(p.c_out * k, kThreads)),
-                      dim3(kThreads), 0, stream, w.const_data_ptr<scalar_t>(),
-                      ptr_or_null<scalar_t>(conv_bias), ptr_or_null<scalar_t>(bn_weight),
-                      ptr_or_null<scalar_t>(bn_bias), mean.const_data_ptr<acc_t>(),
-                      invstd.const_data_ptr<acc_t>(), w_fold.mutable_data_ptr<scalar_t>(),
-                      b_fold.mutable_data_ptr<scalar_t>(), p.c_out, k);
-        if (algo == Algo::kDirect && pre.numel() > 0) {
-          conv2d_direct_launch<scalar_t, /*TRANSPOSED=*/false>(
-              kBackwardOp, forward_geometry(p, x, pre), x.const_data_ptr<scalar_t>(),
-              w_fold.const_data_ptr<scalar_t>(), pre.mutable_data_ptr<scalar_t>(),
-              BiasEpilogue<scalar_t>{b_fold.const_data_ptr<scalar_t>()}, DirectVariant::kAuto);
+        CNNEXT_LAUNCH((fold_channels_kernel<scalar_t>), dim3(channel_blocks(p.c_out)),
+                      dim3(kThreads), 0, stream, ptr_or_null<scalar_t>(conv_bias),
+                      ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias),
+                      mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                      scale.mutable_data_ptr<scalar_t>(), shift.mutable_data_ptr<scalar_t>(),
+                      p.c_out);
+        if (mask[0]) {
+          CNNEXT_LAUNCH((scale_weight_kernel<scalar_t>), dim3(ceil_div(p.c_out * k, kThreads)),
+                        dim3(kThreads), 0, stream, w.const_data_ptr<scalar_t>(),
+                        scale.const_data_ptr<scalar_t>(), w_fold.mutable_data_ptr<scalar_t>(),
+                        p.c_out, k);
         }
       });
-  if (algo == Algo::kIm2col) {
-    pre = conv2d_im2col_forward_cuda(input, w_fold, b_fold, stride, padding, dilation, groups,
-                                     max_col_bytes, /*relu=*/false)
-              .contiguous(fmt);
-  }
+  // The forward's pre-activation, bit for bit (same kernel, same epilogue minus the ReLU), for the
+  // mask.
+  const at::Tensor pre =
+      folded_conv(kBackwardOp, algo, p, input, weight, scale, shift,
+                  /*relu=*/false, stride, padding, dilation, groups, max_col_bytes, fmt)
+          .contiguous(fmt);
+  at::Tensor gm = at::empty(g.sizes(), options.memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, g.scalar_type(), "conv_bn_relu_backward_mask", [&] {
         const int64_t total = g.numel();
@@ -661,7 +691,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
                         need_gw ? gw_fold.const_data_ptr<scalar_t>() : nullptr,
                         need_gb ? gb_fold.const_data_ptr<scalar_t>() : nullptr,
                         w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(conv_bias),
-                        ptr_or_null<scalar_t>(bn_weight), mean.const_data_ptr<acc_t>(),
+                        scale.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
                         invstd.const_data_ptr<acc_t>(), out(mask[1], grad_weight),
                         out(mask[2], grad_bias), out(mask[3], grad_gamma), out(mask[4], grad_beta),
                         k);
