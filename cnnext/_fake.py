@@ -146,3 +146,82 @@ def _conv2d_im2col_backward_fake(
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The saved statistics' dtype: float for half / bfloat16 input, else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@register_fake("conv_bn_relu")
+def _conv_bn_relu_fake(
+    input,
+    weight,
+    conv_bias,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    training,
+    eps,
+    stride,
+    padding,
+    dilation,
+    groups,
+    algo="auto",
+    max_col_bytes=1 << 26,
+):
+    sizes = _conv_sizes(input, weight, stride, padding, dilation)
+    channels = weight.shape[0]
+    stats = _stats_dtype(input.dtype)
+    output = empty_like_format(input, sizes)
+    save_mean = input.new_empty(channels, dtype=stats)
+    save_invstd = input.new_empty(channels, dtype=stats)
+    if training:
+        return (
+            output,
+            save_mean,
+            save_invstd,
+            input.new_empty(channels, dtype=stats),
+            empty_like_format(input, sizes),
+        )
+    return output, save_mean, save_invstd, input.new_empty(0), input.new_empty(0)
+
+
+@register_fake("conv_bn_relu_backward")
+def _conv_bn_relu_backward_fake(
+    grad_output,
+    conv_output,
+    input,
+    weight,
+    conv_bias,
+    bn_weight,
+    bn_bias,
+    save_mean,
+    save_invstd,
+    training,
+    stride,
+    padding,
+    dilation,
+    groups,
+    algo,
+    max_col_bytes,
+    output_mask,
+):
+    channels = weight.shape[0]
+
+    def vector(want: bool) -> torch.Tensor:
+        return grad_output.new_empty(channels if want else 0)
+
+    # grad_input takes the layout the forward computed in: conv_output's (training), the
+    # input's (eval).
+    ref = conv_output if training else input
+    grad_input = empty_like_format(ref, input.shape) if output_mask[0] else grad_output.new_empty(0)
+    grad_weight = grad_output.new_empty(weight.shape if output_mask[1] else (0,))
+    return (
+        grad_input,
+        grad_weight,
+        vector(output_mask[2]),
+        vector(output_mask[3]),
+        vector(output_mask[4]),
+    )

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import _algo, ops
 
-__all__: list[str] = ["AvgPool2d", "Conv2d", "MaxPool2d"]
+__all__: list[str] = ["AvgPool2d", "Conv2d", "ConvBNReLU2d", "MaxPool2d"]
 
 IntPair = int | Sequence[int]
 CONV_ALGOS = ("auto", "direct", "im2col")
@@ -289,3 +289,180 @@ class Conv2d(nn.Conv2d):
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------
+
+
+class ConvBNReLU2d(nn.Sequential):
+    """``Conv2d -> BatchNorm2d -> ReLU`` as one fused cnnext op (``cnnext.ops.conv_bn_relu``).
+
+    A ``nn.Sequential`` whose children are exactly ``0: nn.Conv2d``, ``1: nn.BatchNorm2d``,
+    ``2: nn.ReLU``, so its ``state_dict`` keys (``0.weight``, ``1.weight``, ``1.bias``,
+    ``1.running_mean``, ``1.running_var``, ``1.num_batches_tracked``, and ``0.bias`` with
+    ``bias=True``) are those of ``nn.Sequential(nn.Conv2d(...), nn.BatchNorm2d(...),
+    nn.ReLU())``: checkpoints load both ways with no key remapping. Only ``forward`` differs:
+    one fused op instead of three. Train / eval behaviour, running statistics (``momentum=None``
+    is the cumulative average), ``affine`` and ``track_running_stats`` follow ``nn.BatchNorm2d``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: the
+            convolution's (``nn.Conv2d``; integer padding, zero padding mode). ``bias`` defaults
+            to False: BatchNorm's shift makes a conv bias redundant.
+        eps, momentum, affine, track_running_stats: BatchNorm's (``nn.BatchNorm2d``).
+        algo: ``"auto"``, ``"direct"`` or ``"im2col"``: the convolution underneath.
+
+    Shape:
+        ``Tensor[N, C_in, H, W]`` -> ``Tensor[N, C_out, H_out, W_out]`` (channels_last in,
+        channels_last out).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        algo: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,  # type: ignore[arg-type]
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            **factory,
+        )
+        bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **factory)
+        _check_fusable(conv, bn, algo)
+        super().__init__(conv, bn, nn.ReLU())
+        self.algo = algo
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        """The convolution (child ``0``)."""
+        return self[0]  # type: ignore[return-value]
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        """The batch norm (child ``1``)."""
+        return self[1]  # type: ignore[return-value]
+
+    @property
+    def relu(self) -> nn.ReLU:
+        """The ReLU (child ``2``); it holds no state."""
+        return self[2]  # type: ignore[return-value]
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:  # type: ignore[override]
+        """Children by index; a slice is a plain ``nn.Sequential`` (not a fused module)."""
+        if isinstance(idx, slice):
+            return nn.Sequential(*list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Module, bn: nn.BatchNorm2d, algo: str = "auto") -> ConvBNReLU2d:
+        """Fuse an existing ``nn.Conv2d`` (or ``cnnext.nn.Conv2d``) and ``nn.BatchNorm2d``.
+
+        The modules are shared, not copied: parameters, buffers and their training flags stay
+        those of ``conv`` and ``bn``. Raises ``ValueError`` for what the fused op cannot run:
+        a non-``'zeros'`` padding mode, string padding (``'same'`` / ``'valid'``), a channel
+        mismatch, or modules of other types.
+        """
+        _check_fusable(conv, bn, algo)
+        fused = cls.__new__(cls)
+        nn.Sequential.__init__(fused, conv, bn, nn.ReLU())
+        fused.algo = algo
+        return fused
+
+    def to_modules(self) -> nn.Sequential:
+        """A plain ``nn.Sequential(conv, bn, nn.ReLU())`` sharing this module's conv and bn."""
+        return nn.Sequential(self.conv, self.bn, nn.ReLU())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``relu(bn(conv(input)))``, choosing batch or running statistics as BatchNorm2d."""
+        conv, bn = self.conv, self.bn
+        if input.dim() != 4:
+            # As nn.BatchNorm2d (the Sequential would fail there).
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        # nn.BatchNorm2d.forward's bookkeeping, line for line.
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(bn.num_batches_tracked)
+            else:
+                factor = bn.momentum
+        bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+        use_running = not bn.training or bn.track_running_stats
+        algo = self.algo
+        if algo == "auto":  # as cnnext.nn.Conv2d: the heuristic, or the autotuner when on
+            algo = _algo.select(
+                input, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups
+            )[0]
+        return ops.conv_bn_relu(
+            input,
+            conv.weight,
+            conv.bias,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if use_running else None,
+            bn.running_var if use_running else None,
+            bn_training,
+            factor,
+            bn.eps,
+            conv.stride,
+            conv.padding,  # type: ignore[arg-type]
+            conv.dilation,
+            conv.groups,
+            algo=algo,
+        )
+
+    def extra_repr(self) -> str:
+        """``algo='auto'``."""
+        return f"algo={self.algo!r}"
+
+
+def _check_fusable(conv: nn.Module, bn: nn.Module, algo: str) -> None:
+    """ValueError unless ``conv`` and ``bn`` form a Conv2d + BatchNorm2d the fused op runs."""
+    if algo not in ops.FUSED_ALGOS:
+        raise ValueError(
+            f"cnnext.nn.ConvBNReLU2d: algo must be one of {ops.FUSED_ALGOS}, got {algo!r}"
+        )
+    conv_types: tuple[type, ...] = (nn.Conv2d,)
+    cnnext_conv = globals().get("Conv2d")  # cnnext.nn.Conv2d, where it exists
+    if isinstance(cnnext_conv, type):
+        conv_types += (cnnext_conv,)
+    if not isinstance(conv, conv_types):
+        raise ValueError(
+            f"cnnext.nn.ConvBNReLU2d: expected an nn.Conv2d, got {type(conv).__name__}"
+        )
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise ValueError(
+            f"cnnext.nn.ConvBNReLU2d: expected an nn.BatchNorm2d, got {type(bn).__name__}"
+        )
+    padding_mode = getattr(conv, "padding_mode", "zeros")
+    if padding_mode != "zeros":
+        raise ValueError(
+            f"cnnext.nn.ConvBNReLU2d: only padding_mode='zeros' is supported, got {padding_mode!r}"
+        )
+    if isinstance(conv.padding, str):
+        raise ValueError(
+            "cnnext.nn.ConvBNReLU2d: string padding ('same'/'valid') is not supported, got "
+            f"{conv.padding!r}; pass explicit integers"
+        )
+    if bn.num_features != conv.out_channels:
+        raise ValueError(
+            f"cnnext.nn.ConvBNReLU2d: BatchNorm2d has {bn.num_features} features but the "
+            f"convolution has {conv.out_channels} output channels"
+        )

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ._shapes import pair
-from .autograd import AvgPool2dFunction, Conv2dFunction, MaxPool2dFunction
+from ._shapes import conv_output_size, pair
+from .autograd import AvgPool2dFunction, Conv2dFunction, ConvBNReLU2dFunction, MaxPool2dFunction
 
 __all__ = [
     "avg_pool2d",
     "conv2d",
+    "conv_bn_relu",
     "get_im2col_workspace_limit",
     "max_pool2d",
     "set_im2col_workspace_limit",
@@ -174,3 +175,100 @@ def conv2d(
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------
+
+
+FUSED_ALGOS = ("auto", "direct", "im2col")
+
+
+def conv_bn_relu(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    conv_bias: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    algo: str = "auto",
+) -> torch.Tensor:
+    """``relu(batch_norm(conv2d(input, weight, conv_bias), ...))`` in one fused op, as
+    ``F.relu(F.batch_norm(F.conv2d(input, weight, conv_bias, stride, padding, dilation, groups),
+    running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))``.
+
+    Args:
+        input: ``Tensor[N, C_in, H, W]`` or ``Tensor[C_in, H, W]`` (a batch of one),
+            contiguous or channels_last.
+        weight: ``Tensor[C_out, C_in / groups, kH, kW]``; conv_bias: optional ``Tensor[C_out]``.
+        bn_weight, bn_bias: BatchNorm's affine ``Tensor[C_out]`` (None: 1 and 0).
+        running_mean, running_var: ``Tensor[C_out]`` buffers. Eval mode normalises with them
+            (both required); training updates them in place when given (running_var with the
+            unbiased batch variance), exactly as ``F.batch_norm``.
+        training: normalise with the batch statistics (and update the running ones).
+        momentum: the running-statistics update factor.
+        eps: added to the variance.
+        stride, padding, dilation, groups: the convolution's, as ``F.conv2d`` (zero padding).
+        algo: ``"auto"``, ``"direct"`` or ``"im2col"``: the convolution underneath. Eval mode
+            folds BatchNorm into it and applies bias + ReLU in its output epilogue. ``"auto"``
+            is resolved by the op with ``cnnext._algo.choose``'s rule (``ConvBNReLU2d`` resolves
+            it in Python instead, so the autotuner applies there).
+
+    Returns:
+        ``Tensor[N, C_out, H_out, W_out]``, channels_last when the input is.
+    """
+    if algo not in FUSED_ALGOS:
+        raise ValueError(f"cnnext.conv_bn_relu: algo must be one of {FUSED_ALGOS}, got {algo!r}")
+    if isinstance(padding, str):
+        raise ValueError(
+            "cnnext.conv_bn_relu: string padding ('same'/'valid') is not supported; pass "
+            "explicit integers"
+        )
+    stride_, padding_, dilation_ = (
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(dilation, "dilation"),
+    )
+    if training:
+        # torch.nn.functional.batch_norm's check, with its exception type and message.
+        sizes = (
+            *input.shape[:-3],
+            weight.shape[0],
+            conv_output_size(
+                input.shape[-2], weight.shape[-2], stride_[0], padding_[0], dilation_[0]
+            ),
+            conv_output_size(
+                input.shape[-1], weight.shape[-1], stride_[1], padding_[1], dilation_[1]
+            ),
+        )
+        values = 1
+        for i, s in enumerate(sizes):
+            if i != len(sizes) - 3:
+                values *= s
+        if input.dim() in (3, 4) and values == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{torch.Size(sizes)}"
+            )
+    return ConvBNReLU2dFunction.apply(
+        input,
+        weight,
+        conv_bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        stride_,
+        padding_,
+        dilation_,
+        groups,
+        algo,
+        _im2col_workspace_limit,
+    )

@@ -45,6 +45,29 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
       "-> (Tensor, Tensor, Tensor)");
 
   // ---- fused conv + batch norm + ReLU (csrc/conv_bn_relu) ----
+  // Functional: the running statistics are read (eval) but never written; training returns the
+  // batch statistics and cnnext.autograd updates the running ones. training=True: save_mean and
+  // save_invstd = 1 / sqrt(biased var + eps) of the batch, batch_var its unbiased variance (for
+  // running_var), conv_output the pre-normalisation activation kept for backward. training=False:
+  // BatchNorm folded into the convolution (bias + ReLU epilogue); save_mean = running_mean,
+  // save_invstd from running_var, batch_var and conv_output empty. The saved statistics are
+  // float for half / bfloat16 input, else the input's dtype.
+  m.def(
+      "conv_bn_relu(Tensor input, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, "
+      "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, bool training, float eps, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, str algo=\"auto\", "
+      "int max_col_bytes=67108864) -> (Tensor output, Tensor save_mean, Tensor save_invstd, "
+      "Tensor batch_var, Tensor conv_output)");
+  // output_mask: input, weight, conv_bias, bn_weight, bn_bias. Masked-off gradients are empty.
+  // The ReLU mask is recomputed from internal values, never read from the forward output (which
+  // callers may modify in place, e.g. an inplace ReLU after it): training from conv_output and
+  // the saved statistics, eval by rerunning the folded convolution.
+  m.def(
+      "conv_bn_relu_backward(Tensor grad_output, Tensor conv_output, Tensor input, "
+      "Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor save_mean, "
+      "Tensor save_invstd, bool training, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, str algo, int max_col_bytes, bool[5] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_weight, Tensor grad_conv_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
 
   // ---- test hooks (not part of the public API) ----
   // The GEMM wrapper of csrc/common/gemm.cuh, exposed so tests can hold it against torch.matmul

@@ -26,6 +26,7 @@
 #include "common/checks.h"
 #include "common/library.h"
 #include "common/params.h"
+#include "conv2d_direct/conv2d_direct.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define CNNEXT_X86_COPIES 1
@@ -518,9 +519,12 @@ PackedFilter<T> pack_filter(int64_t groups, int64_t outs, int64_t chans,
 // ---- forward
 // -------------------------------------------------------------------------------------
 
+// The store computes acc * scale[c] + bias[c] (a null scale is 1, exactly), then max(0, .) with
+// `relu`: the fused epilogue of conv_bn_relu (BatchNorm's scale folded into the store rather
+// than into a copy of the weight). The tile is still in L1: no extra pass over the output.
 template <typename T>
 void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Tensor& weight,
-                   const T* bias, at::Tensor& output) {
+                   const T* bias, const T* scale, bool relu, at::Tensor& output) {
   const Isa isa = cpu_isa(kForwardOp);
   const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group();
   const int64_t L = div_up(p.w + 2 * p.pw, p.sw);
@@ -581,6 +585,7 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
           for (int64_t o = 0; o < ocb && b * ocb + o < cout; ++o) {
             const int64_t oc = g * cout + b * ocb + o;
             const T bv = bias != nullptr ? bias[oc] : T(0);
+            const T sv = scale != nullptr ? scale[oc] : T(1);  // x * 1 == x: plain conv unchanged
             T* out_c = out + (n0 + n) * os.n + oc * os.c;
             for (int64_t oy = q0 / a.L; oy < std::min(p.h_out, div_up(q1, a.L)); ++oy) {
               const int64_t x_begin = std::max<int64_t>(0, q0 - oy * a.L);
@@ -588,10 +593,17 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
               const T* src = tile.get() + o * q_step;
               const int64_t shift = oy * a.L - q0;  // tile index of column 0 (may be negative)
               T* dst = out_c + oy * os.h;
-              if (os.w == 1) {
-                for (int64_t ox = x_begin; ox < x_end; ++ox) dst[ox] = src[shift + ox] + bv;
+              if (os.w == 1 && relu) {
+                // std::max(v, 0) keeps NaN, as torch.relu does.
+                for (int64_t ox = x_begin; ox < x_end; ++ox)
+                  dst[ox] = std::max(src[shift + ox] * sv + bv, T(0));
+              } else if (os.w == 1) {
+                for (int64_t ox = x_begin; ox < x_end; ++ox) dst[ox] = src[shift + ox] * sv + bv;
               } else {
-                for (int64_t ox = x_begin; ox < x_end; ++ox) dst[ox * os.w] = src[shift + ox] + bv;
+                for (int64_t ox = x_begin; ox < x_end; ++ox) {
+                  const T v = src[shift + ox] * sv + bv;
+                  dst[ox * os.w] = relu ? std::max(v, T(0)) : v;
+                }
               }
             }
           }
@@ -601,10 +613,13 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
   }
 }
 
+}  // namespace
+
 at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, c10::string_view variant) {
+                                     int64_t groups, c10::string_view variant,
+                                     const at::Tensor& scale, bool relu) {
   const Conv2dParams p = conv2d_params(kForwardOp, input, weight, bias, stride, padding, dilation,
                                        groups, /*allow_reduced=*/false);
   check_variant(kForwardOp, variant);
@@ -615,12 +630,19 @@ at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& 
   // Any strides: packing reads the input (channels_last included) in place, once per sample.
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  if (scale.defined()) {
+    check_same(kForwardOp, "scale", scale, "input", input);
+    check_vector(kForwardOp, "scale", scale, p.c_out);
+  }
+  const at::Tensor s = scale.defined() ? scale.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_direct", [&] {
     forward_typed<scalar_t>(p, input, weight, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                            output);
+                            s.defined() ? s.const_data_ptr<scalar_t>() : nullptr, relu, output);
   });
   return output;
 }
+
+namespace {
 
 // ---- grad_input
 // ----------------------------------------------------------------------------------
@@ -956,6 +978,8 @@ void grad_bias_typed(const Conv2dParams& p, const at::Tensor& grad_output, at::T
   });
 }
 
+}  // namespace
+
 // `input` is read only for grad_weight and `weight` only for grad_input: otherwise they may be
 // one-element placeholders expanded to the right shape (see cnnext.autograd.Conv2dFunction).
 // Both are read through their strides, never copied.
@@ -991,10 +1015,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
+namespace {
+
+at::Tensor conv2d_direct_op_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                c10::string_view variant) {
+  return conv2d_direct_forward_cpu(input, weight, bias, stride, padding, dilation, groups, variant,
+                                   /*scale=*/at::Tensor(), /*relu=*/false);
+}
+
 }  // namespace
 }  // namespace cnnext
 
 TORCH_LIBRARY_IMPL(cnnext, CPU, m) {
-  m.impl("conv2d_direct", &cnnext::conv2d_direct_forward_cpu);
+  m.impl("conv2d_direct", &cnnext::conv2d_direct_op_cpu);
   m.impl("conv2d_direct_backward", &cnnext::conv2d_direct_backward_cpu);
 }

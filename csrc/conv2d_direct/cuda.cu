@@ -13,6 +13,7 @@
 #include "common/checks.h"
 #include "common/cuda_compat.cuh"
 #include "common/params.h"
+#include "conv2d_direct/conv2d_direct.h"
 #include "conv2d_direct/kernels.cuh"
 
 namespace cnnext {
@@ -24,6 +25,8 @@ constexpr const char* kBackwardOp = "conv2d_direct_backward";
 at::MemoryFormat format_of(const at::Tensor& t) {
   return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
+
+}  // namespace
 
 at::Tensor conv2d_direct_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -103,7 +106,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
-}  // namespace
 }  // namespace cnnext
 
 CNNEXT_CUDA_IMPL(m) {

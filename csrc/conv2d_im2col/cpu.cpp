@@ -27,6 +27,7 @@
 
 #include "common/checks.h"
 #include "common/params.h"
+#include "conv2d_im2col/conv2d_im2col.h"
 
 // Fortran BLAS as libtorch_cpu exports it when torch is built with MKL. Weak: a torch without
 // these symbols resolves them to null and blas_gemm falls back to at::addmm_.
@@ -406,9 +407,25 @@ int64_t samples_per_chunk(const Conv2dParams& p, const Layout& l, int64_t max_co
 
 // ---- forward --------------------------------------------------------------------------------
 
+// The fused epilogue of conv_bn_relu on `count` values of one channel: v * scale + shift, then
+// max(0, .) with `relu` (std::max(v, 0) keeps NaN, as torch.relu does). Vectorises.
+template <typename scalar_t>
+void epilogue_run(scalar_t* v, int64_t count, scalar_t scale, scalar_t shift, bool relu) {
+  if (relu) {
+    for (int64_t i = 0; i < count; ++i) v[i] = std::max(v[i] * scale + shift, scalar_t(0));
+  } else {
+    for (int64_t i = 0; i < count; ++i) v[i] = v[i] * scale + shift;
+  }
+}
+
+// With `scale` (the fused epilogue of conv_bn_relu) each output is acc * scale[c] + bias[c],
+// then max(0, .) with `relu`: applied to each tile right after its GEMM, while the tile is still
+// in cache, so there is no separate pass over the output. Without a scale the bias is written
+// before the GEMM accumulates onto it, as in the plain convolution.
 template <typename scalar_t>
 void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* w,
-                  const scalar_t* bias, scalar_t* y, int64_t max_col_bytes) {
+                  const scalar_t* bias, const scalar_t* scale, bool relu, scalar_t* y,
+                  int64_t max_col_bytes) {
   const int64_t cog = p.c_out_per_group(), in_size = p.c_in * p.h * p.w;
   const int64_t out_size = p.c_out * l.p;
   const int64_t slots = sample_slots(p);
@@ -437,7 +454,7 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
     scalar_t* c = direct ? y + t.n0 * out_size + t.oh0 * p.w_out
                          : tmp_buffer.mutable_data_ptr<scalar_t>() + slot * tmp_size;
     const int64_t ldc = direct ? l.p : cols;
-    const bool add_bias_first = direct && bias != nullptr;
+    const bool add_bias_first = direct && bias != nullptr && scale == nullptr;
     if (add_bias_first) {
       for (int64_t o = 0; o < p.c_out; ++o) std::fill(c + o * ldc, c + o * ldc + cols, bias[o]);
     }
@@ -446,13 +463,25 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
       gemm_rm<scalar_t>(cog, cols, l.k, w + g * cog * l.k, l.k, a + g * l.k * lda, lda,
                         c + g * cog * ldc, ldc, add_bias_first);
     }
+    if (direct && (scale != nullptr || relu)) {
+      for (int64_t o = 0; o < p.c_out; ++o) {
+        const scalar_t so = scale != nullptr ? scale[o] : scalar_t(1);
+        const scalar_t bo = scale != nullptr && bias != nullptr ? bias[o] : scalar_t(0);
+        epilogue_run(c + o * ldc, cols, so, bo, relu);
+      }
+    }
     if (!direct) {
       for (int64_t b = 0; b < t.nb; ++b) {
         for (int64_t o = 0; o < p.c_out; ++o) {
           const scalar_t* src = c + o * ldc + b * rows;
           scalar_t* dst = y + (t.n0 + b) * out_size + o * l.p;
           const scalar_t bo = bias != nullptr ? bias[o] : scalar_t(0);
-          for (int64_t i = 0; i < rows; ++i) dst[i] = src[i] + bo;
+          const scalar_t so = scale != nullptr ? scale[o] : scalar_t(1);  // x * 1 == x
+          if (relu) {
+            for (int64_t i = 0; i < rows; ++i) dst[i] = std::max(src[i] * so + bo, scalar_t(0));
+          } else {
+            for (int64_t i = 0; i < rows; ++i) dst[i] = src[i] * so + bo;
+          }
         }
       }
     }
@@ -462,7 +491,8 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
 // `wt` is W'^T per group: [G][K = (ki, kj, c)][cog].
 template <typename scalar_t>
 void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* wt,
-                  const scalar_t* bias, scalar_t* y, int64_t max_col_bytes) {
+                  const scalar_t* bias, const scalar_t* scale, bool relu, scalar_t* y,
+                  int64_t max_col_bytes) {
   const int64_t cog = p.c_out_per_group(), total = p.n * l.p;
   // Tiles of output pixels (any range of q = n * P + pixel is a contiguous block of NHWC rows),
   // cache-sized and within the budget; slots are parallel tasks over contiguous tile ranges.
@@ -484,14 +514,26 @@ void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
       a = col;
     }
     scalar_t* yc = y + q0 * p.c_out;
-    if (bias != nullptr) {
+    const bool add_bias_first = bias != nullptr && scale == nullptr;
+    if (add_bias_first) {
       for (int64_t r = 0; r < rows; ++r)
         std::memcpy(yc + r * p.c_out, bias, p.c_out * sizeof(scalar_t));
     }
     // Y_g[rows, cog] (rows C_out apart) = col_g[rows, K] . W'^T_g[K, cog], all row-major.
     for (int64_t g = 0; g < p.groups; ++g) {
       gemm_rm<scalar_t>(rows, cog, l.k, a + g * l.k, l.gk, wt + g * l.k * cog, cog, yc + g * cog,
-                        p.c_out, bias != nullptr);
+                        p.c_out, add_bias_first);
+    }
+    if (scale != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* v = yc + r * p.c_out;
+        for (int64_t c = 0; c < p.c_out; ++c) {
+          const scalar_t t = v[c] * scale[c] + (bias != nullptr ? bias[c] : scalar_t(0));
+          v[c] = relu ? std::max(t, scalar_t(0)) : t;
+        }
+      }
+    } else if (relu) {
+      epilogue_run(yc, rows * p.c_out, scalar_t(1), scalar_t(0), true);
     }
   };
   if (slots <= 1 || tiles <= 1) {
@@ -505,10 +547,13 @@ void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
   });
 }
 
+}  // namespace
+
 at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, int64_t max_col_bytes) {
+                                     int64_t groups, int64_t max_col_bytes, const at::Tensor& scale,
+                                     bool relu) {
   const Conv2dParams p =
       conv2d_params(kForward, input, weight, bias, stride, padding, dilation, groups, false);
   CNNEXT_CHECK(max_col_bytes > 0, kForward, "expected max_col_bytes to be positive, got ",
@@ -532,16 +577,24 @@ at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& 
            : weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  if (scale.defined()) {
+    check_same(kForward, "scale", scale, "input", input);
+    check_vector(kForward, "scale", scale, p.c_out);
+  }
+  const at::Tensor s = scale.defined() ? scale.contiguous() : at::Tensor();
   at::Tensor y = cl && !nhwc ? at::empty(p.output_sizes(), output.options()) : output;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_im2col_forward_cpu", [&] {
     const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
     auto* run = nhwc ? &forward_nhwc<scalar_t> : &forward_nchw<scalar_t>;
     run(p, l, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
-        y.mutable_data_ptr<scalar_t>(), max_col_bytes);
+        s.defined() ? s.const_data_ptr<scalar_t>() : nullptr, relu, y.mutable_data_ptr<scalar_t>(),
+        max_col_bytes);
   });
   if (!y.is_same(output)) output.copy_(y);
   return output;
 }
+
+namespace {
 
 // ---- backward -------------------------------------------------------------------------------
 
@@ -660,6 +713,8 @@ void backward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* dy, c
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -712,10 +767,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
+namespace {
+
+at::Tensor conv2d_im2col_op_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                int64_t max_col_bytes) {
+  return conv2d_im2col_forward_cpu(input, weight, bias, stride, padding, dilation, groups,
+                                   max_col_bytes, /*scale=*/at::Tensor(), /*relu=*/false);
+}
+
 }  // namespace
 }  // namespace cnnext
 
 TORCH_LIBRARY_IMPL(cnnext, CPU, m) {
-  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_forward_cpu);
+  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_op_cpu);
   m.impl("conv2d_im2col_backward", &cnnext::conv2d_im2col_backward_cpu);
 }

@@ -17,6 +17,7 @@
 #include "common/cuda_compat.cuh"
 #include "common/gemm.cuh"
 #include "common/params.h"
+#include "conv2d_im2col/conv2d_im2col.h"
 
 namespace cnnext {
 namespace {
@@ -121,15 +122,23 @@ __global__ void col2im_kernel(const scalar_t* __restrict__ col, scalar_t* __rest
   }
 }
 
-// y[n, c, pixel] += bias[c]; `c_stride` is 1 for NHWC storage and H_out*W_out for NCHW.
-template <typename scalar_t>
-__global__ void add_bias_kernel(scalar_t* __restrict__ y, const scalar_t* __restrict__ bias,
-                                int64_t total, int64_t c_out, int64_t c_stride) {
+// y[n, c, pixel] = y * scale[c] + bias[c] (either may be null: 1, 0), then max(0, y) when RELU:
+// the fused epilogue of conv_bn_relu. cuBLAS has no scale/ReLU epilogue (cublasLt would, but the
+// GEMM wrapper and its emulator contract are plain GEMMs), so they share the bias's one pass.
+// `c_stride` is 1 for NHWC storage and H_out*W_out for NCHW.
+template <typename scalar_t, bool RELU>
+__global__ void bias_act_kernel(scalar_t* __restrict__ y, const scalar_t* __restrict__ bias,
+                                const scalar_t* __restrict__ scale, int64_t total, int64_t c_out,
+                                int64_t c_stride) {
   using acc_t = cuda_acc_t<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t c = (i / c_stride) % c_out;
-    y[i] = static_cast<scalar_t>(static_cast<acc_t>(y[i]) + static_cast<acc_t>(bias[c]));
+    acc_t v = static_cast<acc_t>(y[i]);
+    if (scale != nullptr) v *= static_cast<acc_t>(scale[c]);
+    if (bias != nullptr) v += static_cast<acc_t>(bias[c]);
+    if (RELU) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN, as torch.relu does
+    y[i] = static_cast<scalar_t>(v);
   }
 }
 
@@ -234,10 +243,13 @@ void gemm_nchw(const Conv2dParams& p, const Layout& l, int64_t nb, const scalar_
   }
 }
 
+}  // namespace
+
 at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups, int64_t max_col_bytes) {
+                                      int64_t groups, int64_t max_col_bytes,
+                                      const at::Tensor& scale, bool relu) {
   const Conv2dParams p =
       conv2d_params(kForward, input, weight, bias, stride, padding, dilation, groups, true);
   CNNEXT_CHECK(max_col_bytes > 0, kForward, "expected max_col_bytes to be positive, got ",
@@ -252,6 +264,11 @@ at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor&
   const at::Tensor w = cl ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  if (scale.defined()) {
+    check_same(kForward, "scale", scale, "input", input);
+    check_vector(kForward, "scale", scale, p.c_out);
+  }
+  const at::Tensor s = scale.defined() ? scale.contiguous() : at::Tensor();
   const Layout l = layout_of(p);
   const int64_t chunk = samples_per_chunk(p, l, max_col_bytes, input.element_size());
   at::Tensor col_buffer = l.pointwise ? at::Tensor() : at::empty({chunk * l.gk * l.p}, x.options());
@@ -281,10 +298,16 @@ at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor&
             gemm_nchw<scalar_t>(p, l, nb, wp, a, yc, false);
           }
         }
-        if (has_bias) {
-          const int64_t total = p.n * p.c_out * l.p;
-          CNNEXT_LAUNCH((add_bias_kernel<scalar_t>), grid_for(total), kThreads, 0, current_stream(),
-                        y, b.const_data_ptr<scalar_t>(), total, p.c_out, cl ? int64_t(1) : l.p);
+        const int64_t total = p.n * p.c_out * l.p;
+        const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
+        const int64_t c_stride = cl ? int64_t(1) : l.p;
+        if (relu) {
+          CNNEXT_LAUNCH((bias_act_kernel<scalar_t, true>), grid_for(total), kThreads, 0,
+                        current_stream(), y, bp, sp, total, p.c_out, c_stride);
+        } else if (has_bias || sp != nullptr) {
+          CNNEXT_LAUNCH((bias_act_kernel<scalar_t, false>), grid_for(total), kThreads, 0,
+                        current_stream(), y, bp, sp, total, p.c_out, c_stride);
         }
       });
   return output;
@@ -393,10 +416,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
+namespace {
+
+at::Tensor conv2d_im2col_op_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                 int64_t max_col_bytes) {
+  return conv2d_im2col_forward_cuda(input, weight, bias, stride, padding, dilation, groups,
+                                    max_col_bytes, /*scale=*/at::Tensor(), /*relu=*/false);
+}
+
 }  // namespace
 }  // namespace cnnext
 
 CNNEXT_CUDA_IMPL(m) {
-  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_forward_cuda);
+  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_op_cuda);
   m.impl("conv2d_im2col_backward", &cnnext::conv2d_im2col_backward_cuda);
 }
