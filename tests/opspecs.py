@@ -10,11 +10,13 @@ tensors are differentiable is ``spec.grad_names`` (a subset, drawn, may require 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import assume
@@ -429,9 +431,17 @@ def check_against_torch(
     dtype = tensors[0].dtype
     reduced = dtype in (torch.float16, torch.bfloat16)
     theirs = [t.float() if reduced and t is not None else t for t in tensors]
-    expected, expected_extras, expected_grads, grad = forward_backward(
-        spec.ref, cfg, leaves(spec, theirs, requires)
-    )
+    try:
+        expected, expected_extras, expected_grads, grad = forward_backward(
+            spec.ref, cfg, leaves(spec, theirs, requires)
+        )
+    except ValueError as refused:
+        # Torch refuses some valid-looking inputs (training batch norm over one value per
+        # channel): cnnext must refuse them too, with torch's words.
+        first = str(refused).split(",")[0]
+        with emulated(schedule), pytest.raises(ValueError, match=re.escape(first)):
+            spec.run(cfg, leaves(spec, tensors, requires))
+        return
     with emulated(schedule):
         out, extras, grads, _ = forward_backward(
             spec.run, cfg, leaves(spec, tensors, requires), grad.to(dtype)

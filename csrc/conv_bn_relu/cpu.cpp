@@ -165,10 +165,10 @@ void fold_backward(int64_t c_out, int64_t k, const T* gw, const T* gb, const T* 
         acc_t lanes[kLanes] = {};
         int64_t i = 0;
         for (; i + kLanes <= k; i += kLanes) {
-          for (int j = 0; j < kLanes; ++j) lanes[j] += acc_t(gw_o[i + j]) * acc_t(w_o[i + j]);
+          for (int64_t j = 0; j < kLanes; ++j) lanes[j] += acc_t(gw_o[i + j]) * acc_t(w_o[i + j]);
         }
         acc_t dot = 0;
-        for (int j = 0; j < kLanes; ++j) dot += lanes[j];
+        for (int64_t j = 0; j < kLanes; ++j) dot += lanes[j];
         for (; i < k; ++i) dot += acc_t(gw_o[i]) * acc_t(w_o[i]);
         dot += acc_t(gb[o]) * ((b ? acc_t(b[o]) : acc_t(0)) - acc_t(mean[o]));
         grad_gamma[o] = static_cast<T>(dot * acc_t(invstd[o]));
@@ -179,12 +179,12 @@ void fold_backward(int64_t c_out, int64_t k, const T* gw, const T* gb, const T* 
   });
 }
 
-// grad * (pre > 0): ReLU's backward (torch's threshold_backward reads the output, whose sign is
-// the pre-activation's).
+// grad * !(pre <= 0): ReLU's backward as torch's threshold_backward, which reads the output (whose
+// sign is the pre-activation's) and lets the gradient through at a NaN.
 template <typename T>
 void relu_mask(int64_t numel, const T* g, const T* y, T* out) {
   at::parallel_for(0, numel, kTaskElems, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = keep_if(y[i] > T(0), g[i]);
+    for (int64_t i = begin; i < end; ++i) out[i] = keep_if(!(y[i] <= T(0)), g[i]);
   });
 }
 
@@ -210,21 +210,21 @@ void run_moments(const T* x, int64_t count, acc_t* mean, acc_t* m2) {
   acc_t s[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= count; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) s[j] += acc_t(x[i + j]);
+    for (int64_t j = 0; j < kLanes; ++j) s[j] += acc_t(x[i + j]);
   }
   acc_t sum = 0;
-  for (int j = 0; j < kLanes; ++j) sum += s[j];
+  for (int64_t j = 0; j < kLanes; ++j) sum += s[j];
   for (; i < count; ++i) sum += acc_t(x[i]);
   const acc_t m = sum / acc_t(count);
   acc_t q[kLanes] = {};
   for (i = 0; i + kLanes <= count; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
+    for (int64_t j = 0; j < kLanes; ++j) {
       const acc_t d = acc_t(x[i + j]) - m;
       q[j] += d * d;
     }
   }
   acc_t sq = 0;
-  for (int j = 0; j < kLanes; ++j) sq += q[j];
+  for (int64_t j = 0; j < kLanes; ++j) sq += q[j];
   for (; i < count; ++i) {
     const acc_t d = acc_t(x[i]) - m;
     sq += d * d;
@@ -337,7 +337,7 @@ void normalize_relu(const Dense& d, const T* z, const T* a, const T* b, T* y) {
 
 // ---- train backward -----------------------------------------------------------------------------
 
-// Per channel: sum of gm and of gm * (z - mean), gm = (z * a + b > 0 ? g : 0), the forward's
+// Per channel: sum of gm and of gm * (z - mean), gm = (z * a + b <= 0 ? 0 : g), the forward's
 // ReLU mask. Same partial / ordered merge structure as channel_moments.
 template <typename T, typename acc_t>
 std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, const T* z,
@@ -366,10 +366,10 @@ std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, cons
                            const T* zq = z + off + q0;
                            const T* gq = g + off + q0;
                            for (int64_t q = 0; q < nb; ++q)
-                             gm[q] = keep_if(zq[q] * av + bv > T(0), gq[q]);
+                             gm[q] = keep_if(!(zq[q] * av + bv <= T(0)), gq[q]);
                            int64_t q = 0;
                            for (; q + kLanes <= nb; q += kLanes) {
-                             for (int j = 0; j < kLanes; ++j) {
+                             for (int64_t j = 0; j < kLanes; ++j) {
                                s0[j] += acc_t(gm[q + j]);
                                s1[j] += acc_t(gm[q + j]) * (acc_t(zq[q + j]) - m);
                              }
@@ -379,7 +379,7 @@ std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, cons
                              t1 += acc_t(gm[q]) * (acc_t(zq[q]) - m);
                            }
                          }
-                         for (int j = 0; j < kLanes; ++j) t0 += s0[j], t1 += s1[j];
+                         for (int64_t j = 0; j < kLanes; ++j) t0 += s0[j], t1 += s1[j];
                          part[c * per_c + n * pieces + piece] = {t0, t1};
                        }
                      });
@@ -408,7 +408,7 @@ std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, cons
         const int64_t off = r * d.c;
         for (int64_t c = 0; c < d.c; ++c) {
           const T zv = z[off + c];
-          const acc_t gm = acc_t(keep_if(zv * a[c] + b[c] > T(0), g[off + c]));
+          const acc_t gm = acc_t(keep_if(!(zv * a[c] + b[c] <= T(0)), g[off + c]));
           s0[c] += gm;
           s1[c] += gm * (acc_t(zv) - m[c]);
         }
@@ -426,12 +426,12 @@ std::vector<std::array<acc_t, 2>> backward_sums(const Dense& d, const T* g, cons
   return out;
 }
 
-// dz = gm * k1[c] + (z - mean[c]) * k2[c] + k3[c], gm = (z * a + b > 0 ? g : 0).
+// dz = gm * k1[c] + (z - mean[c]) * k2[c] + k3[c], gm = (z * a + b <= 0 ? 0 : g).
 template <typename T>
 void grad_conv_output(const Dense& d, const T* g, const T* z, const T* a, const T* b, const T* mean,
                       const T* k1, const T* k2, const T* k3, T* dz) {
   auto at_ = [&](int64_t i, int64_t c) {
-    const T gm = keep_if(z[i] * a[c] + b[c] > T(0), g[i]);
+    const T gm = keep_if(!(z[i] * a[c] + b[c] <= T(0)), g[i]);
     dz[i] = gm * k1[c] + (z[i] - mean[c]) * k2[c] + k3[c];
   };
   if (!d.cl) {

@@ -156,14 +156,14 @@ __global__ void fold_backward_kernel(const scalar_t* __restrict__ gw,
   if (grad_beta != nullptr) grad_beta[o] = gb[o];
 }
 
-// grad * (pre > 0): ReLU's backward (torch's threshold_backward reads the output, whose sign is
-// the pre-activation's). Thread = element.
+// grad * !(pre <= 0): ReLU's backward as torch's threshold_backward, which reads the output (whose
+// sign is the pre-activation's) and lets the gradient through at a NaN. Thread = element.
 template <typename scalar_t>
 __global__ void relu_mask_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ pre,
                                  scalar_t* __restrict__ out, int64_t total) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
-    out[i] = pre[i] > scalar_t(0) ? g[i] : scalar_t(0);
+    out[i] = pre[i] <= scalar_t(0) ? scalar_t(0) : g[i];
   }
 }
 
@@ -342,7 +342,7 @@ __global__ void backward_partial_kernel(const scalar_t* __restrict__ grad,
   acc_t sum_g = 0, sum_gx = 0;
   for (int64_t p = begin + tid; p < end; p += kReduceThreads) {
     const int64_t i = channel_offset(g, c, p);
-    const bool on = normalized_relu(z[i], a, b) > scalar_t(0);
+    const bool on = !(normalized_relu(z[i], a, b) <= scalar_t(0));
     const acc_t gm = on ? static_cast<acc_t>(grad[i]) : acc_t(0);
     sum_g += gm;
     sum_gx += gm * (static_cast<acc_t>(z[i]) - m);
@@ -402,7 +402,7 @@ __global__ void grad_conv_output_kernel(const scalar_t* __restrict__ grad,
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t c = (i / c_stride) % channels;
-    const bool on = normalized_relu(z[i], affine[c], affine[channels + c]) > scalar_t(0);
+    const bool on = !(normalized_relu(z[i], affine[c], affine[channels + c]) <= scalar_t(0));
     const acc_t gm = on ? static_cast<acc_t>(grad[i]) : acc_t(0);
     dz[i] = static_cast<scalar_t>(gm * coef[c] +
                                   (static_cast<acc_t>(z[i]) - mean[c]) * coef[channels + c] +
