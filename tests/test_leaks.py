@@ -81,7 +81,9 @@ def test_no_leak_over_200_iterations(spec: OpSpec, schedule: str | None) -> None
     for _ in range(ITERATIONS):
         step()
     tensors_after, rss_after = _live_tensors(), _rss()
-    assert tensors_after == tensors_before, (tensors_before, tensors_after)
+    # Fewer is fine: tensors left by earlier tests (compile caches) may be freed meanwhile; a
+    # leak of one tensor per iteration adds 200.
+    assert tensors_after <= tensors_before, (tensors_before, tensors_after)
     growth = rss_after - rss_before
     print(f"{spec} {schedule}: RSS {growth / 2**20:+.2f} MiB")
     assert growth < BOUND_BYTES, (
