@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_memory.h"
 #include "common/params.h"
 #include "pool2d/pool2d.h"
 
@@ -411,9 +412,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_argmax_cpu(
   const Pool2dParams p =
       pool2d_params(op, input, kernel_size, stride, padding, dilation, ceil_mode, false);
   const auto fmt = pool2d::memory_format(input);
-  at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
+  at::Tensor output = empty_output(p.output_sizes(), input.options().memory_format(fmt));
   at::Tensor argmax =
-      at::empty(p.output_sizes(), input.options().dtype(at::kLong).memory_format(fmt));
+      empty_output(p.output_sizes(), input.options().dtype(at::kLong).memory_format(fmt));
   if (output.numel() == 0) return {output, argmax};
   const at::Tensor x = input.contiguous(fmt);
   const Geometry g = pool2d::geometry(p);
@@ -509,7 +510,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
                                                  padding, dilation, ceil_mode, false);
   pool2d::check_argmax(op, argmax, grad_output);
   const auto fmt = pool2d::memory_format(grad_output);
-  at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(fmt));
+  at::Tensor grad_input = empty_output(input_size, grad_output.options().memory_format(fmt));
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor go = grad_output.contiguous(fmt), am = argmax.contiguous(fmt);
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "max_pool2d_backward_cpu", [&] {
@@ -662,7 +663,7 @@ at::Tensor avg_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
       pool2d_params(op, input, kernel_size, stride, padding, kNoDilation, ceil_mode, false);
   pool2d::check_divisor(op, divisor_override);
   const auto fmt = pool2d::memory_format(input);
-  at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
+  at::Tensor output = empty_output(p.output_sizes(), input.options().memory_format(fmt));
   if (output.numel() == 0) return output;
   const at::Tensor x = input.contiguous(fmt);
   const Geometry g = pool2d::geometry(p);
@@ -838,7 +839,7 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_output, at::IntArrayRe
                                                  padding, kNoDilation, ceil_mode, false);
   pool2d::check_divisor(op, divisor_override);
   const auto fmt = pool2d::memory_format(grad_output);
-  at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(fmt));
+  at::Tensor grad_input = empty_output(input_size, grad_output.options().memory_format(fmt));
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor go = grad_output.contiguous(fmt);
   const AvgOptions o{count_include_pad, divisor_override.value_or(0)};
