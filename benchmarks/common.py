@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import inspect
 import json
 import math
 import os
@@ -374,11 +373,6 @@ def enumerate_specs(cfg: Config, notes: list[str]) -> list[Spec]:
     for family in cfg.families:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-        if family == "fused" and fused_op()[0] is None:
-            notes.append(fused_op()[1])
-            if cfg.verbose:
-                print(f"note: {fused_op()[1]}", file=sys.stderr)
-            continue
         precisions = cfg.precisions if (family == "conv" and cfg.device != "cpu") else ("fp32",)
         for layer in layers_for(family, cfg.tiny):
             if cfg.quick and not cfg.tiny and layer.id not in QUICK_LAYERS[family]:
@@ -625,57 +619,6 @@ def conv_case(spec: Spec, plan: Plan, algos: Sequence[str], phase: str = "main")
     )
 
 
-_FUSED_ARGS = {
-    "input": ("input", "x"),
-    "weight": ("weight", "conv_weight"),
-    "bias": ("bias", "conv_bias"),
-    "bn_weight": ("bn_weight", "gamma", "bn_gamma"),
-    "bn_bias": ("bn_bias", "beta", "bn_beta"),
-    "running_mean": ("running_mean",),
-    "running_var": ("running_var",),
-    "training": ("training", "train"),
-    "momentum": ("momentum",),
-    "eps": ("eps", "epsilon"),
-    "stride": ("stride",),
-    "padding": ("padding",),
-    "dilation": ("dilation",),
-    "groups": ("groups",),
-}
-_FUSED_REQUIRED = {"input", "weight", "bn_weight", "bn_bias", "running_mean", "running_var"}
-
-
-def fused_op() -> tuple[Callable | None, str]:
-    """``cnnext.ops.conv_bn_relu`` callable with the canonical keyword names of ``_FUSED_ARGS``
-    (its parameters are matched by name), or ``None`` and why the fused family is skipped.
-    The one place to adapt if the merged op names its arguments differently."""
-    fn = getattr(cnnext.ops, "conv_bn_relu", None)
-    if fn is None:
-        return None, "cnnext.ops has no conv_bn_relu yet: the fused family is skipped"
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None, "cnnext.ops.conv_bn_relu has no inspectable signature: fused skipped"
-    alias = {name: canon for canon, names in _FUSED_ARGS.items() for name in names}
-    binding = {}
-    for param in params:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        canon = alias.get(param.name)
-        if canon is None and param.default is param.empty:
-            return None, f"cannot bind conv_bn_relu's argument {param.name!r}: fused skipped"
-        if canon is not None:
-            binding[param.name] = canon
-    missing = _FUSED_REQUIRED - set(binding.values())
-    if missing:
-        return None, f"conv_bn_relu takes none of {sorted(missing)}: fused family skipped"
-
-    def call(**values: Any) -> torch.Tensor:
-        out = fn(**{name: values[canon] for name, canon in binding.items() if canon in values})
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    return call, "cnnext.ops.conv_bn_relu"
-
-
 def fused_case(spec: Spec, plan: Plan) -> Case:
     """``cnnext.ops.conv_bn_relu`` (BN folded in eval; batch statistics and running-stat
     updates in train) against eager ``F.conv2d -> F.batch_norm -> F.relu``. Each
@@ -683,8 +626,6 @@ def fused_case(spec: Spec, plan: Plan) -> Case:
     after one call. The gradient of the output is zero where the reference pre-activation is
     within 1e-3 of its max from zero, so a ReLU mask that flips on a rounding difference
     cannot fail validation."""
-    fused, _ = fused_op()
-    assert fused is not None
     layer, n = spec.layer, spec.batch
     training = spec.op.endswith("train")
     dtype = DTYPES[spec.precision]
@@ -709,10 +650,10 @@ def fused_case(spec: Spec, plan: Plan) -> Case:
         return F.relu(F.batch_norm(y, *stats, gg, bb, training, momentum, eps))
 
     def ours(xx, ww, gg, bb, stats):
-        return fused(
+        return cnnext.ops.conv_bn_relu(
             input=xx,
             weight=ww,
-            bias=None,
+            conv_bias=None,
             bn_weight=gg,
             bn_bias=bb,
             running_mean=stats[0],

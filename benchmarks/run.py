@@ -5,7 +5,7 @@ Families (``--only``): ``conv`` (direct: CPU kernel, CUDA naive and tiled; im2co
 against ``F.conv2d`` and, on the CPU, torch's own im2col (``aten._slow_conv2d_forward``); on
 CUDA against cuDNN with ``cudnn.benchmark`` off and on, TF32 off (``fp32``) and on (``tf32``),
 ``fp16`` and ``bf16``. ``fused`` (``cnnext.ops.conv_bn_relu``, eval and train) against eager
-conv -> batch_norm -> relu: skipped with a note until the op exists. ``pool`` (max with
+conv -> batch_norm -> relu, and in eval against ``fuse_conv_bn_eval`` + relu. ``pool`` (max with
 argmax, avg) against ``F.max_pool2d(return_indices=True)`` / ``F.avg_pool2d``.
 
 Layers: the convolutions of LeNet-5 (28x28), VGG-11 and ResNet-18 on CIFAR-10 (32x32) and

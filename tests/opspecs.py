@@ -309,7 +309,7 @@ AVG_SPEC = OpSpec(
 )
 
 
-# ---- fused conv + batch norm + ReLU (exercised as soon as cnnext.ops.conv_bn_relu exists) ------
+# ---- fused conv + batch norm + ReLU ------------------------------------------------------------
 
 
 def _draw_fused(draw: Callable, emulated: bool) -> Config:
@@ -371,10 +371,7 @@ FUSED_SPEC = OpSpec(
     example={**CONV_EXAMPLE, "training": True, "momentum": 0.1, "eps": 1e-5},
 )
 
-HAS_FUSED = hasattr(cnnext.ops, "conv_bn_relu")
-SPECS: list[OpSpec] = [_conv_spec("direct"), _conv_spec("im2col"), MAX_SPEC, AVG_SPEC] + (
-    [FUSED_SPEC] if HAS_FUSED else []
-)
+SPECS: list[OpSpec] = [_conv_spec("direct"), _conv_spec("im2col"), MAX_SPEC, AVG_SPEC, FUSED_SPEC]
 
 
 # ---- running and comparing ----------------------------------------------------------------------

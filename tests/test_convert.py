@@ -20,11 +20,7 @@ import cnnext
 
 from .reference import assert_close
 
-HAS_FUSED = hasattr(cnnext.nn, "ConvBNReLU2d")
-HAS_POOL = hasattr(cnnext.nn, "MaxPool2d") and hasattr(cnnext.nn, "AvgPool2d")
-needs_fused = pytest.mark.skipif(not HAS_FUSED, reason="needs cnnext.nn.ConvBNReLU2d")
-needs_pool = pytest.mark.skipif(not HAS_POOL, reason="needs cnnext.nn.MaxPool2d/AvgPool2d")
-FUSE = [False, pytest.param(True, marks=needs_fused)]
+FUSE = [False, True]
 
 
 def small_cnn(bn: bool = True) -> nn.Sequential:
@@ -132,7 +128,7 @@ def test_torchvision_model(make, fuse: bool) -> None:
 
 
 def test_small_cnn_several_steps() -> None:
-    check_converted(small_cnn(), torch.randn(4, 3, 16, 16), HAS_FUSED, steps=3)
+    check_converted(small_cnn(), torch.randn(4, 3, 16, 16), True, steps=3)
 
 
 # ---- the module tree: what is replaced, shared, kept -------------------------------------------
@@ -144,9 +140,8 @@ def test_replaces_and_shares_parameters() -> None:
     assert type(model[0]) is nn.Conv2d  # the original is untouched
     assert type(converted[0]) is cnnext.nn.Conv2d and converted[0].algo == "auto"
     assert converted[0].weight is not model[0].weight  # a deep copy
-    if HAS_POOL:
-        assert type(converted[3]) is cnnext.nn.MaxPool2d
-        assert type(converted[7]) is cnnext.nn.AvgPool2d
+    assert type(converted[3]) is cnnext.nn.MaxPool2d
+    assert type(converted[7]) is cnnext.nn.AvgPool2d
     same = cnnext.convert(model, fuse=False, inplace=True, algo="im2col")
     assert same is model and type(model[4]) is cnnext.nn.Conv2d and model[4].algo == "im2col"
     assert model[4].padding_mode == "reflect" and model[4].padding == "same"
@@ -259,7 +254,6 @@ class TwoUses(nn.Module):
         return self.relu(self.bn(y)) + y
 
 
-@needs_fused
 def test_fusion_in_resnet_keeps_shared_relu() -> None:
     converted, report = cnnext.convert(resnet18(), return_report=True)
     assert report.method == "fx"
@@ -277,7 +271,6 @@ def test_fusion_in_resnet_keeps_shared_relu() -> None:
     assert len(report.fused) == 9  # the stem + conv1 of each of the 8 BasicBlocks
 
 
-@needs_fused
 @pytest.mark.parametrize(
     "act",
     ["F.relu", ".relu()", "F.relu(inplace=True)", nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6()],
@@ -296,7 +289,6 @@ def test_fusion_activation_kinds(act) -> None:
         assert fusion.relu_kept == isinstance(act, str)
 
 
-@needs_fused
 def test_fusion_sequential_fallback() -> None:
     model = Untraceable()
     report = check_converted(model, torch.rand(2, 3, 9, 9), fuse=True)
@@ -305,13 +297,11 @@ def test_fusion_sequential_fallback() -> None:
     assert (fusion.conv, fusion.bn, fusion.relu) == ("body.0", "body.1", "body.2")
 
 
-@needs_fused
 def test_no_fusion_when_conv_output_reused() -> None:
     report = check_converted(TwoUses(), torch.randn(2, 3, 7, 7), fuse=True)
     assert not report.fused and "also used elsewhere" in report.left[0].reason
 
 
-@needs_fused
 @pytest.mark.parametrize(
     "bn",
     [
