@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _backend
 from ._shapes import conv_output_size, pair
 from .autograd import AvgPool2dFunction, Conv2dFunction, ConvBNReLU2dFunction, MaxPool2dFunction
 
@@ -160,18 +161,24 @@ def conv2d(
             "cnnext.conv2d: string padding ('same'/'valid') is resolved by cnnext.nn.Conv2d; "
             "pass explicit integers here"
         )
-    return Conv2dFunction.apply(
-        input,
-        weight,
-        bias,
+    conf = (
         pair(stride, "stride", "cnnext.conv2d"),
         pair(padding, "padding", "cnnext.conv2d"),
         pair(dilation, "dilation", "cnnext.conv2d"),
         groups,
-        algo,
-        variant,
-        _im2col_workspace_limit,
     )
+    if not _needs_autograd(input, weight, bias):
+        # Inference: the op itself, without an autograd node (a few microseconds, which count
+        # for the small first layers at batch 1).
+        ns = _backend.lib(_backend.use_emulator(input))
+        if algo == "direct":
+            return ns.conv2d_direct(input, weight, bias, *conf, variant)
+        return ns.conv2d_im2col(input, weight, bias, *conf, _im2col_workspace_limit)
+    return Conv2dFunction.apply(input, weight, bias, *conf, algo, variant, _im2col_workspace_limit)
+
+
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------
@@ -254,6 +261,13 @@ def conv_bn_relu(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{torch.Size(sizes)}"
             )
+    if not training and not _needs_autograd(input, weight, conv_bias, bn_weight, bn_bias):
+        # Inference: the op itself, without an autograd node.
+        ns = _backend.lib(_backend.use_emulator(input))
+        return ns.conv_bn_relu(
+            input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, False, eps,
+            stride_, padding_, dilation_, groups, algo, _im2col_workspace_limit,
+        )[0]  # fmt: skip
     return ConvBNReLU2dFunction.apply(
         input,
         weight,

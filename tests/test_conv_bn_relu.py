@@ -158,6 +158,10 @@ def test_eval_matches_torch(device: str, algo: str, case: Case) -> None:
     before = {k: v.clone() for k, v in fused.state_dict().items()}
     x = torch.randn(case.n, case.c_in, case.h, case.w, device=device)
     check_step(ref, fused, x, case.scale)
+    with torch.no_grad():  # inference calls the op without an autograd node
+        out, expected = fused(x), ref(x)
+    assert out.grad_fn is None
+    assert_close(out, expected, scale=case.scale)
     for k, v in fused.state_dict().items():
         assert torch.equal(v, before[k]), k
 
