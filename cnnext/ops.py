@@ -51,6 +51,10 @@ def _stride(stride: IntPair | None, kernel: tuple[int, int], op: str = "cnnext")
     return pair(stride, "stride", op)
 
 
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # ---- pooling ------------------------------------------------------------------------------------
 
 
@@ -78,14 +82,12 @@ def max_pool2d(
     """
     op = "cnnext.max_pool2d"
     k = pair(kernel_size, "kernel_size", op)
-    output, argmax = MaxPool2dFunction.apply(
-        input,
-        k,
-        _stride(stride, k, op),
-        pair(padding, "padding", op),
-        pair(dilation, "dilation", op),
-        ceil_mode,
-    )
+    args = (k, _stride(stride, k, op), pair(padding, "padding", op), pair(dilation, "dilation", op))
+    if _needs_autograd(input):
+        output, argmax = MaxPool2dFunction.apply(input, *args, ceil_mode)
+    else:  # inference: the op itself, without an autograd node
+        ns = _backend.lib(_backend.use_emulator(input))
+        output, argmax = ns.max_pool2d_with_argmax(input, *args, ceil_mode)
     return (output, argmax) if return_indices else output
 
 
@@ -112,15 +114,11 @@ def avg_pool2d(
     """
     op = "cnnext.avg_pool2d"
     k = pair(kernel_size, "kernel_size", op)
-    return AvgPool2dFunction.apply(
-        input,
-        k,
-        _stride(stride, k, op),
-        pair(padding, "padding", op),
-        ceil_mode,
-        count_include_pad,
-        divisor_override,
-    )
+    args = (k, _stride(stride, k, op), pair(padding, "padding", op), ceil_mode)
+    if _needs_autograd(input):
+        return AvgPool2dFunction.apply(input, *args, count_include_pad, divisor_override)
+    ns = _backend.lib(_backend.use_emulator(input))  # inference: no autograd node
+    return ns.avg_pool2d(input, *args, count_include_pad, divisor_override)
 
 
 # ---- convolution (direct and im2col) ------------------------------------------------------------
@@ -175,10 +173,6 @@ def conv2d(
             return ns.conv2d_direct(input, weight, bias, *conf, variant)
         return ns.conv2d_im2col(input, weight, bias, *conf, _im2col_workspace_limit)
     return Conv2dFunction.apply(input, weight, bias, *conf, algo, variant, _im2col_workspace_limit)
-
-
-def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------

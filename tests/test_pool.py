@@ -81,6 +81,8 @@ MAX_CASES = [
     Case(1, 2, 7, 37, **_k(3, 1, 1)),
     Case(1, 2, 7, 50, **_k(5, 3, 2), ceil_mode=True),
     Case(1, 2, 8, 41, (2, 3), (1, 2), (1, 1), (2, 1)),
+    Case(2, 3, 7, 7, **_k(7, 7)),  # a global pool
+    Case(1, 2, 11, 10, **_k(2, 3, 1), ceil_mode=True),  # stride > kernel: inputs in no window
 ]
 # Average pooling has no dilation.
 AVG_CASES = [c for c in MAX_CASES if c.dilation == (1, 1)]

@@ -798,6 +798,30 @@ void avg_backward_cpu_typed(const at::Tensor& go, at::Tensor& gi, const Pool2dPa
                  : static_cast<acc_t>(
                        pool2d::avg_divisor(g, ih0, iw0, o.count_include_pad, o.divisor_override));
   };
+  if (!channels_last && p.sh >= p.kh && p.sw >= p.kw && p.w_out < 16) {
+    // Windows that do not overlap (2x2/s2, a global pool) on short output rows: every input
+    // element takes at most one output's share, so a plain scatter is exact, and the gather's
+    // per-row phase bookkeeping, which pays off over rows of two vectors or more, would cost
+    // more than the copies (a 7x7 global pool: 17x more).
+    at::parallel_for(0, p.n * p.c, grain(plane), [&](int64_t b, int64_t e) {
+      for (int64_t pl = b; pl < e; ++pl) {
+        const scalar_t* src = grad + pl * p.h_out * p.w_out;
+        scalar_t* dst = out + pl * plane;
+        std::fill(dst, dst + plane, scalar_t(0));
+        for (int64_t oh = 0; oh < p.h_out; ++oh) {
+          for (int64_t ow = 0; ow < p.w_out; ++ow) {
+            int64_t ih_b, ih_e, iw_b, iw_e;
+            const acc_t divisor = window(oh, ow, &ih_b, &ih_e, &iw_b, &iw_e);
+            const scalar_t share = src[oh * p.w_out + ow] / static_cast<scalar_t>(divisor);
+            for (int64_t ih = ih_b; ih < ih_e; ++ih) {
+              std::fill(dst + ih * p.w + iw_b, dst + ih * p.w + iw_e, share);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
   if (!channels_last) {
     at::parallel_for(0, p.n * p.c, grain(plane), [&](int64_t b, int64_t e) {
       run_kernel<scalar_t, AvgBackwardNchw>(grad, out, g, o, b, e);
