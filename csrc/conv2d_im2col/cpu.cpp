@@ -397,6 +397,25 @@ void for_each_tile(const Conv2dParams& p, const Layout& l, int64_t slots, int64_
   });
 }
 
+// Forward only: all tiles in plan order, split into at most `slots` contiguous ranges, one per
+// parallel task. Forward tiles write disjoint output rows, so a batch smaller than the thread
+// count still uses every thread (backward keeps a sample's tiles on one thread instead: col2im
+// adds neighbouring tiles' rows).
+template <typename F>
+void for_each_forward_tile(const std::vector<Tile>& tiles, int64_t slots, const F& fn) {
+  const int64_t count = static_cast<int64_t>(tiles.size());
+  const int64_t parts = std::clamp<int64_t>(slots, 1, std::max<int64_t>(count, 1));
+  if (parts == 1) {
+    for (const Tile& t : tiles) fn(t, 0);
+    return;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t s = b; s < e; ++s) {
+      for (int64_t i = s * count / parts; i < (s + 1) * count / parts; ++i) fn(tiles[i], s);
+    }
+  });
+}
+
 // channels_last backward works on chunks of whole samples whose columns fit in max_col_bytes.
 int64_t samples_per_chunk(const Conv2dParams& p, const Layout& l, int64_t max_col_bytes,
                           int64_t elem_size) {
@@ -428,16 +447,21 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
                   int64_t max_col_bytes) {
   const int64_t cog = p.c_out_per_group(), in_size = p.c_in * p.h * p.w;
   const int64_t out_size = p.c_out * l.p;
-  const int64_t slots = sample_slots(p);
+  const int64_t slots = std::max<int64_t>(at::get_num_threads(), 1);
   const int64_t budget = tile_budget(p, l, slots, max_col_bytes, sizeof(scalar_t));
-  bool grouped;
-  const int64_t max_cols = max_tile_cols(p, l, slots, budget, grouped);
+  const std::vector<Tile> tiles = plan_tiles(p, l, 0, p.n, budget);
+  int64_t max_cols = 0;
+  bool grouped = false;
+  for (const Tile& t : tiles) {
+    max_cols = std::max(max_cols, t.nb * (t.oh1 - t.oh0) * p.w_out);
+    grouped = grouped || t.nb > 1;
+  }
   // Per slot: a column tile and, for multi-sample tiles, the GEMM output before it is scattered.
   const int64_t col_size = l.pointwise ? 0 : l.gk * max_cols;
   const int64_t tmp_size = grouped ? p.c_out * max_cols : 0;
   at::Tensor col_buffer = scratch<scalar_t>(slots * col_size);
   at::Tensor tmp_buffer = scratch<scalar_t>(slots * tmp_size);
-  for_each_tile(p, l, slots, budget, [&](const Tile& t, int64_t slot) {
+  for_each_forward_tile(tiles, slots, [&](const Tile& t, int64_t slot) {
     const int64_t rows = (t.oh1 - t.oh0) * p.w_out, cols = t.nb * rows;
     const scalar_t* a = x + t.n0 * in_size;
     if (!l.pointwise) {
