@@ -51,6 +51,11 @@ def lib(emulated: bool) -> Any:
     return torch.ops.cnnext_emu if emulated else torch.ops.cnnext
 
 
+def ops_for(tensor: torch.Tensor) -> Any:
+    """The op namespace serving a call on ``tensor``."""
+    return lib(use_emulator(tensor))
+
+
 def default_schedule() -> str:
     return os.environ.get("CNNEXT_EMU_SCHEDULE") or "forward"
 

@@ -106,6 +106,25 @@ class AvgPool2dFunction(torch.autograd.Function):
 # ---- convolution (direct and im2col) ------------------------------------------------------------
 
 
+def conv2d_forward(
+    ns: Any,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conf: tuple,
+    algo: str,
+    variant: str,
+    max_col_bytes: int,
+) -> torch.Tensor:
+    """The forward op of ``algo`` in namespace ``ns``; ``conf`` is (stride, padding, dilation,
+    groups). Shared by ``Conv2dFunction`` and ``cnnext.ops.conv2d``'s no-gradient path."""
+    if algo == "direct":
+        return ns.conv2d_direct(input, weight, bias, *conf, variant)
+    if algo == "im2col":
+        return ns.conv2d_im2col(input, weight, bias, *conf, max_col_bytes)
+    raise ValueError(f"cnnext.conv2d: algo must be 'direct' or 'im2col', got {algo!r}")
+
+
 class Conv2dFunction(torch.autograd.Function):
     """2D convolution by ``algo`` = ``"direct"`` (``variant`` picks the CUDA kernels of forward
     and backward: ``"auto"``, ``"naive"`` or ``"tiled"``) or ``"im2col"`` (column buffer
@@ -131,22 +150,15 @@ class Conv2dFunction(torch.autograd.Function):
         variant: str,
         max_col_bytes: int,
     ) -> torch.Tensor:
-        ns = _mark(ctx, input)
-        if algo == "direct":
-            output = ns.conv2d_direct(
-                input, weight, bias, stride, padding, dilation, groups, variant
-            )
-        elif algo == "im2col":
-            output = ns.conv2d_im2col(
-                input, weight, bias, stride, padding, dilation, groups, max_col_bytes
-            )
-        else:
-            raise ValueError(f"cnnext.conv2d: algo must be 'direct' or 'im2col', got {algo!r}")
+        conf = (stride, padding, dilation, groups)
+        output = conv2d_forward(
+            _mark(ctx, input), input, weight, bias, conf, algo, variant, max_col_bytes
+        )
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
         ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
         ctx.has_bias = bias is not None
-        ctx.conf = (stride, padding, dilation, groups)
+        ctx.conf = conf
         ctx.algo, ctx.variant, ctx.max_col_bytes = algo, variant, max_col_bytes
         return output
 

@@ -9,7 +9,13 @@ import torch
 
 from . import _backend
 from ._shapes import conv_output_size, pair
-from .autograd import AvgPool2dFunction, Conv2dFunction, ConvBNReLU2dFunction, MaxPool2dFunction
+from .autograd import (
+    AvgPool2dFunction,
+    Conv2dFunction,
+    ConvBNReLU2dFunction,
+    MaxPool2dFunction,
+    conv2d_forward,
+)
 
 __all__ = [
     "avg_pool2d",
@@ -86,7 +92,7 @@ def max_pool2d(
     if _needs_autograd(input):
         output, argmax = MaxPool2dFunction.apply(input, *args, ceil_mode)
     else:  # inference: the op itself, without an autograd node
-        ns = _backend.lib(_backend.use_emulator(input))
+        ns = _backend.ops_for(input)
         output, argmax = ns.max_pool2d_with_argmax(input, *args, ceil_mode)
     return (output, argmax) if return_indices else output
 
@@ -117,7 +123,7 @@ def avg_pool2d(
     args = (k, _stride(stride, k, op), pair(padding, "padding", op), ceil_mode)
     if _needs_autograd(input):
         return AvgPool2dFunction.apply(input, *args, count_include_pad, divisor_override)
-    ns = _backend.lib(_backend.use_emulator(input))  # inference: no autograd node
+    ns = _backend.ops_for(input)  # inference: no autograd node
     return ns.avg_pool2d(input, *args, count_include_pad, divisor_override)
 
 
@@ -168,10 +174,8 @@ def conv2d(
     if not _needs_autograd(input, weight, bias):
         # Inference: the op itself, without an autograd node (a few microseconds, which count
         # for the small first layers at batch 1).
-        ns = _backend.lib(_backend.use_emulator(input))
-        if algo == "direct":
-            return ns.conv2d_direct(input, weight, bias, *conf, variant)
-        return ns.conv2d_im2col(input, weight, bias, *conf, _im2col_workspace_limit)
+        ns = _backend.ops_for(input)
+        return conv2d_forward(ns, input, weight, bias, conf, algo, variant, _im2col_workspace_limit)
     return Conv2dFunction.apply(input, weight, bias, *conf, algo, variant, _im2col_workspace_limit)
 
 
@@ -257,7 +261,7 @@ def conv_bn_relu(
             )
     if not training and not _needs_autograd(input, weight, conv_bias, bn_weight, bn_bias):
         # Inference: the op itself, without an autograd node.
-        ns = _backend.lib(_backend.use_emulator(input))
+        ns = _backend.ops_for(input)
         return ns.conv_bn_relu(
             input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, False, eps,
             stride_, padding_, dilation_, groups, algo, _im2col_workspace_limit,

@@ -366,13 +366,12 @@ int64_t tile_budget(const Conv2dParams& p, const Layout& l, int64_t slots, int64
   return std::max(max_col_bytes / elem_size / slots, l.gk * p.w_out);
 }
 
-// The largest tile any slot sees: the first slot's share of samples is the largest.
-int64_t max_tile_cols(const Conv2dParams& p, const Layout& l, int64_t slots, int64_t budget,
-                      bool& grouped) {
+// The widest of `tiles` in output pixels, and whether any groups several samples.
+int64_t max_tile_cols(const std::vector<Tile>& tiles, int64_t w_out, bool& grouped) {
   int64_t cols = 0;
   grouped = false;
-  for (const Tile& t : plan_tiles(p, l, 0, (p.n + slots - 1) / slots, budget)) {
-    cols = std::max(cols, t.nb * (t.oh1 - t.oh0) * p.w_out);
+  for (const Tile& t : tiles) {
+    cols = std::max(cols, t.nb * (t.oh1 - t.oh0) * w_out);
     grouped = grouped || t.nb > 1;
   }
   return cols;
@@ -450,12 +449,8 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
   const int64_t slots = std::max<int64_t>(at::get_num_threads(), 1);
   const int64_t budget = tile_budget(p, l, slots, max_col_bytes, sizeof(scalar_t));
   const std::vector<Tile> tiles = plan_tiles(p, l, 0, p.n, budget);
-  int64_t max_cols = 0;
-  bool grouped = false;
-  for (const Tile& t : tiles) {
-    max_cols = std::max(max_cols, t.nb * (t.oh1 - t.oh0) * p.w_out);
-    grouped = grouped || t.nb > 1;
-  }
+  bool grouped;
+  const int64_t max_cols = max_tile_cols(tiles, p.w_out, grouped);
   // Per slot: a column tile and, for multi-sample tiles, the GEMM output before it is scattered.
   const int64_t col_size = l.pointwise ? 0 : l.gk * max_cols;
   const int64_t tmp_size = grouped ? p.c_out * max_cols : 0;
@@ -630,7 +625,9 @@ void backward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* dy, c
   const int64_t slots = sample_slots(p);
   const int64_t budget = tile_budget(p, l, slots, max_col_bytes, sizeof(scalar_t));
   bool grouped;
-  const int64_t max_cols = max_tile_cols(p, l, slots, budget, grouped);
+  // The largest tile any slot sees: the first slot's share of samples is the largest.
+  const int64_t max_cols =
+      max_tile_cols(plan_tiles(p, l, 0, (p.n + slots - 1) / slots, budget), p.w_out, grouped);
   const int64_t col_size = l.pointwise ? 0 : l.gk * max_cols;
   const int64_t tmp_size = grouped ? p.c_out * max_cols : 0;
   at::Tensor col_buffer = scratch<scalar_t>(slots * col_size);
