@@ -160,12 +160,6 @@ def test_nan_inf_propagate_as_in_torch(
 ) -> None:
     if where == "weight" and spec.family not in CONV:
         pytest.skip("pooling has no weight")
-    if spec.name == "conv2d_direct" and (where == "weight" or mode == "cpu"):
-        # Known gap: the direct kernels multiply structural zeros (padding, stride gaps, tile
-        # overhang) by the filter in backward, so 0 * NaN/Inf spreads NaN to more grad_input
-        # (NaN/Inf weight; CPU and CUDA kernels) or grad_weight (NaN/Inf input; CPU kernel)
-        # entries than torch has. Forward and the other ops agree with torch.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="direct backward 0 * NaN"))
     # Mixed NaN/Inf planted in a channels_last input. Not in a weight: torch's own channels_last
     # convolution skips padded taps (no 0 * Inf) and so disagrees with its NCHW result there.
     layout = "channels_last" if special == "mixed" and where == "input" else "contiguous"
@@ -176,6 +170,47 @@ def test_nan_inf_propagate_as_in_torch(
     schedule = None if mode == "cpu" else schedule_for(mode, request.node.nodeid)
     requires = [True] * len(spec.grad_names)
     check_against_torch(spec, cfg, tensors, requires, schedule, equal_nan=True)
+
+
+GEOMETRIES = {  # stride gaps, padding larger than the tap span, dilation with groups, a stem
+    "s2p1": dict(stride=2, padding=1, dilation=1, groups=1, k=3),
+    "d2g2": dict(stride=1, padding=2, dilation=2, groups=2, k=3),
+    "s3k2": dict(stride=3, padding=0, dilation=1, groups=1, k=2),
+    "s2p3k7": dict(stride=2, padding=3, dilation=1, groups=1, k=7),
+}
+
+
+@pytest.mark.parametrize("where", ["input", "weight"])
+@pytest.mark.parametrize("variant", ["naive", "tiled"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("mode", ["cpu", "emu-random"])
+def test_direct_backward_skips_structural_taps(
+    request: pytest.FixtureRequest, mode: str, geometry: str, variant: str, where: str
+) -> None:
+    """A NaN and an Inf in the weight (input) reach exactly the grad_input (grad_weight) entries
+    they reach in torch: padding, stride gaps and tile overhang are skipped, not multiplied by 0."""
+    g = dict(GEOMETRIES[geometry])
+    k, conf = g.pop("k"), g
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 11, 13, dtype=torch.float64, generator=gen)
+    w = torch.randn(6, 4 // conf["groups"], k, k, dtype=torch.float64, generator=gen)
+    target = w if where == "weight" else x
+    target.view(-1)[5] = float("nan")
+    target.view(-1)[target.numel() // 2] = float("inf")
+    x_ref, w_ref = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out_ref = torch.nn.functional.conv2d(x_ref, w_ref, **conf)
+    grad = torch.randn(out_ref.shape, dtype=torch.float64, generator=gen)
+    out_ref.backward(grad)
+    x_ours, w_ours = x.clone().requires_grad_(), w.clone().requires_grad_()
+    schedule = None if mode == "cpu" else schedule_for(mode, request.node.nodeid)
+    with cnnext.emulate_cuda(schedule) if schedule else torch.enable_grad():
+        out = cnnext.ops.conv2d(x_ours, w_ours, algo="direct", variant=variant, **conf)
+        out.backward(grad)
+    # Not vacuous: the gradient at stake is non-finite in part only.
+    spread = (x_ref.grad if where == "weight" else w_ref.grad).isfinite()
+    assert spread.any() and not spread.all()
+    for ours, ref in [(out, out_ref), (x_ours.grad, x_ref.grad), (w_ours.grad, w_ref.grad)]:
+        torch.testing.assert_close(ours, ref, equal_nan=True)
 
 
 def test_max_pool_nan_rule_with_gradient() -> None:

@@ -6,10 +6,14 @@
 // AVX2 + FMA, baseline), chosen at run time. grad_input runs the same microkernel once per
 // stride phase of the input (the transposed convolution in gather form), grad_weight a blocked
 // dot product over positions. Work is split with at::parallel_for; every sum has a fixed order.
+// Backward multiplies structural zeros (padding, dropped columns) by real values, which is exact
+// only for finite values: a NaN/Inf weight (grad_input) or input (grad_weight) takes the im2col
+// backward instead, which touches real taps only, as torch does.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
 
 #include <algorithm>
 #include <array>
@@ -27,6 +31,7 @@
 #include "common/library.h"
 #include "common/params.h"
 #include "conv2d_direct/conv2d_direct.h"
+#include "conv2d_im2col/conv2d_im2col.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define CNNEXT_X86_COPIES 1
@@ -978,6 +983,31 @@ void grad_bias_typed(const Conv2dParams& p, const at::Tensor& grad_output, at::T
   });
 }
 
+// Whether every element is finite: one pass, no allocation for dense tensors (any memory format).
+bool all_finite(const at::Tensor& t) {
+  if (!t.is_non_overlapping_and_dense()) return at::isfinite(t).all().item<bool>();
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "all_finite", [&] {
+    const scalar_t* data = t.const_data_ptr<scalar_t>();
+    finite = at::parallel_reduce(
+        0, t.numel(), int64_t(1) << 16, true,
+        [&](int64_t begin, int64_t end, bool ok) {
+          // v * 0 is 0 for finite v and NaN otherwise; 16 running sums vectorise.
+          scalar_t lanes[16] = {};
+          int64_t i = begin;
+          for (; i + 16 <= end; i += 16) {
+            for (int64_t j = 0; j < 16; ++j) lanes[j] += data[i + j] * scalar_t(0);
+          }
+          for (; i < end; ++i) lanes[0] += data[i] * scalar_t(0);
+          scalar_t zero = 0;
+          for (const scalar_t v : lanes) zero += v;
+          return ok && zero == scalar_t(0);
+        },
+        [](bool a, bool b) { return a && b; });
+  });
+  return finite;
+}
+
 }  // namespace
 
 // `input` is read only for grad_weight and `weight` only for grad_input: otherwise they may be
@@ -1007,9 +1037,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
     grad_bias.zero_();
     return {grad_input, grad_weight, grad_bias};
   }
+  // Non-finite operands: the exact (real taps only) im2col backward for the affected gradient.
+  const bool exact_input = output_mask[0] && !all_finite(weight);
+  const bool exact_weight = output_mask[1] && !all_finite(input);
+  if (exact_input || exact_weight) {
+    constexpr int64_t kColBytes = int64_t(64) << 20;
+    auto exact = conv2d_im2col_backward_cpu(grad_output, input, weight, stride, padding, dilation,
+                                            groups, {exact_input, exact_weight, false}, kColBytes);
+    if (exact_input) grad_input = std::get<0>(exact);
+    if (exact_weight) grad_weight = std::get<1>(exact);
+  }
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "conv2d_direct_backward", [&] {
-    if (output_mask[0]) grad_input_typed<scalar_t>(p, grad_output, weight, grad_input);
-    if (output_mask[1]) grad_weight_typed<scalar_t>(p, grad_output, input, grad_weight);
+    if (output_mask[0] && !exact_input)
+      grad_input_typed<scalar_t>(p, grad_output, weight, grad_input);
+    if (output_mask[1] && !exact_weight)
+      grad_weight_typed<scalar_t>(p, grad_output, input, grad_weight);
     if (output_mask[2]) grad_bias_typed<scalar_t>(p, grad_output, grad_bias);
   });
   return {grad_input, grad_weight, grad_bias};

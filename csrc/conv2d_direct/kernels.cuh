@@ -108,6 +108,16 @@ inline DirectGeometry input_grad_geometry(const Conv2dParams& p, const at::Tenso
 
 // ---- device helpers ----------------------------------------------------------------------------
 
+// Whether (y, x) of the upsampled source is a real sample rather than padding, a gap between
+// samples or tile overhang. grad_input skips such taps instead of multiplying them by zero, so a
+// NaN/Inf filter tap spreads only where torch's scatter (col2im) puts it.
+__device__ __forceinline__ bool direct_row_real(const DirectGeometry& g, int64_t y) {
+  return y >= 0 && y < g.vh && y % g.up_h == 0;
+}
+__device__ __forceinline__ bool direct_col_real(const DirectGeometry& g, int64_t x) {
+  return x >= 0 && x < g.vw && x % g.up_w == 0;
+}
+
 // Source value at (y, x) of the upsampled plane `plane`; zero outside it and between samples.
 template <bool TRANSPOSED, typename scalar_t>
 __device__ __forceinline__ cuda_acc_t<scalar_t> direct_source(const scalar_t* __restrict__ plane,
@@ -168,8 +178,10 @@ __global__ void conv2d_direct_naive_kernel(const scalar_t* __restrict__ src,
     const scalar_t* plane = src + n * g.src_sn + (grp * g.c_red + c) * g.src_sc;
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       const int64_t y = oy * g.sh - g.ph + ky * g.dh;
+      if (TRANSPOSED && !direct_row_real(g, y)) continue;
       for (int64_t kx = 0; kx < g.kw; ++kx) {
         const int64_t x = ox * g.sw - g.pw + kx * g.dw;
+        if (TRANSPOSED && !direct_col_real(g, x)) continue;
         acc += direct_source<TRANSPOSED>(plane, g, y, x) *
                direct_filter<TRANSPOSED>(weight, g, grp, o, c, ky, kx);
       }
@@ -218,6 +230,12 @@ __global__ void conv2d_direct_tiled_kernel(const scalar_t* __restrict__ src,
 
   acc_t* s_src = smem;                                  // [chunk][in_h][pitch]
   acc_t* s_filter = smem + t.chunk * t.in_h * t.pitch;  // [chunk][kh * kw][oc_tile]
+  // Transposed: whether each patch column is a real source column (the same for every row and
+  // channel); rows are checked per tap. Written here, read after the first __syncthreads.
+  unsigned char* s_real = reinterpret_cast<unsigned char*>(s_filter + t.chunk * kk * oc_tile);
+  if (TRANSPOSED) {
+    for (int64_t i = tid; i < t.in_w; i += nthreads) s_real[i] = direct_col_real(g, x0 + i);
+  }
   const scalar_t* src_n = src + n * g.src_sn + grp * g.c_red * g.src_sc;
 
   acc_t acc[R_OC][R_W];
@@ -245,18 +263,25 @@ __global__ void conv2d_direct_tiled_kernel(const scalar_t* __restrict__ src,
     __syncthreads();
     for (int64_t c = 0; c < cc; ++c) {
       for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const acc_t* row = s_src + (c * t.in_h + ty * g.sh + ky * g.dh) * t.pitch + tx * g.sw;
+        const int64_t patch_row = ty * g.sh + ky * g.dh;
+        if (TRANSPOSED && !direct_row_real(g, y0 + patch_row)) continue;
+        const acc_t* row = s_src + (c * t.in_h + patch_row) * t.pitch + tx * g.sw;
+        const unsigned char* real = s_real + tx * g.sw;
         const acc_t* taps = s_filter + (c * kk + ky * g.kw) * oc_tile + tz * R_OC;
         for (int64_t kx = 0; kx < g.kw; ++kx) {
           acc_t w[R_OC], x[R_W];
+          bool use[R_W];
           CNNEXT_DIRECT_UNROLL
           for (int64_t r = 0; r < R_OC; ++r) w[r] = taps[kx * oc_tile + r];
           CNNEXT_DIRECT_UNROLL
-          for (int64_t j = 0; j < R_W; ++j) x[j] = row[j * bx * g.sw + kx * g.dw];
+          for (int64_t j = 0; j < R_W; ++j) {
+            x[j] = row[j * bx * g.sw + kx * g.dw];
+            use[j] = !TRANSPOSED || real[j * bx * g.sw + kx * g.dw] != 0;
+          }
           CNNEXT_DIRECT_UNROLL
           for (int64_t r = 0; r < R_OC; ++r) {
             CNNEXT_DIRECT_UNROLL
-            for (int64_t j = 0; j < R_W; ++j) acc[r][j] += w[r] * x[j];
+            for (int64_t j = 0; j < R_W; ++j) acc[r][j] += use[j] ? w[r] * x[j] : acc_t(0);
           }
         }
       }
@@ -305,7 +330,8 @@ struct TiledPlan {
 };
 
 // Sizes the tile for this geometry: up to 8 x 8 x 4 threads, shrunk (rows, then columns, then
-// channels) until one channel's halo patch and filter slice fit the shared-memory budget.
+// channels) until one channel's halo patch and filter slice (and a byte per patch column) fit the
+// shared-memory budget.
 // Returns false only if even a 1 x R_W x R_OC tile does not fit (a dilated kernel spanning
 // hundreds of pixels): the caller then runs the naive kernel.
 inline bool plan_tiled(const DirectGeometry& g, int64_t r_oc, std::size_t acc_bytes,
@@ -320,7 +346,7 @@ inline bool plan_tiled(const DirectGeometry& g, int64_t r_oc, std::size_t acc_by
     t.in_w = (tile_w - 1) * g.sw + (g.kw - 1) * g.dw + 1;
     t.pitch = t.in_w + (24 - t.in_w % 16) % 16;
     const int64_t per_channel = (t.in_h * t.pitch + g.kh * g.kw * oc_tile) * acc_bytes;
-    t.chunk = std::min({g.c_red, kTiledMaxChunk, kTiledSmemBudget / per_channel});
+    t.chunk = std::min({g.c_red, kTiledMaxChunk, (kTiledSmemBudget - t.in_w) / per_channel});
     if (t.chunk >= 1) break;
     if (by > 1) {
       by = (by + 1) / 2;
@@ -341,7 +367,7 @@ inline bool plan_tiled(const DirectGeometry& g, int64_t r_oc, std::size_t acc_by
       dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by), static_cast<unsigned>(bz));
   plan->layout = t;
   plan->smem = static_cast<std::size_t>(
-      (t.chunk * t.in_h * t.pitch + t.chunk * g.kh * g.kw * bz * r_oc) * acc_bytes);
+      (t.chunk * t.in_h * t.pitch + t.chunk * g.kh * g.kw * bz * r_oc) * acc_bytes + t.in_w);
   plan->blocks = static_cast<unsigned int>(blocks);
   return true;
 }
