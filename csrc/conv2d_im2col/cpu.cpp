@@ -21,6 +21,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -93,19 +94,28 @@ void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, const 
 
 // Row-major C[m, n] = A[m, k] . B[k, n] (+ C when add_c). float: oneDNN's brgemm micro-kernel in
 // blocks whose B panel stays in L2 (brgemm itself does no cache blocking), parallel over column
-// blocks when called outside a parallel region; double: BLAS.
+// blocks when called outside a parallel region, and also over row blocks when there are fewer
+// column blocks than threads (a batch-1 deep layer has one); double: BLAS. Each C block sums its
+// k blocks in order, so the result does not depend on the split.
 template <typename scalar_t>
 void gemm_rm(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b,
              int64_t ldb, scalar_t* c, int64_t ldc, bool add_c) {
   if (m == 0 || n == 0) return;
   if constexpr (std::is_same_v<scalar_t, float>) {
     constexpr int64_t kMB = 64, kNB = 256, kKB = 512;
-    at::parallel_for(0, (n + kNB - 1) / kNB, 1, [&](int64_t nb_begin, int64_t nb_end) {
-      for (int64_t n0 = nb_begin * kNB; n0 < std::min(n, nb_end * kNB); n0 += kNB) {
-        const int64_t nb = std::min(kNB, n - n0);
+    const int64_t n_blocks = (n + kNB - 1) / kNB, m_blocks = (m + kMB - 1) / kMB;
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const int64_t m_parts =
+        n_blocks >= threads ? 1 : std::min(m_blocks, (threads + n_blocks - 1) / n_blocks);
+    at::parallel_for(0, n_blocks * m_parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n0 = item / m_parts * kNB, nb = std::min(kNB, n - n0);
+        const int64_t part = item % m_parts;
+        const int64_t m_begin = part * m_blocks / m_parts * kMB;
+        const int64_t m_end = std::min(m, (part + 1) * m_blocks / m_parts * kMB);
         for (int64_t k0 = 0; k0 < k; k0 += kKB) {
           const int64_t kb = std::min(kKB, k - k0);
-          for (int64_t m0 = 0; m0 < m; m0 += kMB) {
+          for (int64_t m0 = m_begin; m0 < m_end; m0 += kMB) {
             at::native::cpublas::brgemm(std::min(kMB, m - m0), nb, kb, lda, ldb, ldc,
                                         add_c || k0 > 0, a + m0 * lda + k0, b + k0 * ldb + n0,
                                         c + m0 * ldc + n0);
@@ -344,8 +354,11 @@ std::vector<Tile> plan_tiles(const Conv2dParams& p, const Layout& l, int64_t s0,
                             std::max<int64_t>(1, s1 - s0));
     for (int64_t n = s0; n < s1; n += nb) tiles.push_back({n, std::min(nb, s1 - n), 0, p.h_out});
   } else {
-    const int64_t rows =
+    const int64_t max_rows =
         std::clamp<int64_t>(std::min(budget, kTileEntries) / (l.gk * p.w_out), 1, p.h_out);
+    // Equal row blocks (not full blocks and a remainder): threads get equal work.
+    const int64_t blocks = (p.h_out + max_rows - 1) / max_rows;
+    const int64_t rows = (p.h_out + blocks - 1) / blocks;
     for (int64_t n = s0; n < s1; ++n) {
       for (int64_t oh = 0; oh < p.h_out; oh += rows) {
         tiles.push_back({n, 1, oh, std::min(oh + rows, p.h_out)});
@@ -415,6 +428,27 @@ void for_each_forward_tile(const std::vector<Tile>& tiles, int64_t slots, const 
   });
 }
 
+// Forward only: with few tiles, a tile count that is not a multiple of the thread count leaves
+// threads idle (one tile at batch 1 uses one thread; three on two threads, 2/3 of them). Cuts
+// every tile into `parts` equal pieces (samples of a multi-sample tile, else output rows) so the
+// count becomes one; each thread then unfolds and multiplies its own output rows.
+std::vector<Tile> split_for_threads(const std::vector<Tile>& tiles, int64_t slots) {
+  const int64_t count = static_cast<int64_t>(tiles.size());
+  if (count == 0 || count % slots == 0 || count >= 4 * slots) return tiles;
+  const int64_t parts = slots / std::gcd(count, slots);
+  std::vector<Tile> split;
+  for (const Tile& t : tiles) {
+    const int64_t units = t.nb > 1 ? t.nb : t.oh1 - t.oh0;
+    const int64_t q = std::min(parts, units);
+    for (int64_t i = 0; i < q; ++i) {
+      const int64_t u0 = i * units / q, u1 = (i + 1) * units / q;
+      split.push_back(t.nb > 1 ? Tile{t.n0 + u0, u1 - u0, t.oh0, t.oh1}
+                               : Tile{t.n0, 1, t.oh0 + u0, t.oh0 + u1});
+    }
+  }
+  return split;
+}
+
 // channels_last backward works on chunks of whole samples whose columns fit in max_col_bytes.
 int64_t samples_per_chunk(const Conv2dParams& p, const Layout& l, int64_t max_col_bytes,
                           int64_t elem_size) {
@@ -448,7 +482,7 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
   const int64_t out_size = p.c_out * l.p;
   const int64_t slots = std::max<int64_t>(at::get_num_threads(), 1);
   const int64_t budget = tile_budget(p, l, slots, max_col_bytes, sizeof(scalar_t));
-  const std::vector<Tile> tiles = plan_tiles(p, l, 0, p.n, budget);
+  const std::vector<Tile> tiles = split_for_threads(plan_tiles(p, l, 0, p.n, budget), slots);
   bool grouped;
   const int64_t max_cols = max_tile_cols(tiles, p.w_out, grouped);
   // Per slot: a column tile and, for multi-sample tiles, the GEMM output before it is scattered.
@@ -458,7 +492,7 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
   at::Tensor tmp_buffer = scratch<scalar_t>(slots * tmp_size);
   for_each_forward_tile(tiles, slots, [&](const Tile& t, int64_t slot) {
     const int64_t rows = (t.oh1 - t.oh0) * p.w_out, cols = t.nb * rows;
-    const scalar_t* a = x + t.n0 * in_size;
+    const scalar_t* a = x + t.n0 * in_size + t.oh0 * p.w_out;  // pointwise: a block of rows
     if (!l.pointwise) {
       scalar_t* col = col_buffer.mutable_data_ptr<scalar_t>() + slot * col_size;
       for (int64_t b = 0; b < t.nb; ++b) {
