@@ -17,6 +17,7 @@
 #ifdef CNNEXT_CUDA_EMULATION
 #include <ATen/Parallel.h>
 #else
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <cublas_v2.h>
 #endif
@@ -111,8 +112,12 @@ void gemm_strided_batched(char transa, char transb, int64_t m, int64_t n, int64_
                                   stride_b, &beta, c, ildc, stride_c, ibatch),
         "cublasDgemmStridedBatched");
   } else if constexpr (std::is_same_v<scalar_t, float>) {
-    // fp32 follows torch.backends.cuda.matmul.allow_tf32, as torch's own matmuls do.
-    const bool tf32 = at::globalContext().allowTF32CuBLAS();
+    // fp32 follows torch's matmul TF32 switch as torch's own matmuls read it: allowTF32CuBLAS()
+    // throws once the legacy allow_tf32 and the new fp32_precision APIs were both used.
+    const bool tf32 =
+        !at::NoTF32Guard::should_disable_tf32() &&
+        at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+            at::Float32Precision::TF32;
     detail::check_cublas(
         cublasSetMathMode(handle, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH),
         "cublasSetMathMode");
