@@ -81,3 +81,18 @@ def _enter(kind: str, request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ieee_fp32_on_cuda() -> Iterator[None]:
+    """cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later, so torch's fp32
+    references on cuda would be ~1e-3 off; cnnext's fp32 kernels are checked against IEEE fp32.
+    Only the fp32_precision API is used: torch refuses to read TF32 state set through both."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = (conv.fp32_precision, matmul.fp32_precision)
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    yield
+    conv.fp32_precision, matmul.fp32_precision = before

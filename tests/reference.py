@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # (rtol, atol) per dtype. float32 results may differ from torch's by reordered accumulation.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -48,3 +49,14 @@ def make_input(
     if layout == "channels_last" and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def avg_pool2d_reference(x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``F.avg_pool2d`` as the reference. torch's CUDA backward for channels_last input with
+    padding gave wrong gradients until pytorch/pytorch#188344 was fixed (seen with torch 2.11 on an
+    H100: relative error 1.0 against float64), so channels_last cuda input is pooled by torch's CPU
+    kernel; the copies keep autograd, the layout and the device."""
+    if x.is_cuda and x.dim() == 4 and not x.is_contiguous():
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return F.avg_pool2d(x.cpu(), **kwargs).to(x.device)
+    return F.avg_pool2d(x, **kwargs)

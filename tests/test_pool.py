@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import cnnext
 
-from .reference import assert_close, dtypes_for, make_input
+from .reference import assert_close, avg_pool2d_reference, dtypes_for, make_input
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,9 @@ def _avg(x: torch.Tensor, case: Case, mode: tuple) -> torch.Tensor:
 
 
 def _avg_ref(x: torch.Tensor, case: Case, mode: tuple) -> torch.Tensor:
-    return F.avg_pool2d(x, **case.avg_args(), count_include_pad=mode[0], divisor_override=mode[1])
+    return avg_pool2d_reference(
+        x, **case.avg_args(), count_include_pad=mode[0], divisor_override=mode[1]
+    )
 
 
 def _same_layout(out: torch.Tensor, expected: torch.Tensor) -> None:
