@@ -12,11 +12,10 @@ The heuristic (see ``choose`` for the thresholds and the measurements behind the
   for ``groups == 1`` layers with a large output plane (>= 256 pixels) and >= 8 input
   channels; im2col (BLAS GEMMs) for 1x1 kernels, small output planes and first layers with
   1-7 input channels.
-* CUDA (reasoned, not measured): im2col (cuBLAS) for ``groups == 1`` with a large reduction
-  (smaller for 1x1 kernels and for half/bfloat16, which cuBLAS runs on tensor cores) and
-  enough output columns and channels to fill a GEMM; the shared-memory tiled direct kernel
-  for grouped/depthwise layers, small reductions and small problems, where a GEMM's K or N
-  would be tiny.
+* CUDA (measured on an H100): im2col (cuBLAS) for ``groups == 1`` with a reduction
+  C_in/groups*kH*kW and C_out both >= 32, whatever the batch or plane size; the shared-memory
+  tiled direct kernel for grouped/depthwise layers, first layers (reduction < 32) and layers
+  with fewer than 32 output channels.
 """
 
 from __future__ import annotations
@@ -95,16 +94,13 @@ def _device_kind(input: torch.Tensor) -> str:
 # boundaries (ResNet layer1 at 28x28, LeNet conv2) the two are within the run-to-run noise.
 CPU_DIRECT_MIN_PIXELS = 256  # H_out * W_out
 CPU_DIRECT_MIN_CHANNELS = 8  # C_in / groups
-# CUDA thresholds (reasoned, not measured: the emulator is no speed proxy). A cuBLAS GEMM of
-# [C_out x K] by [K x N*H_out*W_out] needs K and N large enough to fill its 64-128 wide tiles;
-# below that the tiled direct kernel's shared-memory reuse does better and saves the column
-# buffer's memory traffic (K times the output size). A 1x1 conv needs no column buffer at all
-# (im2col runs the GEMM on the input), so it goes to cuBLAS from a smaller K.
-CUDA_IM2COL_MIN_REDUCTION = 128
-CUDA_IM2COL_MIN_REDUCTION_1X1 = 32
-# half/bfloat16: cuBLAS runs them on tensor cores, the direct kernel on plain FMA units.
-CUDA_IM2COL_MIN_REDUCTION_REDUCED = 64
-CUDA_IM2COL_MIN_COLUMNS = 4096  # N * H_out * W_out
+# CUDA thresholds, measured on an H100 (benchmarks/results/cuda-2026-11-22.md: fp32 and fp16,
+# batch 1 and 32, direct.tiled, direct.naive and im2col side by side). cuBLAS (im2col) wins the
+# forward of every ungrouped layer with a reduction K = C_in/groups*kH*kW of 32 or more, by 3-100x
+# on deep layers (ResNet layer4 at 4x4, batch 1: 0.034 vs 3.2 ms); the direct kernels win first
+# layers (K = 25-27: 0.012 vs 0.020-0.038 ms) and, forward+backward, layers with C_out < 32
+# (LeNet conv2 at batch 32: 0.44 vs 1.9 ms), where im2col's backward GEMMs are too thin.
+CUDA_IM2COL_MIN_REDUCTION = 32
 CUDA_IM2COL_MIN_C_OUT = 32
 
 
@@ -133,19 +129,10 @@ def choose(
     w_out = (input.shape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     pixels = h_out * w_out
     if input.device.type == "cuda" or _backend.use_emulator(input):
-        batch = input.shape[0] if input.dim() == 4 else 1
-        pointwise = kh == 1 and kw == 1
-        if pointwise:
-            min_reduction = CUDA_IM2COL_MIN_REDUCTION_1X1
-        elif input.dtype in (torch.float16, torch.bfloat16):
-            min_reduction = CUDA_IM2COL_MIN_REDUCTION_REDUCED
-        else:
-            min_reduction = CUDA_IM2COL_MIN_REDUCTION
         if (
             groups == 1
-            and reduction >= min_reduction
+            and reduction >= CUDA_IM2COL_MIN_REDUCTION
             and c_out >= CUDA_IM2COL_MIN_C_OUT
-            and batch * pixels >= CUDA_IM2COL_MIN_COLUMNS
         ):
             return ("im2col", "auto")
         return ("direct", "tiled")

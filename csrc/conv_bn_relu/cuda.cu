@@ -416,17 +416,13 @@ at::MemoryFormat format_of(bool cl) {
   return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-// "auto" on CUDA: cnnext._algo.choose's rule (reasoned, not measured; the Python layer
-// resolves "auto" there, this serves direct calls of the op): cuBLAS (im2col) for ungrouped
-// layers with a reduction, channel count and column count large enough to fill its tiles, the
-// direct kernels (fused epilogue) otherwise.
-Algo resolve_algo(Algo algo, const Conv2dParams& p, at::ScalarType dtype) {
+// "auto" on CUDA: cnnext._algo.choose's rule, measured on an H100 (the Python layer resolves
+// "auto" there, this serves direct calls of the op): cuBLAS (im2col) for ungrouped layers with a
+// reduction and a channel count of 32 or more, the direct kernels (fused epilogue) otherwise.
+Algo resolve_algo(Algo algo, const Conv2dParams& p) {
   if (algo != Algo::kAuto) return algo;
   const int64_t reduction = p.c_in_per_group() * p.kh * p.kw;
-  const bool reduced = dtype == at::kHalf || dtype == at::kBFloat16;
-  const int64_t min_reduction = p.kh == 1 && p.kw == 1 ? 32 : reduced ? 64 : 128;
-  const bool gemm = p.groups == 1 && reduction >= min_reduction && p.c_out >= 32 &&
-                    p.n * p.h_out * p.w_out >= 4096;
+  const bool gemm = p.groups == 1 && reduction >= 32 && p.c_out >= 32;
   return gemm ? Algo::kIm2col : Algo::kDirect;
 }
 
@@ -486,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   const Conv2dParams p = fused::check_forward(
       kForwardOp, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
       eps, stride, padding, dilation, groups, max_col_bytes, /*allow_reduced=*/true);
-  const Algo algo = resolve_algo(fused::parse_algo(kForwardOp, algo_name), p, input.scalar_type());
+  const Algo algo = resolve_algo(fused::parse_algo(kForwardOp, algo_name), p);
   CNNEXT_DEVICE_GUARD(input);
   const auto options = input.options();
   const auto stats_options = options.dtype(fused::stats_type(input.scalar_type()));
@@ -571,8 +567,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
       kBackwardOp, grad_output, conv_output, input, weight, conv_bias, bn_weight, bn_bias,
       save_mean, save_invstd, training, stride, padding, dilation, groups, max_col_bytes,
       /*allow_reduced=*/true);
-  const Algo algo =
-      resolve_algo(fused::parse_algo(kBackwardOp, algo_name), p, grad_output.scalar_type());
+  const Algo algo = resolve_algo(fused::parse_algo(kBackwardOp, algo_name), p);
   CNNEXT_DEVICE_GUARD(grad_output);
   const auto options = grad_output.options();
   const auto stats_options = options.dtype(fused::stats_type(grad_output.scalar_type()));
