@@ -344,15 +344,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
   }
   const at::Tensor dy = (p.batched ? grad_output : grad_output.unsqueeze(0)).contiguous(fmt);
   const Layout l = layout_of(p);
-  at::Tensor x, w, dw;
+  const int64_t chunk = samples_per_chunk(p, l, max_col_bytes, input.element_size());
+  // grad_weight sums over every pixel of every sample. In NCHW a sample's pixels are the columns
+  // of its own matrix, so a chunk of nb samples takes nb dependent GEMMs (launch-bound on a GPU);
+  // in channels_last the chunk's pixels are the rows of one matrix and one GEMM does it. So with
+  // more than one sample per chunk, NCHW grad_weight runs on channels_last copies of x and dY.
+  const bool dw_cl = output_mask[1] && (cl || std::min(chunk, p.n) > 1);
+  const auto dw_fmt = dw_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor x, w, dw, dy_w;
   if (output_mask[1]) {
-    x = (p.batched ? input : input.unsqueeze(0)).contiguous(fmt);
+    x = (p.batched ? input : input.unsqueeze(0)).contiguous(dw_fmt);
+    dy_w = dy.contiguous(dw_fmt);
     // channels_last accumulates dW' = grad_weight as [C_out, kh, kw, C_in/groups].
-    dw = cl ? at::empty({p.c_out, p.kh, p.kw, p.c_in_per_group()}, weight.options()) : grad_weight;
+    dw = dw_cl ? at::empty({p.c_out, p.kh, p.kw, p.c_in_per_group()}, weight.options())
+               : grad_weight;
   }
   if (output_mask[0]) w = cl ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
   const at::Tensor dx = output_mask[0] && !p.batched ? grad_input.unsqueeze(0) : grad_input;
-  const int64_t chunk = samples_per_chunk(p, l, max_col_bytes, input.element_size());
   const bool need_col = !l.pointwise && (output_mask[0] || output_mask[1]);
   at::Tensor col_buffer = need_col ? at::empty({chunk * l.gk * l.p}, dy.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -374,26 +382,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
           // grad_weight first: it reads the columns that grad_input then overwrites.
           if (output_mask[1]) {
             const scalar_t* a = x.const_data_ptr<scalar_t>() + n0 * in_size;
+            const scalar_t* dyw = dy_w.const_data_ptr<scalar_t>() + n0 * out_size;
             if (!l.pointwise) {
-              im2col<scalar_t>(p, cl, a, col, nb);
+              im2col<scalar_t>(p, dw_cl, a, col, nb);
               a = col;
             }
             scalar_t* dwp = dw.mutable_data_ptr<scalar_t>();
-            if (cl) {
+            if (dw_cl) {
               // dW'_g[cog, K] (+)= dY_g[rows, cog]^T . col_g[rows, K]: column-major
               // dW'_g^T = col_g^T . dY_g, batched over groups; chunks accumulate with beta = 1.
               gemm_strided_batched<scalar_t>('n', 't', l.k, cog, nb * l.p, acc_t(1), a, l.gk, l.k,
-                                             dyc, p.c_out, cog, acc_t(n0 == 0 ? 0 : 1), dwp, l.k,
+                                             dyw, p.c_out, cog, acc_t(n0 == 0 ? 0 : 1), dwp, l.k,
                                              cog * l.k, p.groups);
             } else {
-              // dW_g[cog, K] (+)= dY_g[cog, P] . col_g[K, P]^T: column-major
-              // dW_g^T = op(col_g) . dY_g^T, batched over groups, one sample after another.
-              for (int64_t n = 0; n < nb; ++n) {
-                gemm_strided_batched<scalar_t>(
-                    't', 'n', l.k, cog, l.p, acc_t(1), a + n * p.groups * l.k * l.p, l.p, l.k * l.p,
-                    dyc + n * out_size, l.p, cog * l.p, acc_t(n0 + n == 0 ? 0 : 1), dwp, l.k,
-                    cog * l.k, p.groups);
-              }
+              // One sample per chunk: dW_g[cog, K] (+)= dY_g[cog, P] . col_g[K, P]^T, column-major
+              // dW_g^T = op(col_g) . dY_g^T, batched over groups.
+              gemm_strided_batched<scalar_t>('t', 'n', l.k, cog, l.p, acc_t(1), a, l.p, l.k * l.p,
+                                             dyw, l.p, cog * l.p, acc_t(n0 == 0 ? 0 : 1), dwp, l.k,
+                                             cog * l.k, p.groups);
             }
           }
           if (output_mask[0]) {
@@ -412,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
           }
         }
       });
-  if (output_mask[1] && cl) grad_weight.copy_(dw.permute({0, 3, 1, 2}));
+  if (dw_cl) grad_weight.copy_(dw.permute({0, 3, 1, 2}));
   return {grad_input, grad_weight, grad_bias};
 }
 
