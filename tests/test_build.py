@@ -35,6 +35,25 @@ def test_cuda_extension_built_when_nvcc_present() -> None:
         assert torch._C._dispatch_has_kernel_for_dispatch_key("cnnext::_gemm", "CUDA")
 
 
+def test_extensions_link_the_shared_libstdcxx() -> None:
+    """Each cnnext extension must use the process's libstdc++, not a static copy: with one (a
+    g++ that links libstdc++ statically, as on one GPU image), the first TORCH_CHECK message
+    crashed in std::ostream instead of raising. tools/gpu_run.sh picks the system g++."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return  # binutils missing: nothing to read the ELF headers with
+    from cnnext import _C
+
+    libs = [_C.__file__]
+    if cnnext.EMULATOR_AVAILABLE:
+        from cnnext import _C_emu
+
+        libs.append(_C_emu.__file__)
+    for lib in libs:
+        dynamic = subprocess.run([readelf, "-d", lib], capture_output=True, text=True).stdout
+        assert "libstdc++.so" in dynamic, f"{lib} does not link libstdc++ dynamically"
+
+
 def test_python_m_cnnext_reports() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "cnnext"], capture_output=True, text=True, check=True
