@@ -99,7 +99,8 @@ CPU_DIRECT_MIN_CHANNELS = 8  # C_in / groups
 # forward of every ungrouped layer with a reduction K = C_in/groups*kH*kW of 32 or more, by 3-100x
 # on deep layers (ResNet layer4 at 4x4, batch 1: 0.034 vs 3.2 ms); the direct kernels win first
 # layers (K = 25-27: 0.012 vs 0.020-0.038 ms) and, forward+backward, layers with C_out < 32
-# (LeNet conv2 at batch 32: 0.44 vs 1.9 ms), where im2col's backward GEMMs are too thin.
+# (LeNet conv2 at batch 32: 0.44 vs 1.9 ms). That run predates the single-GEMM NCHW grad_weight
+# of im2col's backward (one GEMM per sample then), so the C_out bound wants re-measuring.
 CUDA_IM2COL_MIN_REDUCTION = 32
 CUDA_IM2COL_MIN_C_OUT = 32
 
