@@ -202,9 +202,11 @@ class ConvBNReLU2dFunction(torch.autograd.Function):
     (BatchNorm folded into the convolution). ``momentum`` is the update factor (the module
     resolves ``momentum=None`` to the cumulative average before calling).
 
-    The output is not saved: backward recomputes the ReLU mask (training: from the saved
-    convolution output and statistics; eval: by rerunning the folded convolution), so an inplace
-    op on the output (e.g. a following ``nn.ReLU(inplace=True)``) is harmless. In training the
+    The output itself is not saved, so an inplace op on it (e.g. a following
+    ``nn.ReLU(inplace=True)``) is harmless: training recomputes the ReLU mask from the saved
+    convolution output and statistics, eval reads it from a private copy of the output (as much
+    memory as eager's ReLU keeps; rerunning the folded convolution instead would cost a second
+    forward). In training the
     input is saved only for the weight's gradient and the weight only for the input's (a tensor
     not saved reaches the backward op as a one-element placeholder of the right shape); eval
     saves both.
@@ -248,6 +250,9 @@ class ConvBNReLU2dFunction(torch.autograd.Function):
             algo,
             max_col_bytes,
         )
+        if not training:
+            # The ReLU mask's source for backward: a copy, unaffected by inplace ops on output.
+            conv_output = output.clone()
         # An empty batch has no statistics: torch leaves the running ones as they are.
         empty_batch = input.dim() == 4 and input.shape[0] == 0
         if training and not empty_batch:

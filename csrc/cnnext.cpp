@@ -59,9 +59,10 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
       "int max_col_bytes=67108864) -> (Tensor output, Tensor save_mean, Tensor save_invstd, "
       "Tensor batch_var, Tensor conv_output)");
   // output_mask: input, weight, conv_bias, bn_weight, bn_bias. Masked-off gradients are empty.
-  // The ReLU mask is recomputed from internal values, never read from the forward output (which
-  // callers may modify in place, e.g. an inplace ReLU after it): training from conv_output and
-  // the saved statistics, eval by rerunning the folded convolution.
+  // The ReLU mask never comes from the forward output itself (which callers may modify in place,
+  // e.g. an inplace ReLU after it): training recomputes it from conv_output and the saved
+  // statistics; eval reads it from conv_output when that holds a copy of the forward output
+  // (cnnext.autograd saves one), else reruns the folded convolution (conv_output empty).
   m.def(
       "conv_bn_relu_backward(Tensor grad_output, Tensor conv_output, Tensor input, "
       "Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor save_mean, "

@@ -645,6 +645,36 @@ def test_bad_op_arguments() -> None:
                 lib.conv_bn_relu_backward(*args, True, *conf, "auto", 1 << 20, mask)
 
 
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_backward_mask_from_output_copy(device: str, algo: str, layout: str) -> None:
+    """Eval backward takes the ReLU mask from a copy of the forward output (what
+    cnnext.autograd saves) or, given an empty conv_output, reruns the folded convolution: the two
+    give bitwise the same gradients, also with a NaN input (which relu keeps and lets through)."""
+    lib = torch.ops.cnnext_emu if cnnext.emulating() else torch.ops.cnnext
+    w = torch.randn(5, 3, 3, 3, device=device)
+    b, gamma, beta = (torch.randn(5, device=device) for _ in range(3))
+    rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
+    conf = ([1, 2], [1, 1], [1, 1], 1)
+    for nan in (False, True):
+        x = make_input((2, 3, 7, 6), device, layout=layout)
+        if nan:
+            x[1, 2, 3, 3] = float("nan")
+        y, mean, invstd, _, empty = lib.conv_bn_relu(
+            x, w, b, gamma, beta, rm, rv, False, 1e-5, *conf, algo, 1 << 20
+        )
+        assert empty.numel() == 0 and (y == 0).any() and (y > 0).any()
+        assert y.isnan().any() == nan
+        g = torch.randn_like(y)
+        rest = (x, w, b, gamma, beta, mean, invstd, False, *conf, algo, 1 << 20, [True] * 5)
+        copied = lib.conv_bn_relu_backward(g, y.clone(), *rest)
+        rerun = lib.conv_bn_relu_backward(g, empty, *rest)
+        for got, want in zip(copied, rerun, strict=True):
+            assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    with pytest.raises(RuntimeError, match="conv_output to be empty or the forward output"):
+        lib.conv_bn_relu_backward(g, y[:1].clone(), *rest)
+
+
 def test_python_argument_errors() -> None:
     x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
     with pytest.raises(ValueError, match="algo must be one of"):

@@ -95,6 +95,12 @@ inline Conv2dParams check_backward(
     check_same(op, "conv_output", conv_output, "input", input);
     CNNEXT_CHECK(conv_output.sizes() == out_sizes, op, "expected conv_output of shape ", out_sizes,
                  " in training mode, got ", conv_output.sizes());
+  } else if (conv_output.numel() != 0) {
+    // Eval: a copy of the forward output, the source of the ReLU mask.
+    check_same(op, "conv_output", conv_output, "input", input);
+    CNNEXT_CHECK(conv_output.sizes() == out_sizes, op,
+                 "expected conv_output to be empty or the forward output of shape ", out_sizes,
+                 " in eval mode, got ", conv_output.sizes());
   }
   check_channel_param(op, "conv_bias", conv_bias, input, p.c_out);
   check_channel_param(op, "bn_weight", bn_weight, input, p.c_out);

@@ -554,8 +554,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
 
 // Training: `input` is read only for the weight's gradient and `weight` only for the input's;
 // otherwise they may be placeholders of the right shape (see
-// cnnext.autograd.ConvBNReLU2dFunction). Eval reads both: it reruns the folded convolution for
-// the ReLU mask.
+// cnnext.autograd.ConvBNReLU2dFunction). Eval reads both, and takes the ReLU mask from
+// conv_output (a copy of the forward output) or, when that is empty, reruns the folded convolution.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& conv_output, const at::Tensor& input,
     const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
@@ -652,12 +652,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
                         p.c_out, k);
         }
       });
-  // The forward's pre-activation, bit for bit (same kernel, same epilogue minus the ReLU), for the
-  // mask.
+  // The mask's source: the copy of the forward output when given (relu keeps the sign, zero and
+  // NaN of the pre-activation, so the mask is the same), else the forward's pre-activation bit
+  // for bit (same kernel, same epilogue minus the ReLU).
   const at::Tensor pre =
-      folded_conv(kBackwardOp, algo, p, input, weight, scale, shift,
-                  /*relu=*/false, stride, padding, dilation, groups, max_col_bytes, fmt)
-          .contiguous(fmt);
+      conv_output.numel() != 0
+          ? conv_output.contiguous(fmt)
+          : folded_conv(kBackwardOp, algo, p, input, weight, scale, shift,
+                        /*relu=*/false, stride, padding, dilation, groups, max_col_bytes, fmt)
+                .contiguous(fmt);
   at::Tensor gm = at::empty(g.sizes(), options.memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, g.scalar_type(), "conv_bn_relu_backward_mask", [&] {
