@@ -206,10 +206,9 @@ class ConvBNReLU2dFunction(torch.autograd.Function):
     ``nn.ReLU(inplace=True)``) is harmless: training recomputes the ReLU mask from the saved
     convolution output and statistics, eval reads it from a private copy of the output (as much
     memory as eager's ReLU keeps; rerunning the folded convolution instead would cost a second
-    forward). In training the
-    input is saved only for the weight's gradient and the weight only for the input's (a tensor
-    not saved reaches the backward op as a one-element placeholder of the right shape); eval
-    saves both.
+    forward). In training the input is saved only for the weight's gradient and the weight only
+    for the input's (a tensor not saved reaches the backward op as a one-element placeholder of
+    the right shape); eval saves both.
     """
 
     @staticmethod

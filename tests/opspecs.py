@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import cnnext
 from cnnext._shapes import pool_output_size
 
-from .reference import TOLERANCES, avg_pool2d_reference, make_input
+from .reference import TOLERANCES, avg_pool2d_reference, cuda_channels_last, make_input
 
 Config = dict[str, Any]
 Tensors = list[Any]  # torch.Tensor or None (absent bias)
@@ -156,13 +156,11 @@ def _run_conv(algo: str) -> Callable[[Config, Tensors], tuple[torch.Tensor, tupl
 
 def _ref_conv(cfg: Config, t: Tensors) -> tuple[torch.Tensor, tuple]:
     out = F.conv2d(t[0], t[1], t[2], **_conv_kwargs(cfg))
-    x = t[0]
-    if x.is_cuda and x.dim() == 4 and not x.is_contiguous():
-        if x.is_contiguous(memory_format=torch.channels_last):
-            # torch's own CUDA depthwise kernel (float64, or shapes cuDNN declines) returns NCHW
-            # for channels_last input (seen with torch 2.11 on an H100); cnnext keeps
-            # channels_last, as torch's CPU and cuDNN paths do.
-            out = out.contiguous(memory_format=torch.channels_last)
+    if cuda_channels_last(t[0]):
+        # torch's own CUDA depthwise kernel (float64, or shapes cuDNN declines) returns NCHW for
+        # channels_last input (seen with torch 2.11 on an H100); cnnext keeps channels_last, as
+        # torch's CPU and cuDNN paths do.
+        out = out.contiguous(memory_format=torch.channels_last)
     return out, ()
 
 

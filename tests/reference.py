@@ -51,12 +51,22 @@ def make_input(
     return x
 
 
+def cuda_channels_last(x: torch.Tensor) -> bool:
+    """A cuda tensor in channels_last (and not also NCHW-contiguous) layout: where torch's own
+    CUDA kernels were seen to diverge from its CPU ones."""
+    return (
+        x.is_cuda
+        and x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def avg_pool2d_reference(x: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.avg_pool2d`` as the reference. torch's CUDA backward for channels_last input with
     padding gave wrong gradients until pytorch/pytorch#188344 was fixed (seen with torch 2.11 on an
     H100: relative error 1.0 against float64), so channels_last cuda input is pooled by torch's CPU
     kernel; the copies keep autograd, the layout and the device."""
-    if x.is_cuda and x.dim() == 4 and not x.is_contiguous():
-        if x.is_contiguous(memory_format=torch.channels_last):
-            return F.avg_pool2d(x.cpu(), **kwargs).to(x.device)
+    if cuda_channels_last(x):
+        return F.avg_pool2d(x.cpu(), **kwargs).to(x.device)
     return F.avg_pool2d(x, **kwargs)
