@@ -185,5 +185,21 @@ inline int __float_as_int(float f) {
   return v;
 }
 
+// ---- vector types and integer intrinsics of the implicit-GEMM kernels ----------------------------
+// 16-byte aligned like CUDA's, so a misaligned 128-bit access is as wrong here as on the GPU.
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+// Blocks of a launch run one after another on one OS thread: a fence orders nothing more, but
+// TSan must see one where the GPU needs one.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
 // Dynamic shared memory: `extern __shared__` has no C++ meaning, so kernels use this macro.
 #define CNNEXT_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::cnnext::emu::dynamic_shared())
