@@ -27,7 +27,14 @@ __all__ = [
 ]
 
 ALGOS = ("direct", "im2col")
-VARIANTS = ("auto", "naive", "tiled")
+VARIANTS = (
+    "auto",
+    "implicit_gemm",
+    "implicit_gemm_128x128",
+    "implicit_gemm_64x64",
+    "tiled",
+    "naive",
+)
 
 # The im2col column buffer is built per chunk of the batch so that it stays under this many
 # bytes (a whole-batch buffer of a ResNet layer at N=128 is ~300 MB).
@@ -150,8 +157,10 @@ def conv2d(
         stride, padding, dilation: ints or pairs (padding is zero padding).
         groups: number of channel groups (``groups == C_in`` is depthwise).
         algo: ``"direct"`` or ``"im2col"`` (im2col + GEMM: BLAS on CPU, cuBLAS on CUDA).
-        variant: direct CUDA kernel: ``"auto"``, ``"naive"`` (one thread per output) or
-            ``"tiled"`` (shared-memory tiles); ignored on CPU and by im2col.
+        variant: direct CUDA kernel: ``"auto"`` / ``"implicit_gemm"`` (the implicit-GEMM
+            family; ``"implicit_gemm_128x128"`` or ``"implicit_gemm_64x64"`` force its block
+            tile, ``"tiled"`` is its former name) or ``"naive"`` (one thread per output);
+            ignored on CPU and by im2col.
 
     Returns:
         ``Tensor[N, C_out, H_out, W_out]``, channels_last when the input is.

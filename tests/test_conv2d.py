@@ -265,7 +265,8 @@ def test_python_argument_errors() -> None:
 
 # ---- direct-only: CUDA kernel variants, reduced precision, tiling edges, CPU ISA copies --------
 
-VARIANTS = ["naive", "tiled"]
+# The naive kernels and the implicit-GEMM family in both of its block tiles.
+VARIANTS = ["naive", "implicit_gemm_64x64", "implicit_gemm_128x128"]
 
 
 def _grads(case: Case, x, w, b, fn, grad):
@@ -321,8 +322,8 @@ def test_reduced_precision_emulated(emu_device: str, variant: str, dtype: torch.
         _check_forward_backward(case, x, w, b, variant, ref_dtype=torch.float32)
 
 
-# Several blocks in every grid dimension of the tiled kernels: 5 x 2 spatial tiles, 2 channel
-# tiles and 3 input-channel chunks (forward); 2 channel tiles and 3 column tiles (grad_weight).
+# Several blocks in every grid dimension: m and n tiles, split-K slices (forward and
+# grad_weight), K not a multiple of the 8-deep step.
 BIG = [
     Case(2, 20, 37, 45, 24, 3, 3, padding=(1, 1)),
     Case(1, 3, 19, 23, 70, 3, 3, stride=(2, 1), padding=(1, 1), dilation=(1, 2)),
@@ -336,13 +337,70 @@ def test_variants_several_tiles(emu_device: str, variant: str, case: Case) -> No
     _check_forward_backward(case, x, w, b, variant)
 
 
-@pytest.mark.parametrize("variant", ["auto", "tiled"])
-def test_tiled_falls_back_for_huge_halo(emu_device: str, variant: str) -> None:
-    """A 2x2 filter dilated by 120 needs a halo of 121 rows and columns: one channel's patch
-    exceeds the shared-memory budget even for a one-row tile, so the naive kernel runs."""
+# Implicit-GEMM edges: channel counts that allow 128-bit loads (multiples of 4) and those that do
+# not; grad_input stride phases (with a dilation sharing a factor with the stride, taps that reach
+# no pixel of a phase, 1x1 filters with stride whose odd phases get no tap at all); tiles, K and
+# split-K slices that do not divide the problem; a large batch; groups.
+IGEMM_CASES = [
+    Case(3, 8, 11, 13, 12, 3, 3, padding=(1, 1)),
+    Case(2, 8, 12, 12, 8, 3, 3, stride=(2, 2), padding=(1, 1)),
+    Case(1, 4, 13, 14, 4, 3, 3, stride=(2, 2), padding=(2, 1), dilation=(2, 2)),
+    Case(2, 12, 9, 10, 20, 4, 2, stride=(3, 2), padding=(2, 0), groups=4),
+    Case(2, 16, 9, 10, 16, 3, 3, padding=(1, 1), groups=2, bias=False),
+    Case(64, 4, 5, 5, 8, 3, 3, padding=(1, 1)),
+    Case(1, 132, 4, 4, 70, 3, 3, padding=(1, 1)),
+    Case(1, 3, 30, 31, 5, 7, 7, stride=(2, 2), padding=(3, 3)),
+    Case(2, 8, 6, 7, 8, 1, 1, stride=(2, 2)),
+]
+
+
+def _layout_tensors(case: Case, device: str, layout: str):
+    """``layout``: input/filter memory formats: both NCHW, both channels_last, or one of each."""
+    x_layout = "channels_last" if layout in ("channels_last", "cl_input") else "contiguous"
+    x, w, b = case.tensors(device, torch.float32, x_layout)
+    if layout in ("channels_last", "cl_filter"):
+        w = w.contiguous(memory_format=torch.channels_last)
+    return x, w, b
+
+
+@pytest.mark.parametrize("case", IGEMM_CASES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "cl_input", "cl_filter"])
+def test_implicit_gemm_edges(emu_device: str, layout: str, case: Case) -> None:
+    x, w, b = _layout_tensors(case, emu_device, layout)
+    _check_forward_backward(case, x, w, b, "implicit_gemm")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "cl_input"])
+def test_implicit_gemm_large_tile_edges(emu_device: str, layout: str) -> None:
+    """The 128 x 128 tile with vector loads, phases and split-K."""
+    for case in (IGEMM_CASES[1], IGEMM_CASES[6]):
+        x, w, b = _layout_tensors(case, emu_device, layout)
+        _check_forward_backward(case, x, w, b, "implicit_gemm_128x128")
+
+
+@pytest.mark.parametrize("variant", ["auto", "implicit_gemm"])
+def test_huge_dilation(emu_device: str, variant: str) -> None:
+    """A 2x2 filter dilated by 120: taps far outside most pixels' reach."""
     case = Case(1, 2, 125, 125, 3, 2, 2, dilation=(120, 120))
     x, w, b = case.tensors(emu_device, torch.float32)
     _check_forward_backward(case, x, w, b, variant)
+
+
+def test_stride_beyond_phase_limit(emu_device: str) -> None:
+    """grad_input with a stride above 8 leaves the phase decomposition for the naive kernel."""
+    case = Case(1, 4, 30, 30, 8, 3, 3, stride=(9, 2), padding=(1, 1))
+    x, w, b = case.tensors(emu_device, torch.float32)
+    _check_forward_backward(case, x, w, b, "implicit_gemm")
+
+
+@pytest.mark.parametrize("variant", ["implicit_gemm_64x64", "implicit_gemm_128x128"])
+def test_gradcheck_implicit_gemm(emu_device: str, variant: str) -> None:
+    case = Case(1, 4, 6, 5, 4, 3, 2, stride=(2, 1), padding=(1, 1), dilation=(1, 2))
+    x, w, b = case.tensors(emu_device, torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda *a: run(case, *a, "direct", variant), inputs, eps=1e-6, atol=1e-7
+    )
 
 
 def test_gradcheck_naive(emu_device: str) -> None:

@@ -97,8 +97,13 @@ int64_t vector_bytes(Isa isa) { return isa == Isa::kAvx512 ? 64 : isa == Isa::kA
 
 void check_variant(const char* op, c10::string_view variant) {
   // The CPU has one kernel; the variants choose among the CUDA kernels.
-  CNNEXT_CHECK(variant == "auto" || variant == "naive" || variant == "tiled", op,
-               "expected variant to be 'auto', 'naive' or 'tiled', got '", std::string(variant),
+  CNNEXT_CHECK(variant == "auto" || variant == "naive" || variant == "tiled" ||
+                   variant == "implicit_gemm" || variant == "implicit_gemm_128x128" ||
+                   variant == "implicit_gemm_64x64",
+               op,
+               "expected variant to be 'auto', 'implicit_gemm', 'implicit_gemm_128x128', "
+               "'implicit_gemm_64x64', 'tiled' or 'naive', got '",
+               std::string(variant),
                "'");
 }
 

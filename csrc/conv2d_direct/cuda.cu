@@ -1,9 +1,9 @@
-// Direct 2D convolution on CUDA (kernels in kernels.cuh).
-// Forward: "naive" runs one thread per output element; "tiled" (and "auto") gives a block a
-// spatial tile of outputs for several channels, staged through shared memory per input-channel
-// chunk. Backward: grad_input is the transposed convolution in gather form (same two kernels),
-// grad_weight a GEMM over positions whose per-slice partial sums are reduced in a fixed order by a
-// second kernel, grad_bias a per-channel tree reduction: deterministic, no atomics.
+// Direct 2D convolution on CUDA: the implicit-GEMM family (implicit_gemm.cuh) for forward,
+// grad_input and grad_weight, or, with variant "naive" and where a geometry does not fit 32-bit
+// GEMM indices or a stride above 8 on the grad_input side, the one-thread-per-output kernels of
+// kernels.cuh. grad_bias rides on grad_weight's GEMM (it sums the grad_output tile already in
+// shared memory) and has its own tree reduction when grad_weight is not wanted.
+// Deterministic, no atomics on values.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -14,6 +14,7 @@
 #include "common/cuda_compat.cuh"
 #include "common/params.h"
 #include "conv2d_direct/conv2d_direct.h"
+#include "conv2d_direct/implicit_gemm.cuh"
 #include "conv2d_direct/kernels.cuh"
 
 namespace cnnext {
@@ -41,15 +42,18 @@ at::Tensor conv2d_direct_forward_cuda(const at::Tensor& input, const at::Tensor&
   if (output.numel() == 0) return output;
   // Dense in the input's own format: channels_last stays channels_last (strided kernels).
   const at::Tensor x = input.contiguous(fmt);
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor w = dense_filter(weight);
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const DirectGeometry g = forward_geometry(p, x, output);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_direct", [&] {
     const BiasEpilogue<scalar_t> epilogue{has_bias ? b.const_data_ptr<scalar_t>() : nullptr};
-    conv2d_direct_launch<scalar_t, /*TRANSPOSED=*/false>(
-        kForwardOp, g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-        output.mutable_data_ptr<scalar_t>(), epilogue, kind);
+    if (use_implicit_gemm(kind, p) &&
+        conv2d_implicit_gemm_forward<scalar_t>(p, x, w, output, epilogue, tile_of(kind))) {
+      return;
+    }
+    conv2d_direct_naive_launch<scalar_t, /*TRANSPOSED=*/false>(
+        kForwardOp, forward_geometry(p, x, output), x.const_data_ptr<scalar_t>(),
+        w.contiguous().const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), epilogue);
   });
   return output;
 }
@@ -81,22 +85,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cuda(
     return {grad_input, grad_weight, grad_bias};
   }
   const at::Tensor go = grad_output.contiguous(go_fmt);
+  const bool igemm = use_implicit_gemm(kind, p);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, go.scalar_type(), "conv2d_direct_backward", [&] {
-        if (output_mask[0]) {
-          const at::Tensor w = weight.contiguous();
-          conv2d_direct_launch<scalar_t, /*TRANSPOSED=*/true>(
+        // Plan both GEMMs first: one workspace serves them.
+        Workspace ws;
+        DgradPlan<scalar_t> dgrad;
+        WgradPlan<scalar_t> wgrad;
+        const at::Tensor w = output_mask[0] ? dense_filter(weight) : at::Tensor();
+        const at::Tensor x = output_mask[1] ? input.contiguous(format_of(input)) : at::Tensor();
+        const bool dgrad_ok =
+            output_mask[0] && igemm &&
+            plan_dgrad<scalar_t>(p, go, w, grad_input, tile_of(kind), &ws, &dgrad);
+        const bool wgrad_ok = output_mask[1] && igemm &&
+                              plan_wgrad<scalar_t>(p, go, x, grad_weight,
+                                                   output_mask[2] ? grad_bias : at::Tensor(),
+                                                   tile_of(kind), &ws, &wgrad);
+        ws.allocate(go);
+        if (dgrad_ok) {
+          run_dgrad<scalar_t>(dgrad, w, ws);
+        } else if (output_mask[0]) {
+          const at::Tensor wc = w.contiguous();
+          conv2d_direct_naive_launch<scalar_t, /*TRANSPOSED=*/true>(
               kBackwardOp, input_grad_geometry(p, go, grad_input), go.const_data_ptr<scalar_t>(),
-              w.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-              BiasEpilogue<scalar_t>{}, kind);
+              wc.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+              BiasEpilogue<scalar_t>{});
         }
-        if (output_mask[1]) {
-          const at::Tensor x = input.contiguous(format_of(input));
-          conv2d_direct_grad_weight_launch<scalar_t>(
+        if (wgrad_ok) {
+          run_wgrad<scalar_t>(wgrad, ws);
+        } else if (output_mask[1]) {
+          conv2d_direct_grad_weight_naive_launch<scalar_t>(
               kBackwardOp, weight_grad_geometry(p, x, go), go.const_data_ptr<scalar_t>(),
-              x.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(), go, kind);
+              x.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(), go);
         }
-        if (output_mask[2]) {
+        if (output_mask[2] && !wgrad_ok) {
           // Only grad_output's geometry is used: `input` may be a placeholder here.
           conv2d_direct_grad_bias_launch<scalar_t>(weight_grad_geometry(p, go, go),
                                                    go.const_data_ptr<scalar_t>(),

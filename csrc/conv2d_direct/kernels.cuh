@@ -1,13 +1,10 @@
-// Direct convolution kernels, shared by conv2d_direct (cuda.cu) and fused ops that reuse the tiled
-// kernel with their own epilogue. Two kernels compute "out = conv(source, filter)":
-//   naive: one thread per output element reads its receptive field from global memory;
-//   tiled: a block owns a tile_h x tile_w patch of outputs for oc_tile output channels, stages the
-//     source patch with its halo and the filter slice in shared memory one input-channel chunk at
-//     a time, and each thread accumulates R_OC channels x R_W pixels in registers.
-// With TRANSPOSED the same kernels compute grad_input as the transposed convolution in gather
-// form: the source is grad_output upsampled by the stride with zeros, the filter is flipped and its
-// channel roles swap, so each input pixel gathers from exactly the outputs it fed.
-// The epilogue is a functor applied to every accumulated value before the store.
+// The naive direct convolution kernels (the teaching baseline; implicit_gemm.cuh holds the fast
+// family) and the helpers both share. naive: one thread per output element reads its receptive
+// field from global memory. With TRANSPOSED the same kernel computes grad_input as the transposed
+// convolution in gather form: the source is grad_output upsampled by the stride with zeros, the
+// filter is flipped and its channel roles swap, so each input pixel gathers from exactly the
+// outputs it fed. grad_weight: per-slice partial sums reduced in a fixed order; grad_bias: a
+// per-channel tree reduction. The epilogue is a functor applied to every value before the store.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,12 +15,6 @@
 #include "common/checks.h"
 #include "common/cuda_compat.cuh"
 #include "common/params.h"
-
-#ifdef __CUDACC__
-#define CNNEXT_DIRECT_UNROLL _Pragma("unroll")
-#else
-#define CNNEXT_DIRECT_UNROLL
-#endif
 
 namespace cnnext {
 // Anonymous: ASan gives redzones only to non-COMDAT static locals (the emulated __shared__).
@@ -46,7 +37,7 @@ struct BiasEpilogue {
 
 // ---- geometry ----------------------------------------------------------------------------------
 
-// One convolution as the naive and tiled kernels see it. Forward: source = input, up = 1.
+// One convolution as the naive kernel sees it. Forward: source = input, up = 1.
 // Transposed (grad_input): source = grad_output, up = the forward stride, conv stride 1, padding
 // dilation * (k - 1) - padding (possibly negative), output = the input's plane.
 struct DirectGeometry {
@@ -108,8 +99,8 @@ inline DirectGeometry input_grad_geometry(const Conv2dParams& p, const at::Tenso
 
 // ---- device helpers ----------------------------------------------------------------------------
 
-// Whether (y, x) of the upsampled source is a real sample rather than padding, a gap between
-// samples or tile overhang. grad_input skips such taps instead of multiplying them by zero, so a
+// Whether (y, x) of the upsampled source is a real sample rather than padding or a gap between
+// samples. grad_input skips such taps instead of multiplying them by zero, so a
 // NaN/Inf filter tap spreads only where torch's scatter (col2im) puts it.
 __device__ __forceinline__ bool direct_row_real(const DirectGeometry& g, int64_t y) {
   return y >= 0 && y < g.vh && y % g.up_h == 0;
@@ -191,219 +182,38 @@ __global__ void conv2d_direct_naive_kernel(const scalar_t* __restrict__ src,
       static_cast<scalar_t>(epilogue(acc, oc));
 }
 
-// ---- tiled: shared-memory source patch and filter slice, register-blocked outputs --------------
-
-// Block (bx, by, bz) threads own a (by) x (bx * R_W) output tile for bz * R_OC channels of one
-// group and sample. Thread (tx, ty, tz) owns row ty, columns tx + j * bx (j < R_W: neighbouring
-// threads read neighbouring shared words), channels tz * R_OC + r (r < R_OC).
-struct TiledLayout {
-  int64_t chunk = 1;           // reduced channels staged per step
-  int64_t in_h = 0, in_w = 0;  // source patch with halo
-  int64_t pitch = 0;           // shared row pitch, = 8 (mod 16) so a warp's 4 rows miss banks
-  int64_t tiles_h = 0, tiles_w = 0, oc_tiles = 0;
-};
-
-template <typename scalar_t, int R_OC, int R_W, bool TRANSPOSED, typename Epilogue>
-__global__ void conv2d_direct_tiled_kernel(const scalar_t* __restrict__ src,
-                                           const scalar_t* __restrict__ weight,
-                                           scalar_t* __restrict__ out, DirectGeometry g,
-                                           TiledLayout t, Epilogue epilogue) {
-  using acc_t = cuda_acc_t<scalar_t>;
-  CNNEXT_DYNAMIC_SHARED(acc_t, smem);
-  const int64_t bx = blockDim.x, by = blockDim.y, bz = blockDim.z;
-  const int64_t tx = threadIdx.x, ty = threadIdx.y, tz = threadIdx.z;
-  const int64_t tid = (tz * by + ty) * bx + tx, nthreads = bx * by * bz;
-  const int64_t tile_w = bx * R_W, tile_h = by, oc_tile = bz * R_OC;
-  const int64_t kk = g.kh * g.kw;
-
-  // Channel tiles vary fastest so blocks that share a source patch run close together.
-  int64_t rest = blockIdx.x;
-  const int64_t ot = rest % t.oc_tiles;
-  rest /= t.oc_tiles;
-  const int64_t twi = rest % t.tiles_w;
-  rest /= t.tiles_w;
-  const int64_t thi = rest % t.tiles_h;
-  rest /= t.tiles_h;
-  const int64_t grp = rest % g.groups, n = rest / g.groups;
-  const int64_t oy0 = thi * tile_h, ox0 = twi * tile_w, o0 = ot * oc_tile;
-  const int64_t y0 = oy0 * g.sh - g.ph, x0 = ox0 * g.sw - g.pw;  // patch origin in the source
-
-  acc_t* s_src = smem;                                  // [chunk][in_h][pitch]
-  acc_t* s_filter = smem + t.chunk * t.in_h * t.pitch;  // [chunk][kh * kw][oc_tile]
-  // Transposed: whether each patch column is a real source column (the same for every row and
-  // channel); rows are checked per tap. Written here, read after the first __syncthreads.
-  unsigned char* s_real = reinterpret_cast<unsigned char*>(s_filter + t.chunk * kk * oc_tile);
-  if (TRANSPOSED) {
-    for (int64_t i = tid; i < t.in_w; i += nthreads) s_real[i] = direct_col_real(g, x0 + i);
-  }
-  const scalar_t* src_n = src + n * g.src_sn + grp * g.c_red * g.src_sc;
-
-  acc_t acc[R_OC][R_W];
-  CNNEXT_DIRECT_UNROLL
-  for (int64_t r = 0; r < R_OC; ++r) {
-    CNNEXT_DIRECT_UNROLL
-    for (int64_t j = 0; j < R_W; ++j) acc[r][j] = acc_t(0);
-  }
-
-  const int64_t patch = t.in_h * t.in_w;
-  for (int64_t c0 = 0; c0 < g.c_red; c0 += t.chunk) {
-    const int64_t cc = std::min(t.chunk, g.c_red - c0);
-    // Consecutive threads load consecutive source columns (coalesced in NCHW).
-    for (int64_t i = tid; i < cc * patch; i += nthreads) {
-      const int64_t c = i / patch, r = (i % patch) / t.in_w, col = i % t.in_w;
-      s_src[(c * t.in_h + r) * t.pitch + col] =
-          direct_source<TRANSPOSED>(src_n + (c0 + c) * g.src_sc, g, y0 + r, x0 + col);
-    }
-    for (int64_t i = tid; i < cc * kk * oc_tile; i += nthreads) {
-      const int64_t o = i % oc_tile, k = (i / oc_tile) % kk, c = i / (oc_tile * kk);
-      s_filter[i] = o0 + o < g.c_out ? direct_filter<TRANSPOSED>(weight, g, grp, o0 + o, c0 + c,
-                                                                 k / g.kw, k % g.kw)
-                                     : acc_t(0);
-    }
-    __syncthreads();
-    for (int64_t c = 0; c < cc; ++c) {
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t patch_row = ty * g.sh + ky * g.dh;
-        if (TRANSPOSED && !direct_row_real(g, y0 + patch_row)) continue;
-        const acc_t* row = s_src + (c * t.in_h + patch_row) * t.pitch + tx * g.sw;
-        const unsigned char* real = s_real + tx * g.sw;
-        const acc_t* taps = s_filter + (c * kk + ky * g.kw) * oc_tile + tz * R_OC;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          acc_t w[R_OC], x[R_W];
-          bool use[R_W];
-          CNNEXT_DIRECT_UNROLL
-          for (int64_t r = 0; r < R_OC; ++r) w[r] = taps[kx * oc_tile + r];
-          CNNEXT_DIRECT_UNROLL
-          for (int64_t j = 0; j < R_W; ++j) {
-            x[j] = row[j * bx * g.sw + kx * g.dw];
-            use[j] = !TRANSPOSED || real[j * bx * g.sw + kx * g.dw] != 0;
-          }
-          CNNEXT_DIRECT_UNROLL
-          for (int64_t r = 0; r < R_OC; ++r) {
-            CNNEXT_DIRECT_UNROLL
-            for (int64_t j = 0; j < R_W; ++j) acc[r][j] += use[j] ? w[r] * x[j] : acc_t(0);
-          }
-        }
-      }
-    }
-    __syncthreads();  // the next chunk overwrites the patch and filter
-  }
-
-  const int64_t oy = oy0 + ty;
-  if (oy >= g.out_h) return;
-  CNNEXT_DIRECT_UNROLL
-  for (int64_t r = 0; r < R_OC; ++r) {
-    const int64_t o = o0 + tz * R_OC + r;
-    if (o >= g.c_out) continue;
-    const int64_t oc = grp * g.c_out + o;
-    scalar_t* out_row = out + n * g.out_sn + oc * g.out_sc + oy * g.out_sh;
-    CNNEXT_DIRECT_UNROLL
-    for (int64_t j = 0; j < R_W; ++j) {
-      const int64_t ox = ox0 + tx + j * bx;
-      if (ox < g.out_w) out_row[ox * g.out_sw] = static_cast<scalar_t>(epilogue(acc[r][j], oc));
-    }
-  }
-}
-
 // ---- host side ---------------------------------------------------------------------------------
 
-enum class DirectVariant { kAuto, kNaive, kTiled };
+// "auto", "implicit_gemm" (and "tiled", its former name) run the implicit-GEMM kernels;
+// "implicit_gemm_128x128" / "implicit_gemm_64x64" force a block tile (tests, tuning); "naive" the
+// one-thread-per-output kernels.
+enum class DirectVariant { kAuto, kNaive, kImplicitGemm, kLargeTile, kSmallTile };
 
 inline DirectVariant parse_direct_variant(const char* op, c10::string_view variant) {
   if (variant == "auto") return DirectVariant::kAuto;
   if (variant == "naive") return DirectVariant::kNaive;
-  if (variant == "tiled") return DirectVariant::kTiled;
-  CNNEXT_CHECK(false, op, "expected variant to be 'auto', 'naive' or 'tiled', got '",
+  if (variant == "implicit_gemm" || variant == "tiled") return DirectVariant::kImplicitGemm;
+  if (variant == "implicit_gemm_128x128") return DirectVariant::kLargeTile;
+  if (variant == "implicit_gemm_64x64") return DirectVariant::kSmallTile;
+  CNNEXT_CHECK(false, op,
+               "expected variant to be 'auto', 'implicit_gemm', 'implicit_gemm_128x128', "
+               "'implicit_gemm_64x64', 'tiled' or 'naive', got '",
                std::string(variant), "'");
   return DirectVariant::kAuto;
 }
 
-constexpr int64_t kTiledSmemBudget = 48 * 1024;  // the static limit; no opt-in needed
-constexpr int64_t kTiledMaxChunk = 8;
-constexpr int kTiledRW = 4;
-
-struct TiledPlan {
-  dim3 block;
-  TiledLayout layout;
-  std::size_t smem = 0;
-  unsigned int blocks = 0;
-};
-
-// Sizes the tile for this geometry: up to 8 x 8 x 4 threads, shrunk (rows, then columns, then
-// channels) until one channel's halo patch and filter slice (and a byte per patch column) fit the
-// shared-memory budget.
-// Returns false only if even a 1 x R_W x R_OC tile does not fit (a dilated kernel spanning
-// hundreds of pixels): the caller then runs the naive kernel.
-inline bool plan_tiled(const DirectGeometry& g, int64_t r_oc, std::size_t acc_bytes,
-                       TiledPlan* plan) {
-  int64_t bz = std::min<int64_t>(4, (g.c_out + r_oc - 1) / r_oc);
-  int64_t by = std::min<int64_t>(8, g.out_h);
-  int64_t bx = std::min<int64_t>(8, (g.out_w + kTiledRW - 1) / kTiledRW);
-  TiledLayout t;
-  for (;;) {
-    const int64_t tile_h = by, tile_w = bx * kTiledRW, oc_tile = bz * r_oc;
-    t.in_h = (tile_h - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-    t.in_w = (tile_w - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-    t.pitch = t.in_w + (24 - t.in_w % 16) % 16;
-    const int64_t per_channel = (t.in_h * t.pitch + g.kh * g.kw * oc_tile) * acc_bytes;
-    t.chunk = std::min({g.c_red, kTiledMaxChunk, (kTiledSmemBudget - t.in_w) / per_channel});
-    if (t.chunk >= 1) break;
-    if (by > 1) {
-      by = (by + 1) / 2;
-    } else if (bx > 1) {
-      bx = (bx + 1) / 2;
-    } else if (bz > 1) {
-      bz = (bz + 1) / 2;
-    } else {
-      return false;
-    }
-  }
-  t.tiles_h = (g.out_h + by - 1) / by;
-  t.tiles_w = (g.out_w + bx * kTiledRW - 1) / (bx * kTiledRW);
-  t.oc_tiles = (g.c_out + bz * r_oc - 1) / (bz * r_oc);
-  const int64_t blocks = g.n * g.groups * t.tiles_h * t.tiles_w * t.oc_tiles;
-  if (blocks > 2147483647) return false;
-  plan->block =
-      dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by), static_cast<unsigned>(bz));
-  plan->layout = t;
-  plan->smem = static_cast<std::size_t>(
-      (t.chunk * t.in_h * t.pitch + t.chunk * g.kh * g.kw * bz * r_oc) * acc_bytes + t.in_w);
-  plan->blocks = static_cast<unsigned int>(blocks);
-  return true;
-}
-
-// Runs the convolution described by `g` (forward or, with TRANSPOSED, grad_input) with the
-// requested kernel. "auto" and "tiled" run the tiled kernel wherever plan_tiled finds a tile.
+// Runs the naive kernel for the convolution described by `g` (forward or, with TRANSPOSED,
+// grad_input).
 template <typename scalar_t, bool TRANSPOSED, typename Epilogue>
-void conv2d_direct_launch(const char* op, const DirectGeometry& g, const scalar_t* src,
-                          const scalar_t* weight, scalar_t* out, Epilogue epilogue,
-                          DirectVariant variant) {
-  using acc_t = cuda_acc_t<scalar_t>;
-  const cudaStream_t stream = current_stream();
-  if (variant != DirectVariant::kNaive) {
-    // One output channel per thread when a group has fewer than 4: depthwise layers.
-    TiledPlan plan;
-    if (g.c_out >= 4) {
-      if (plan_tiled(g, 4, sizeof(acc_t), &plan)) {
-        CNNEXT_LAUNCH((conv2d_direct_tiled_kernel<scalar_t, 4, kTiledRW, TRANSPOSED, Epilogue>),
-                      dim3(plan.blocks), plan.block, plan.smem, stream, src, weight, out, g,
-                      plan.layout, epilogue);
-        return;
-      }
-    } else if (plan_tiled(g, 1, sizeof(acc_t), &plan)) {
-      CNNEXT_LAUNCH((conv2d_direct_tiled_kernel<scalar_t, 1, kTiledRW, TRANSPOSED, Epilogue>),
-                    dim3(plan.blocks), plan.block, plan.smem, stream, src, weight, out, g,
-                    plan.layout, epilogue);
-      return;
-    }
-  }
+void conv2d_direct_naive_launch(const char* op, const DirectGeometry& g, const scalar_t* src,
+                                const scalar_t* weight, scalar_t* out, Epilogue epilogue) {
   constexpr int64_t threads = 256;
   const int64_t total = g.n * g.groups * g.c_out * g.out_h * g.out_w;
   CNNEXT_CHECK((total + threads - 1) / threads <= 2147483647, op, "output too large (", total,
                " elements) for one launch");
   CNNEXT_LAUNCH((conv2d_direct_naive_kernel<scalar_t, TRANSPOSED, Epilogue>),
-                dim3(ceil_div(total, threads)), dim3(threads), 0, stream, src, weight, out, g,
-                epilogue);
+                dim3(ceil_div(total, threads)), dim3(threads), 0, current_stream(), src, weight,
+                out, g, epilogue);
 }
 
 // ---- grad_weight: per-slice partial sums, then a fixed-order reduction -------------------------
@@ -421,7 +231,6 @@ struct WeightGradGeometry {
   int64_t k = 0;          // c_in * kh * kw: columns of the per-group GEMM
   int64_t positions = 0;  // n * out_h * out_w
   int64_t slices = 1, slice_len = 0;
-  int64_t m_tiles = 1, k_tiles = 1;  // tiled kernel: blocks per group
 };
 
 inline WeightGradGeometry weight_grad_geometry(const Conv2dParams& p, const at::Tensor& input,
@@ -504,88 +313,6 @@ __global__ void conv2d_direct_grad_weight_naive_kernel(const scalar_t* __restric
   partial[index] = acc;
 }
 
-// Tiled: a block owns (by * R_M) output channels x (bx * R_K) columns of one group and one slice.
-// Per step it stages kWeightGradChunk positions of grad_output and of the columns (gathered from
-// the input on the fly) in shared memory; thread (tx, ty) accumulates channels ty + r * by and
-// columns tx + j * bx in registers.
-constexpr int64_t kWeightGradChunk = 16;
-constexpr int kWeightGradRM = 4, kWeightGradRK = 4;
-
-template <typename scalar_t, int R_M, int R_K>
-__global__ void conv2d_direct_grad_weight_tiled_kernel(const scalar_t* __restrict__ grad_output,
-                                                       const scalar_t* __restrict__ x,
-                                                       cuda_acc_t<scalar_t>* __restrict__ partial,
-                                                       WeightGradGeometry g) {
-  using acc_t = cuda_acc_t<scalar_t>;
-  CNNEXT_DYNAMIC_SHARED(acc_t, smem);
-  const int64_t bx = blockDim.x, by = blockDim.y;
-  const int64_t tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t tid = ty * bx + tx, nthreads = bx * by;
-  const int64_t tile_m = by * R_M, tile_k = bx * R_K;
-  int64_t rest = blockIdx.x;
-  const int64_t kt = rest % g.k_tiles;
-  rest /= g.k_tiles;
-  const int64_t mt = rest % g.m_tiles;
-  rest /= g.m_tiles;
-  const int64_t grp = rest % g.groups, slice = rest / g.groups;
-  const int64_t m0 = mt * tile_m, k0 = kt * tile_k;
-  const int64_t begin = slice * g.slice_len, end = std::min(g.positions, begin + g.slice_len);
-
-  acc_t* s_go = smem;                               // [chunk][tile_m]
-  acc_t* s_col = smem + kWeightGradChunk * tile_m;  // [chunk][tile_k]
-  acc_t acc[R_M][R_K];
-  CNNEXT_DIRECT_UNROLL
-  for (int64_t r = 0; r < R_M; ++r) {
-    CNNEXT_DIRECT_UNROLL
-    for (int64_t j = 0; j < R_K; ++j) acc[r][j] = acc_t(0);
-  }
-
-  for (int64_t p0 = begin; p0 < end; p0 += kWeightGradChunk) {
-    // Positions vary fastest: consecutive threads read consecutive pixels.
-    for (int64_t i = tid; i < kWeightGradChunk * tile_m; i += nthreads) {
-      const int64_t pp = i % kWeightGradChunk, m = i / kWeightGradChunk, p = p0 + pp;
-      s_go[pp * tile_m + m] = p < end && m0 + m < g.c_out
-                                  ? weight_grad_output(grad_output, g, grp * g.c_out + m0 + m,
-                                                       weight_grad_position(g, p))
-                                  : acc_t(0);
-    }
-    for (int64_t i = tid; i < kWeightGradChunk * tile_k; i += nthreads) {
-      const int64_t pp = i % kWeightGradChunk, k = i / kWeightGradChunk, p = p0 + pp;
-      s_col[pp * tile_k + k] =
-          p < end && k0 + k < g.k
-              ? weight_grad_column(x, g, grp, k0 + k, weight_grad_position(g, p))
-              : acc_t(0);
-    }
-    __syncthreads();
-    for (int64_t pp = 0; pp < kWeightGradChunk; ++pp) {
-      acc_t a[R_M], b[R_K];
-      CNNEXT_DIRECT_UNROLL
-      for (int64_t r = 0; r < R_M; ++r) a[r] = s_go[pp * tile_m + ty + r * by];
-      CNNEXT_DIRECT_UNROLL
-      for (int64_t j = 0; j < R_K; ++j) b[j] = s_col[pp * tile_k + tx + j * bx];
-      CNNEXT_DIRECT_UNROLL
-      for (int64_t r = 0; r < R_M; ++r) {
-        CNNEXT_DIRECT_UNROLL
-        for (int64_t j = 0; j < R_K; ++j) acc[r][j] += a[r] * b[j];
-      }
-    }
-    __syncthreads();  // the next step overwrites both tiles
-  }
-
-  const int64_t numel = g.groups * g.c_out * g.k;
-  CNNEXT_DIRECT_UNROLL
-  for (int64_t r = 0; r < R_M; ++r) {
-    const int64_t m = m0 + ty + r * by;
-    if (m >= g.c_out) continue;
-    acc_t* row = partial + slice * numel + (grp * g.c_out + m) * g.k;
-    CNNEXT_DIRECT_UNROLL
-    for (int64_t j = 0; j < R_K; ++j) {
-      const int64_t k = k0 + tx + j * bx;
-      if (k < g.k) row[k] = acc[r][j];
-    }
-  }
-}
-
 // One thread per weight element adds the slices in order.
 template <typename scalar_t>
 __global__ void conv2d_direct_grad_weight_reduce_kernel(
@@ -599,42 +326,23 @@ __global__ void conv2d_direct_grad_weight_reduce_kernel(
   grad_weight[e] = static_cast<scalar_t>(sum);
 }
 
-// grad_weight (contiguous, the weight's shape) from grad_output and the input.
+// grad_weight (contiguous, the weight's shape) from grad_output and the input, by the naive
+// kernel and the ordered reduction.
 template <typename scalar_t>
-void conv2d_direct_grad_weight_launch(const char* op, WeightGradGeometry g,
-                                      const scalar_t* grad_output, const scalar_t* x,
-                                      scalar_t* grad_weight, const at::Tensor& like,
-                                      DirectVariant variant) {
+void conv2d_direct_grad_weight_naive_launch(const char* op, WeightGradGeometry g,
+                                            const scalar_t* grad_output, const scalar_t* x,
+                                            scalar_t* grad_weight, const at::Tensor& like) {
   using acc_t = cuda_acc_t<scalar_t>;
   const cudaStream_t stream = current_stream();
   const int64_t numel = g.groups * g.c_out * g.k;
   constexpr int64_t threads = 256;
-  at::Tensor partial;
-  if (variant == DirectVariant::kNaive) {
-    set_weight_grad_slices(&g, (numel + threads - 1) / threads, 1);
-    partial =
-        at::empty({g.slices * numel}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    const int64_t total = g.slices * numel;
-    CNNEXT_CHECK((total + threads - 1) / threads <= 2147483647, op, "weight too large");
-    CNNEXT_LAUNCH((conv2d_direct_grad_weight_naive_kernel<scalar_t>),
-                  dim3(ceil_div(total, threads)), dim3(threads), 0, stream, grad_output, x,
-                  partial.mutable_data_ptr<acc_t>(), g);
-  } else {
-    const int64_t bx = std::min<int64_t>(16, (g.k + kWeightGradRK - 1) / kWeightGradRK);
-    const int64_t by = std::min<int64_t>(16, (g.c_out + kWeightGradRM - 1) / kWeightGradRM);
-    g.k_tiles = (g.k + bx * kWeightGradRK - 1) / (bx * kWeightGradRK);
-    g.m_tiles = (g.c_out + by * kWeightGradRM - 1) / (by * kWeightGradRM);
-    set_weight_grad_slices(&g, g.groups * g.m_tiles * g.k_tiles, kWeightGradChunk);
-    partial =
-        at::empty({g.slices * numel}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    const int64_t blocks = g.slices * g.groups * g.m_tiles * g.k_tiles;
-    CNNEXT_CHECK(blocks <= 2147483647, op, "weight too large");
-    const std::size_t smem =
-        kWeightGradChunk * (by * kWeightGradRM + bx * kWeightGradRK) * sizeof(acc_t);
-    CNNEXT_LAUNCH((conv2d_direct_grad_weight_tiled_kernel<scalar_t, kWeightGradRM, kWeightGradRK>),
-                  dim3(static_cast<unsigned>(blocks)), dim3(bx, by), smem, stream, grad_output, x,
-                  partial.mutable_data_ptr<acc_t>(), g);
-  }
+  set_weight_grad_slices(&g, (numel + threads - 1) / threads, 1);
+  const at::Tensor partial =
+      at::empty({g.slices * numel}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const int64_t total = g.slices * numel;
+  CNNEXT_CHECK((total + threads - 1) / threads <= 2147483647, op, "weight too large");
+  CNNEXT_LAUNCH((conv2d_direct_grad_weight_naive_kernel<scalar_t>), dim3(ceil_div(total, threads)),
+                dim3(threads), 0, stream, grad_output, x, partial.mutable_data_ptr<acc_t>(), g);
   CNNEXT_LAUNCH((conv2d_direct_grad_weight_reduce_kernel<scalar_t>), dim3(ceil_div(numel, threads)),
                 dim3(threads), 0, stream, partial.const_data_ptr<acc_t>(), grad_weight, g.slices,
                 numel);

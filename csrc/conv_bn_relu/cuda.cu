@@ -1,5 +1,5 @@
 // Fused Conv2d + BatchNorm2d + ReLU on CUDA. Eval: fold_channels_kernel folds BatchNorm into a
-// per-channel scale and shift; the tiled direct kernel runs with a scale + shift + ReLU epilogue
+// per-channel scale and shift; the implicit-GEMM kernel runs with a scale + shift + ReLU epilogue
 // (one kernel), im2col with them in its one bias pass. Train: the convolution; stats_partial_kernel
 // (block = channel x slice, 128 threads, per-thread Welford, fixed-tree merge),
 // stats_finalize_kernel (thread = channel, slices merged in order), normalize_kernel (grid-stride,
@@ -19,6 +19,7 @@
 #include "common/cuda_compat.cuh"
 #include "common/params.h"
 #include "conv2d_direct/conv2d_direct.h"
+#include "conv2d_direct/implicit_gemm.cuh"
 #include "conv2d_direct/kernels.cuh"
 #include "conv2d_im2col/conv2d_im2col.h"
 #include "conv_bn_relu/conv_bn_relu.h"
@@ -416,14 +417,15 @@ at::MemoryFormat format_of(bool cl) {
   return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-// "auto" on CUDA: cnnext._algo.choose's rule, measured on an H100 (the Python layer resolves
-// "auto" there, this serves direct calls of the op): cuBLAS (im2col) for ungrouped layers with a
-// reduction and a channel count of 32 or more, the direct kernels (fused epilogue) otherwise.
+// "auto" on CUDA: cnnext._algo's rule (the Python layer resolves "auto", this serves direct calls
+// of the op): cuBLAS (im2col) for a 1x1 convolution that is a plain GEMM (stride 1, no padding,
+// ungrouped, 32 or more channels in and out), the implicit-GEMM direct kernels (the epilogue fused
+// into their store) otherwise. Reasoned, not yet measured on a GPU.
 Algo resolve_algo(Algo algo, const Conv2dParams& p) {
   if (algo != Algo::kAuto) return algo;
-  const int64_t reduction = p.c_in_per_group() * p.kh * p.kw;
-  const bool gemm = p.groups == 1 && reduction >= 32 && p.c_out >= 32;
-  return gemm ? Algo::kIm2col : Algo::kDirect;
+  const bool plain_gemm = p.kh == 1 && p.kw == 1 && p.sh == 1 && p.sw == 1 && p.ph == 0 &&
+                          p.pw == 0 && p.groups == 1 && p.c_in >= 32 && p.c_out >= 32;
+  return plain_gemm ? Algo::kIm2col : Algo::kDirect;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
@@ -454,15 +456,19 @@ at::Tensor folded_conv(const char* op, Algo algo, const Conv2dParams& p, const a
   }
   at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
   if (output.numel() == 0) return output;
-  const at::Tensor x = input.contiguous(fmt), w = weight.contiguous();
+  const at::Tensor x = input.contiguous(fmt), w = dense_filter(weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "folded_conv", [&] {
     const scalar_t* sp = scale.const_data_ptr<scalar_t>();
     const scalar_t* hp = shift.const_data_ptr<scalar_t>();
     auto launch = [&](auto epilogue) {
-      conv2d_direct_launch<scalar_t, /*TRANSPOSED=*/false>(
+      if (use_implicit_gemm(DirectVariant::kAuto, p) &&
+          conv2d_implicit_gemm_forward<scalar_t>(p, x, w, output, epilogue, IgemmTile::kAuto)) {
+        return;
+      }
+      conv2d_direct_naive_launch<scalar_t, /*TRANSPOSED=*/false>(
           op, forward_geometry(p, x, output), x.const_data_ptr<scalar_t>(),
-          w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), epilogue,
-          DirectVariant::kAuto);
+          w.contiguous().const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
+          epilogue);
     };
     if (relu) {
       launch(ScaleShiftEpilogue<scalar_t, true>{sp, hp});
