@@ -1,4 +1,5 @@
-"""Machine info (CPU, GPU, library versions, git commit) and the peaks rates are compared with."""
+"""Machine info (CPU, GPU, library versions, git commit) and the peaks that rates are measured
+against."""
 
 from __future__ import annotations
 
