@@ -7,29 +7,28 @@ that both give the same results (max: identical values and argmax). Reports ms, 
 read + written, each tensor once), the percentage of a plain copy's bandwidth measured in the
 same run, and the speed-up over torch.
 
-    python benchmarks/pool.py [--quick] [--channels-last] [--device cuda] [--out DIR]
+    python -m benchmarks.pool [--quick] [--channels-last] [--device cuda] [--out DIR]
 
 Importable: ``run(quick=False, **config) -> list[dict]`` (one dict per implementation and
-case; see ``common.Config`` for the options).
+case; see ``benchmarks.config.Config`` for the options).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from .cli import script_main
+from .config import Config
+from .suite import run_suite
 
 
 def run(quick: bool = False, **config: object) -> list[dict]:
-    """The pooling cases; ``config`` overrides ``common.Config`` fields."""
-    return common.run_suite(common.Config(families=("pool",), quick=quick, **config)).rows
+    """The pooling cases; ``config`` overrides ``Config`` fields."""
+    return run_suite(Config(families=("pool",), quick=quick, **config)).rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    common.script_main(__doc__, argv, families=("pool",))
+    script_main(__doc__, argv, families=("pool",))
 
 
 if __name__ == "__main__":
