@@ -226,3 +226,119 @@ def test_info_reports_emulator() -> None:
     assert report["emulator built"] is True
     assert report["emulator fibers"] in ("boost.context", "ucontext")
     assert report["GPU visible"] == torch.cuda.is_available()
+
+
+# ---- the launch recorder -------------------------------------------------------------------------
+
+
+def test_record_max_pool2d_shows_its_kernel() -> None:
+    x = torch.randn(2, 3, 9, 11)
+    with cnnext.emulate_cuda("random:3", record=True) as log:
+        cnnext.ops.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert log is not None
+    assert [r.name for r in log] == ["max_pool2d_forward_kernel"]
+    (k,) = log.kernels
+    assert k.kind == "kernel" and k.full_name.startswith("(max_pool2d_forward_kernel<scalar_t")
+    assert log.gemms == []
+    out_elements = 2 * 3 * 5 * 6
+    assert k.block is not None and k.grid is not None
+    assert k.block[1:] == (1, 1) and k.grid[1:] == (1, 1) and k.smem == 0
+    threads = k.block[0] * k.grid[0]
+    assert out_elements <= threads < out_elements + k.block[0]
+    table = str(log)
+    assert "max_pool2d_forward_kernel" in table and f"{k.grid[0]}x1x1" in table
+
+
+def test_record_im2col_conv_shows_im2col_and_gemm_shape() -> None:
+    x, w = torch.randn(2, 3, 9, 11), torch.randn(5, 3, 3, 3)
+    with cnnext.emulate_cuda(record=True) as log:
+        y = cnnext.ops.conv2d(x, w, padding=1, algo="im2col")
+    assert log is not None
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1))
+    assert log.names() == ["im2col_kernel", "gemm_strided_batched"]
+    # Row-major Y[C_out, P] = W[C_out, K] . col[K, P] as column-major Y^T = col^T W^T, batched
+    # over the 2 samples: m = P = 9*11, n = C_out, k = C_in*3*3.
+    (g,) = log.gemms
+    assert (g.transa, g.transb, g.m, g.n, g.k, g.batch) == ("n", "n", 99, 5, 27, 2)
+    assert "gemm_strided_batched" in str(log) and "n n 99 5 27 2" in str(log)
+
+
+def test_record_backward_and_live_view() -> None:
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    with cnnext.emulate_cuda(record=True) as log:
+        assert log is not None
+        y = cnnext.ops.conv2d(x, w, padding=1, algo="im2col")
+        forward = len(log)  # the log reads the emulator live inside the block
+        y.sum().backward()
+        assert len(log) > forward
+    assert len(log) > forward and log.records[:forward] == log[:forward]
+    assert "col2im_kernel" in log.names()
+
+
+def test_record_false_records_nothing() -> None:
+    x = torch.randn(1, 2, 6, 6)
+    with cnnext.emulate_cuda("reverse") as nothing:
+        cnnext.ops.max_pool2d(x, 2)
+    assert nothing is None
+    with cnnext.emulate_cuda(record=True) as log:
+        pass
+    assert log is not None and len(log) == 0 and str(log).startswith("#")
+    # Outside any recording the emulator keeps nothing: a later recording starts empty.
+    with cnnext.emulate_cuda():
+        cnnext.ops.max_pool2d(x, 2)
+    with cnnext.emulate_cuda(record=True) as log:
+        cnnext.ops.avg_pool2d(x, 2)
+    assert log is not None and log.names() == ["avg_pool2d_forward_kernel"]
+
+
+def test_nested_recordings() -> None:
+    x = torch.randn(1, 2, 6, 6)
+    with cnnext.emulate_cuda(record=True) as outer:
+        cnnext.ops.max_pool2d(x, 2)
+        with cnnext.emulate_cuda("random:1", record=True) as inner:
+            cnnext.ops.avg_pool2d(x, 2)
+        with cnnext.emulate_cuda("reverse"):  # no log of its own; the outer one still records
+            cnnext.ops.avg_pool2d(x, 3)
+        cnnext.ops.max_pool2d(x, 3)
+    assert outer is not None and inner is not None
+    assert inner.names() == ["avg_pool2d_forward_kernel"]
+    assert outer.names() == [
+        "max_pool2d_forward_kernel",
+        "avg_pool2d_forward_kernel",
+        "avg_pool2d_forward_kernel",
+        "max_pool2d_forward_kernel",
+    ]
+
+
+def test_exception_restores_recording_state() -> None:
+    x = torch.randn(1, 2, 6, 6)
+    emu = torch.ops.cnnext_emu
+    before = emu._get_schedule()
+    with pytest.raises(RuntimeError, match="boom"):
+        with cnnext.emulate_cuda("random:9", record=True) as log:
+            cnnext.ops.max_pool2d(x, 2)
+            raise RuntimeError("boom")
+    assert log is not None and log.names() == ["max_pool2d_forward_kernel"]
+    assert not cnnext.emulating() and emu._get_schedule() == before
+    # A failing op inside nested recordings: both close, and nothing stays open.
+    with pytest.raises(RuntimeError):
+        with cnnext.emulate_cuda(record=True) as outer:
+            with cnnext.emulate_cuda(record=True):
+                cnnext.ops.max_pool2d(x, 2)
+                cnnext.ops.max_pool2d(x, 0)  # invalid kernel size
+    assert outer is not None and outer.names() == ["max_pool2d_forward_kernel"]
+    token = emu._record_start()
+    assert token == 0, "a recording was left open"
+    emu._record_stop(token)
+
+
+def test_short_kernel_name() -> None:
+    from cnnext._backend import short_kernel_name
+
+    assert (
+        short_kernel_name("(conv2d_direct_tiled_kernel<scalar_t, 4, kTiledRW, TRANSPOSED, E>)")
+        == "conv2d_direct_tiled_kernel"
+    )
+    assert short_kernel_name("cnnext::scale_kernel") == "scale_kernel"
+    assert short_kernel_name("plain") == "plain"

@@ -556,6 +556,28 @@ void run_block(Block& b, std::uint64_t block_linear, const Schedule& sched) {
   if (stuck) std::rethrow_exception(stuck);
 }
 
+// ---- launch recorder ----------------------------------------------------------------------------
+struct Recorder {
+  std::vector<std::string> lines;   // one per launch or GEMM call, in call order
+  std::vector<std::size_t> starts;  // per open recording: the first line it owns
+};
+thread_local Recorder recorder;
+
+void record_line(std::string line) {
+  if (!recorder.starts.empty()) recorder.lines.push_back(std::move(line));
+}
+
+std::string recorded_since(std::int64_t token) {
+  if (token < 0 || static_cast<std::size_t>(token) >= recorder.starts.size())
+    raise("cnnext emulator: no open recording with token " + std::to_string(token));
+  std::string out;
+  for (std::size_t i = recorder.starts[token]; i < recorder.lines.size(); ++i) {
+    out += recorder.lines[i];
+    out += '\n';
+  }
+  return out;
+}
+
 std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
@@ -593,6 +615,12 @@ void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem, vo
   if (smem > 48u * 1024u)
     invalid(std::to_string(smem) + " bytes of dynamic shared memory exceed 48 KiB");
   if (tl_block) raise("cnnext emulator: kernel " + name + " launched from inside a kernel");
+  if (!recorder.starts.empty()) {
+    std::ostringstream os;
+    os << "kernel\t" << name << '\t' << grid.x << ' ' << grid.y << ' ' << grid.z << '\t' << block.x
+       << ' ' << block.y << ' ' << block.z << '\t' << smem;
+    record_line(os.str());
+  }
 
 #ifdef CNNEXT_EMU_PLAIN_SHARED
   // Plain static shared memory is one copy per process: one launch at a time.
@@ -763,6 +791,32 @@ unsigned warp_vote(unsigned mask, bool pred, int kind, const char* file, int lin
   if (kind == 1) return ballot != 0;
   return ballot == members;
 }
+
+std::int64_t record_start() {
+  recorder.starts.push_back(recorder.lines.size());
+  return static_cast<std::int64_t>(recorder.starts.size() - 1);
+}
+
+std::string record_peek(std::int64_t token) { return recorded_since(token); }
+
+std::string record_stop(std::int64_t token) {
+  std::string out = recorded_since(token);
+  // Also closes recordings opened after this one and left open (an exception skipped their end).
+  recorder.starts.resize(static_cast<std::size_t>(token));
+  if (recorder.starts.empty()) recorder.lines.clear();
+  return out;
+}
+
+void record_gemm(char transa, char transb, std::int64_t m, std::int64_t n, std::int64_t k,
+                 std::int64_t batch) {
+  if (recorder.starts.empty()) return;
+  std::ostringstream os;
+  os << "gemm\tgemm_strided_batched\t" << transa << ' ' << transb << ' ' << m << ' ' << n << ' '
+     << k << ' ' << batch;
+  record_line(os.str());
+}
+
+const char* kernel_name() { return tl_block ? tl_block->kernel : ""; }
 
 void* dynamic_shared() {
   Block& b = current_block();

@@ -72,6 +72,20 @@ void warp_shuffle(unsigned mask, const void* in, void* out, std::size_t bytes, i
 unsigned warp_vote(unsigned mask, bool pred, int kind, const char* file, int line);
 void* dynamic_shared();  // this block's dynamic shared memory, poisoned with 0xFF bytes
 void fail(const std::string& message);  // raise from inside a kernel
+const char* kernel_name();              // of the launch now running on this OS thread
+
+// Launch recorder, per OS thread (a launch runs on the thread that makes it). While at least one
+// recording is open, every launch and every emulated cuBLAS call is appended, in call order.
+// record_start() returns a token; record_stop(token) closes that recording and those opened
+// after it, and returns what was recorded since it opened, one record per line:
+//   kernel\tNAME\tgx gy gz\tbx by bz\tSMEM        gemm\tgemm_strided_batched\tTA TB M N K BATCH
+// record_peek(token) returns the same without closing. Nested recordings share the records: an
+// outer one also sees what an inner one recorded.
+std::int64_t record_start();
+std::string record_stop(std::int64_t token);
+std::string record_peek(std::int64_t token);
+void record_gemm(char transa, char transb, std::int64_t m, std::int64_t n, std::int64_t k,
+                 std::int64_t batch);
 
 }  // namespace cnnext::emu
 
