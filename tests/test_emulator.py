@@ -100,6 +100,7 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason="no C++ compil
 GOOD = [
     "transpose",
     "matmul",
+    "pipeline",
     "reduce",
     "histogram",
     "stencil",
@@ -129,6 +130,7 @@ def test_correct_kernels_pass_in_every_order(backend: str, case: str, schedule: 
 MISSING_BARRIER = [
     "transpose_missing_barrier",
     "matmul_missing_barrier",
+    "pipeline_missing_barrier",
     "reduce_missing_barrier",
     "stencil_missing_barrier",
 ]
@@ -171,6 +173,7 @@ RACES = {
     "histogram_missing_atomic": "histogram_kernel<false>",
     "stencil_missing_barrier": "stencil_kernel<false>",
     "matmul_missing_barrier": "matmul_kernel<false>",
+    "pipeline_missing_barrier": "pipeline_kernel<false>",
 }
 
 
@@ -182,7 +185,8 @@ def test_tsan_reports_planted_race(case: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["histogram", "stencil", "matmul", "reduce", "transpose", "error_then_launch"]
+    "case",
+    ["histogram", "stencil", "matmul", "pipeline", "reduce", "transpose", "error_then_launch"],
 )
 def test_tsan_is_quiet_on_correct_kernels(case: str) -> None:
     code, out = run(build("tsan"), case, "random:5")

@@ -57,6 +57,34 @@ __global__ void matmul_kernel(const float* a, const float* b, float* c, int m, i
   if (row < m && col < n) c[row * n + col] = acc;
 }
 
+// ---- double-buffered (two-stage) matmul: the load of tile t+1 overlaps the compute of tile t ---
+// One barrier per K step suffices with two stages, if it sits between the compute of tile t-1
+// and the refill of that stage with tile t+1. The planted twin moves it after the refill: the
+// tiles are still visible before their compute, but a fast thread refills the stage slow threads
+// are still multiplying from.
+template <bool kGuardRefill>
+__global__ void pipeline_kernel(const float* a, const float* b, float* c, int m, int n, int k) {
+  __shared__ float sa[2][MT][MT];
+  __shared__ float sb[2][MT][MT];
+  const int row = blockIdx.y * MT + threadIdx.y, col = blockIdx.x * MT + threadIdx.x;
+  const int tiles = (k + MT - 1) / MT;
+  auto load = [&](int t, int stage) {
+    const int ka = t * MT + threadIdx.x, kb = t * MT + threadIdx.y;
+    sa[stage][threadIdx.y][threadIdx.x] = (row < m && ka < k) ? a[row * k + ka] : 0.f;
+    sb[stage][threadIdx.y][threadIdx.x] = (kb < k && col < n) ? b[kb * n + col] : 0.f;
+  };
+  load(0, 0);
+  float acc = 0.f;
+  for (int t = 0; t < tiles; ++t) {
+    if (kGuardRefill) __syncthreads();  // tile t visible; everyone is done with tile t-1's stage
+    if (t + 1 < tiles) load(t + 1, (t + 1) % 2);
+    if (!kGuardRefill) __syncthreads();  // planted: only the visibility half of the barrier
+    const int s = t % 2;
+    for (int p = 0; p < MT; ++p) acc += sa[s][threadIdx.y][p] * sb[s][p][threadIdx.x];
+  }
+  if (row < m && col < n) c[row * n + col] = acc;
+}
+
 // ---- block reduction: warp shuffles, then one warp reduces the per-warp partials ----------------
 template <bool kBarrier>
 __global__ void reduce_kernel(const float* in, float* out, int n) {
@@ -242,6 +270,22 @@ void run_matmul() {
   expect_equal(c, want, 1e-4);
 }
 
+template <bool kGuardRefill>
+void run_pipeline() {
+  const int m = 37, n = 29, k = 83;
+  auto a = random_floats(m * k, 12), b = random_floats(k * n, 13);
+  std::vector<float> c(m * n, 0.f), want(m * n, 0.f);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      float s = 0;
+      for (int p = 0; p < k; ++p) s += a[i * k + p] * b[p * n + j];
+      want[i * n + j] = s;
+    }
+  launch("pipeline", pipeline_kernel<kGuardRefill>, dim3((n + MT - 1) / MT, (m + MT - 1) / MT),
+         dim3(MT, MT), 0, a.data(), b.data(), c.data(), m, n, k);
+  expect_equal(c, want, 1e-4);
+}
+
 template <bool kBarrier>
 void run_reduce() {
   const int n = 1000, threads = 256, blocks = (n + threads - 1) / threads;
@@ -399,6 +443,8 @@ int main(int argc, char** argv) {
       {"transpose_missing_barrier", run_transpose<false>},
       {"matmul", run_matmul<true>},
       {"matmul_missing_barrier", run_matmul<false>},
+      {"pipeline", run_pipeline<true>},
+      {"pipeline_missing_barrier", run_pipeline<false>},
       {"reduce", run_reduce<true>},
       {"reduce_missing_barrier", run_reduce<false>},
       {"histogram", run_histogram<true>},
