@@ -20,7 +20,15 @@ import torch
 import cnnext
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / "tests/emu/selftest.cu", ROOT / "csrc/emu/emu.cpp", ROOT / "csrc/emu/emu.h"]
+SOURCES = [
+    ROOT / "tests/emu/selftest.cu",
+    ROOT / "csrc/emu/emu.cpp",
+    ROOT / "csrc/emu/emu.h",
+    ROOT / "csrc/emu/wmma.h",
+    ROOT / "csrc/common/async_copy.cuh",
+]
+# c10's header-only Half and BFloat16 (the wmma fragments' element types); no torch library.
+TORCH_INCLUDE = Path(torch.__file__).resolve().parent / "include"
 SCHEDULES = ["forward", "reverse", "random:1", "random:2"]
 CXX = os.environ.get("CXX", "g++")
 
@@ -43,7 +51,7 @@ def build(variant: str) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    flags = ["-std=c++20", "-O1", "-g", f"-I{ROOT / 'csrc'}"]
+    flags = ["-std=c++20", "-O1", "-g", f"-I{ROOT / 'csrc'}", f"-I{TORCH_INCLUDE}"]
     libs: list[str] = []
     if variant in ("boost", "tsan", "asan") and _has_boost():
         flags.append("-DCNNEXT_EMU_BOOST")
@@ -114,6 +122,13 @@ GOOD = [
     "dynamic_shift",
     "local_array",
     "error_then_launch",
+    # tensor-core fragments: half, bfloat16 and tf32, several operand layouts
+    "wmma_half",
+    "wmma_half_rr",
+    "wmma_bf16",
+    "wmma_tf32",
+    "wmma_ok",
+    "async_copy",
 ]
 
 
@@ -167,6 +182,41 @@ def test_launch_limits_are_enforced() -> None:
     assert code == 2 and "invalid launch" in out and "1024" in out, out
 
 
+def test_wmma_layout_assumption_fails_under_random_order() -> None:
+    """Indexing an accumulator as if its layout were known passes with the fixed layout of the
+    forward order and fails once random:SEED permutes it."""
+    binary = build("boost" if _has_boost() else "ucontext")
+    assert run(binary, "wmma_assumes_layout", "forward")[0] == 0
+    for schedule in ["random:1", "random:2"]:
+        code, out = run(binary, "wmma_assumes_layout", schedule)
+        assert code == 1 and "WRONG" in out, out
+
+
+@pytest.mark.parametrize("case", ["async_copy_missing_wait", "async_copy_lax_wait"])
+@pytest.mark.parametrize("schedule", ["forward", "random:1"])
+def test_cp_async_lands_only_at_its_wait(case: str, schedule: str) -> None:
+    """No wait, or a wait that leaves the group still needed in flight: shared memory is stale."""
+    code, out = run(build("boost" if _has_boost() else "ucontext"), case, schedule)
+    assert code == 1 and "WRONG" in out, out
+
+
+WMMA_MISUSE = {
+    "wmma_bad_ldm": "ldm must be a multiple of 8 elements (16 bytes) for 16-bit elements",
+    "wmma_misaligned": "the pointer must be 256-bit (32-byte) aligned",
+    "wmma_divergent_pointer": "must be the same in every lane of the warp",
+    "wmma_lane_skips_mma": "lanes of warp 0 wait at different warp operations",
+    "wmma_partial_warp": "needs all 32 lanes",
+}
+
+
+@pytest.mark.parametrize("case", sorted(WMMA_MISUSE))
+def test_wmma_misuse_is_refused(case: str) -> None:
+    for schedule in ["forward", "random:4"]:
+        code, out = run(build("boost" if _has_boost() else "ucontext"), case, schedule)
+        assert code == 2 and WMMA_MISUSE[case] in out, out
+        assert "kernel wmma_misuse" in out and "selftest.cu:" in out, out
+
+
 # Cooperative fibers make `x += 1` atomic, so a missing atomic can only be seen as a race:
 # ThreadSanitizer, with fiber switches that do not synchronise and barriers that do.
 RACES = {
@@ -191,6 +241,13 @@ def test_tsan_reports_planted_race(case: str) -> None:
 def test_tsan_is_quiet_on_correct_kernels(case: str) -> None:
     code, out = run(build("tsan"), case, "random:5")
     assert code == 0 and "PASS" in out and "ThreadSanitizer" not in out, out
+
+
+@pytest.mark.parametrize("case", ["wmma_half", "wmma_tf32", "pipeline", "async_copy"])
+@pytest.mark.parametrize("sanitizer", ["asan", "tsan"])
+def test_sanitizers_are_quiet_on_new_primitives(sanitizer: str, case: str) -> None:
+    code, out = run(build(sanitizer), case, "random:5")
+    assert code == 0 and "PASS" in out and "Sanitizer" not in out, out
 
 
 @pytest.mark.parametrize("case", ["divergent_barrier", "deadlock"])
