@@ -20,7 +20,15 @@ import torch
 import cnnext
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / "tests/emu/selftest.cu", ROOT / "csrc/emu/emu.cpp", ROOT / "csrc/emu/emu.h"]
+SOURCES = [
+    ROOT / "tests/emu/selftest.cu",
+    ROOT / "csrc/emu/emu.cpp",
+    ROOT / "csrc/emu/emu.h",
+    ROOT / "csrc/emu/wmma.h",
+    ROOT / "csrc/common/async_copy.cuh",
+]
+# c10's header-only Half and BFloat16 (the wmma fragments' element types); no torch library.
+TORCH_INCLUDE = Path(torch.__file__).resolve().parent / "include"
 SCHEDULES = ["forward", "reverse", "random:1", "random:2"]
 CXX = os.environ.get("CXX", "g++")
 
@@ -43,7 +51,7 @@ def build(variant: str) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    flags = ["-std=c++20", "-O1", "-g", f"-I{ROOT / 'csrc'}"]
+    flags = ["-std=c++20", "-O1", "-g", f"-I{ROOT / 'csrc'}", f"-I{TORCH_INCLUDE}"]
     libs: list[str] = []
     if variant in ("boost", "tsan", "asan") and _has_boost():
         flags.append("-DCNNEXT_EMU_BOOST")
@@ -100,6 +108,7 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason="no C++ compil
 GOOD = [
     "transpose",
     "matmul",
+    "pipeline",
     "reduce",
     "histogram",
     "stencil",
@@ -113,6 +122,13 @@ GOOD = [
     "dynamic_shift",
     "local_array",
     "error_then_launch",
+    # tensor-core fragments: half, bfloat16 and tf32, several operand layouts
+    "wmma_half",
+    "wmma_half_rr",
+    "wmma_bf16",
+    "wmma_tf32",
+    "wmma_ok",
+    "async_copy",
 ]
 
 
@@ -129,6 +145,7 @@ def test_correct_kernels_pass_in_every_order(backend: str, case: str, schedule: 
 MISSING_BARRIER = [
     "transpose_missing_barrier",
     "matmul_missing_barrier",
+    "pipeline_missing_barrier",
     "reduce_missing_barrier",
     "stencil_missing_barrier",
 ]
@@ -165,12 +182,48 @@ def test_launch_limits_are_enforced() -> None:
     assert code == 2 and "invalid launch" in out and "1024" in out, out
 
 
+def test_wmma_layout_assumption_fails_under_random_order() -> None:
+    """Indexing an accumulator as if its layout were known passes with the fixed layout of the
+    forward order and fails once random:SEED permutes it."""
+    binary = build("boost" if _has_boost() else "ucontext")
+    assert run(binary, "wmma_assumes_layout", "forward")[0] == 0
+    for schedule in ["random:1", "random:2"]:
+        code, out = run(binary, "wmma_assumes_layout", schedule)
+        assert code == 1 and "WRONG" in out, out
+
+
+@pytest.mark.parametrize("case", ["async_copy_missing_wait", "async_copy_lax_wait"])
+@pytest.mark.parametrize("schedule", ["forward", "random:1"])
+def test_cp_async_lands_only_at_its_wait(case: str, schedule: str) -> None:
+    """No wait, or a wait that leaves the group still needed in flight: shared memory is stale."""
+    code, out = run(build("boost" if _has_boost() else "ucontext"), case, schedule)
+    assert code == 1 and "WRONG" in out, out
+
+
+WMMA_MISUSE = {
+    "wmma_bad_ldm": "ldm must be a multiple of 8 elements (16 bytes) for 16-bit elements",
+    "wmma_misaligned": "the pointer must be 256-bit (32-byte) aligned",
+    "wmma_divergent_pointer": "must be the same in every lane of the warp",
+    "wmma_lane_skips_mma": "lanes of warp 0 wait at different warp operations",
+    "wmma_partial_warp": "needs all 32 lanes",
+}
+
+
+@pytest.mark.parametrize("case", sorted(WMMA_MISUSE))
+def test_wmma_misuse_is_refused(case: str) -> None:
+    for schedule in ["forward", "random:4"]:
+        code, out = run(build("boost" if _has_boost() else "ucontext"), case, schedule)
+        assert code == 2 and WMMA_MISUSE[case] in out, out
+        assert "kernel wmma_misuse" in out and "selftest.cu:" in out, out
+
+
 # Cooperative fibers make `x += 1` atomic, so a missing atomic can only be seen as a race:
 # ThreadSanitizer, with fiber switches that do not synchronise and barriers that do.
 RACES = {
     "histogram_missing_atomic": "histogram_kernel<false>",
     "stencil_missing_barrier": "stencil_kernel<false>",
     "matmul_missing_barrier": "matmul_kernel<false>",
+    "pipeline_missing_barrier": "pipeline_kernel<false>",
 }
 
 
@@ -182,11 +235,19 @@ def test_tsan_reports_planted_race(case: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["histogram", "stencil", "matmul", "reduce", "transpose", "error_then_launch"]
+    "case",
+    ["histogram", "stencil", "matmul", "pipeline", "reduce", "transpose", "error_then_launch"],
 )
 def test_tsan_is_quiet_on_correct_kernels(case: str) -> None:
     code, out = run(build("tsan"), case, "random:5")
     assert code == 0 and "PASS" in out and "ThreadSanitizer" not in out, out
+
+
+@pytest.mark.parametrize("case", ["wmma_half", "wmma_tf32", "pipeline", "async_copy"])
+@pytest.mark.parametrize("sanitizer", ["asan", "tsan"])
+def test_sanitizers_are_quiet_on_new_primitives(sanitizer: str, case: str) -> None:
+    code, out = run(build(sanitizer), case, "random:5")
+    assert code == 0 and "PASS" in out and "Sanitizer" not in out, out
 
 
 @pytest.mark.parametrize("case", ["divergent_barrier", "deadlock"])
@@ -226,3 +287,119 @@ def test_info_reports_emulator() -> None:
     assert report["emulator built"] is True
     assert report["emulator fibers"] in ("boost.context", "ucontext")
     assert report["GPU visible"] == torch.cuda.is_available()
+
+
+# ---- the launch recorder -------------------------------------------------------------------------
+
+
+def test_record_max_pool2d_shows_its_kernel() -> None:
+    x = torch.randn(2, 3, 9, 11)
+    with cnnext.emulate_cuda("random:3", record=True) as log:
+        cnnext.ops.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert log is not None
+    assert [r.name for r in log] == ["max_pool2d_forward_kernel"]
+    (k,) = log.kernels
+    assert k.kind == "kernel" and k.full_name.startswith("(max_pool2d_forward_kernel<scalar_t")
+    assert log.gemms == []
+    out_elements = 2 * 3 * 5 * 6
+    assert k.block is not None and k.grid is not None
+    assert k.block[1:] == (1, 1) and k.grid[1:] == (1, 1) and k.smem == 0
+    threads = k.block[0] * k.grid[0]
+    assert out_elements <= threads < out_elements + k.block[0]
+    table = str(log)
+    assert "max_pool2d_forward_kernel" in table and f"{k.grid[0]}x1x1" in table
+
+
+def test_record_im2col_conv_shows_im2col_and_gemm_shape() -> None:
+    x, w = torch.randn(2, 3, 9, 11), torch.randn(5, 3, 3, 3)
+    with cnnext.emulate_cuda(record=True) as log:
+        y = cnnext.ops.conv2d(x, w, padding=1, algo="im2col")
+    assert log is not None
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1))
+    assert log.names() == ["im2col_kernel", "gemm_strided_batched"]
+    # Row-major Y[C_out, P] = W[C_out, K] . col[K, P] as column-major Y^T = col^T W^T, batched
+    # over the 2 samples: m = P = 9*11, n = C_out, k = C_in*3*3.
+    (g,) = log.gemms
+    assert (g.transa, g.transb, g.m, g.n, g.k, g.batch) == ("n", "n", 99, 5, 27, 2)
+    assert "gemm_strided_batched" in str(log) and "n n 99 5 27 2" in str(log)
+
+
+def test_record_backward_and_live_view() -> None:
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    with cnnext.emulate_cuda(record=True) as log:
+        assert log is not None
+        y = cnnext.ops.conv2d(x, w, padding=1, algo="im2col")
+        forward = len(log)  # the log reads the emulator live inside the block
+        y.sum().backward()
+        assert len(log) > forward
+    assert len(log) > forward and log.records[:forward] == log[:forward]
+    assert "col2im_kernel" in log.names()
+
+
+def test_record_false_records_nothing() -> None:
+    x = torch.randn(1, 2, 6, 6)
+    with cnnext.emulate_cuda("reverse") as nothing:
+        cnnext.ops.max_pool2d(x, 2)
+    assert nothing is None
+    with cnnext.emulate_cuda(record=True) as log:
+        pass
+    assert log is not None and len(log) == 0 and str(log).startswith("#")
+    # Outside any recording the emulator keeps nothing: a later recording starts empty.
+    with cnnext.emulate_cuda():
+        cnnext.ops.max_pool2d(x, 2)
+    with cnnext.emulate_cuda(record=True) as log:
+        cnnext.ops.avg_pool2d(x, 2)
+    assert log is not None and log.names() == ["avg_pool2d_forward_kernel"]
+
+
+def test_nested_recordings() -> None:
+    x = torch.randn(1, 2, 6, 6)
+    with cnnext.emulate_cuda(record=True) as outer:
+        cnnext.ops.max_pool2d(x, 2)
+        with cnnext.emulate_cuda("random:1", record=True) as inner:
+            cnnext.ops.avg_pool2d(x, 2)
+        with cnnext.emulate_cuda("reverse"):  # no log of its own; the outer one still records
+            cnnext.ops.avg_pool2d(x, 3)
+        cnnext.ops.max_pool2d(x, 3)
+    assert outer is not None and inner is not None
+    assert inner.names() == ["avg_pool2d_forward_kernel"]
+    assert outer.names() == [
+        "max_pool2d_forward_kernel",
+        "avg_pool2d_forward_kernel",
+        "avg_pool2d_forward_kernel",
+        "max_pool2d_forward_kernel",
+    ]
+
+
+def test_exception_restores_recording_state() -> None:
+    x = torch.randn(1, 2, 6, 6)
+    emu = torch.ops.cnnext_emu
+    before = emu._get_schedule()
+    with pytest.raises(RuntimeError, match="boom"):
+        with cnnext.emulate_cuda("random:9", record=True) as log:
+            cnnext.ops.max_pool2d(x, 2)
+            raise RuntimeError("boom")
+    assert log is not None and log.names() == ["max_pool2d_forward_kernel"]
+    assert not cnnext.emulating() and emu._get_schedule() == before
+    # A failing op inside nested recordings: both close, and nothing stays open.
+    with pytest.raises(RuntimeError):
+        with cnnext.emulate_cuda(record=True) as outer:
+            with cnnext.emulate_cuda(record=True):
+                cnnext.ops.max_pool2d(x, 2)
+                cnnext.ops.max_pool2d(x, 0)  # invalid kernel size
+    assert outer is not None and outer.names() == ["max_pool2d_forward_kernel"]
+    token = emu._record_start()
+    assert token == 0, "a recording was left open"
+    emu._record_stop(token)
+
+
+def test_short_kernel_name() -> None:
+    from cnnext._backend import short_kernel_name
+
+    assert (
+        short_kernel_name("(conv2d_direct_tiled_kernel<scalar_t, 4, kTiledRW, TRANSPOSED, E>)")
+        == "conv2d_direct_tiled_kernel"
+    )
+    assert short_kernel_name("cnnext::scale_kernel") == "scale_kernel"
+    assert short_kernel_name("plain") == "plain"

@@ -55,6 +55,7 @@ void gemm_strided_batched(char transa, char transb, int64_t m, int64_t n, int64_
   using acc_t = cuda_acc_t<scalar_t>;
   const std::string error = gemm_argument_error(transa, transb, m, n, k, lda, ldb, ldc, batch);
   TORCH_CHECK(error.empty(), "cnnext gemm: CUBLAS_STATUS_INVALID_VALUE: ", error);
+  emu::record_gemm(transa, transb, m, n, k, batch);  // a valid call, even an empty one
   if (m == 0 || n == 0 || batch == 0) return;
   const bool ta = transa == 't' || transa == 'T', tb = transb == 't' || transb == 'T';
   // Element (i, p) of op(A) and (p, j) of op(B), in column-major storage.

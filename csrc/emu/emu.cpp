@@ -14,12 +14,14 @@
 #include <algorithm>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <numeric>
 #include <random>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
 #include <vector>
 
 #ifdef CNNEXT_EMU_BOOST
@@ -148,6 +150,11 @@ struct Thread {
 #ifdef CNNEXT_EMU_ASAN
   void* asan_fake_stack = nullptr;
 #endif
+  // cp.async: copies in issue order from async_head on; committed groups' sizes from group_head.
+  std::vector<AsyncCopy> async_copies;
+  std::size_t async_head = 0;
+  std::vector<std::size_t> async_groups;
+  std::size_t group_head = 0;
 };
 
 constexpr int kMaxThreads = 1024;
@@ -168,6 +175,9 @@ struct Block {
   // shuffle writes the other buffer while slow lanes still read this one.
   unsigned char slots[2][kMaxThreads][kSlotBytes];
   std::vector<unsigned char> dynamic_smem;
+  // warp_exchange's lane buffers, double-buffered like `slots`; allocated on first use.
+  std::vector<unsigned char> exchange[2];
+  std::uint64_t layout_seed = 0;  // 0: the fixed fragment layout; else a seeded permutation
   std::exception_ptr error;
   std::string error_site;
   bool abandoning = false;  // the block failed: suspended threads unwind (see abandon())
@@ -556,6 +566,28 @@ void run_block(Block& b, std::uint64_t block_linear, const Schedule& sched) {
   if (stuck) std::rethrow_exception(stuck);
 }
 
+// ---- launch recorder ----------------------------------------------------------------------------
+struct Recorder {
+  std::vector<std::string> lines;   // one per launch or GEMM call, in call order
+  std::vector<std::size_t> starts;  // per open recording: the first line it owns
+};
+thread_local Recorder recorder;
+
+void record_line(std::string line) {
+  if (!recorder.starts.empty()) recorder.lines.push_back(std::move(line));
+}
+
+std::string recorded_since(std::int64_t token) {
+  if (token < 0 || static_cast<std::size_t>(token) >= recorder.starts.size())
+    raise("cnnext emulator: no open recording with token " + std::to_string(token));
+  std::string out;
+  for (std::size_t i = recorder.starts[token]; i < recorder.lines.size(); ++i) {
+    out += recorder.lines[i];
+    out += '\n';
+  }
+  return out;
+}
+
 std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
@@ -593,6 +625,12 @@ void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem, vo
   if (smem > 48u * 1024u)
     invalid(std::to_string(smem) + " bytes of dynamic shared memory exceed 48 KiB");
   if (tl_block) raise("cnnext emulator: kernel " + name + " launched from inside a kernel");
+  if (!recorder.starts.empty()) {
+    std::ostringstream os;
+    os << "kernel\t" << name << '\t' << grid.x << ' ' << grid.y << ' ' << grid.z << '\t' << block.x
+       << ' ' << block.y << ' ' << block.z << '\t' << smem;
+    record_line(os.str());
+  }
 
 #ifdef CNNEXT_EMU_PLAIN_SHARED
   // Plain static shared memory is one copy per process: one launch at a time.
@@ -616,6 +654,8 @@ void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem, vo
   b.threads.resize(b.n);
   b.order.reserve(b.n);
   b.dynamic_smem.assign(smem, 0xFF);
+  b.layout_seed =
+      sched.order == Order::Random ? (sched.seed ^ 0x5DEECE66Dull) * 0x9E3779B97F4A7C15ull | 1u : 0;
 #ifdef CNNEXT_EMU_TSAN
   b.scheduler_tsan = __tsan_get_current_fiber();
 #endif
@@ -762,6 +802,116 @@ unsigned warp_vote(unsigned mask, bool pred, int kind, const char* file, int lin
   if (kind == 0) return ballot;
   if (kind == 1) return ballot != 0;
   return ballot == members;
+}
+
+std::int64_t record_start() {
+  recorder.starts.push_back(recorder.lines.size());
+  return static_cast<std::int64_t>(recorder.starts.size() - 1);
+}
+
+std::string record_peek(std::int64_t token) { return recorded_since(token); }
+
+std::string record_stop(std::int64_t token) {
+  std::string out = recorded_since(token);
+  // Also closes recordings opened after this one and left open (an exception skipped their end).
+  recorder.starts.resize(static_cast<std::size_t>(token));
+  if (recorder.starts.empty()) recorder.lines.clear();
+  return out;
+}
+
+void record_gemm(char transa, char transb, std::int64_t m, std::int64_t n, std::int64_t k,
+                 std::int64_t batch) {
+  if (recorder.starts.empty()) return;
+  std::ostringstream os;
+  os << "gemm\tgemm_strided_batched\t" << transa << ' ' << transb << ' ' << m << ' ' << n << ' '
+     << k << ' ' << batch;
+  record_line(os.str());
+}
+
+const char* kernel_name() { return tl_block ? tl_block->kernel : ""; }
+
+constexpr std::size_t kExchangeBytes = 128;
+
+void warp_exchange(const void* mine, std::size_t bytes, void* all, const char* op, const char* file,
+                   int line) {
+  EmulatorScope scope;
+  Block& b = current_block();
+  const unsigned tid = tl_tid, w = warp_of(tid);
+  const std::string what = "cnnext emulator: kernel " + std::string(b.kernel) + ": " + op + " at " +
+                           site(file, line) + ": ";
+  if (bytes > kExchangeBytes) raise(what + "exchange of more than 128 bytes per lane");
+  if ((w + 1) * 32 > b.n) {
+    raise(what + "a warp-collective operation needs all 32 lanes, but warp " + std::to_string(w) +
+          " of this block has " + std::to_string(b.n - w * 32) + " threads");
+  }
+  for (auto& buf : b.exchange) {
+    if (buf.size() < b.n * kExchangeBytes) buf.resize(b.n * kExchangeBytes);
+  }
+  const std::uint64_t gen = b.warp_generation[w];
+  std::memcpy(&b.exchange[gen & 1][tid * kExchangeBytes], mine, bytes);
+  warp_barrier(0xffffffffu, file, line);
+  for (unsigned l = 0; l < 32; ++l) {
+    std::memcpy(static_cast<unsigned char*>(all) + l * bytes,
+                &tl_block->exchange[gen & 1][(w * 32 + l) * kExchangeBytes], bytes);
+  }
+}
+
+const std::uint16_t* fragment_layout(std::uint32_t tag, unsigned per_lane, unsigned elements) {
+  EmulatorScope scope;
+  const Block& b = current_block();
+  using Key = std::tuple<std::uint64_t, std::uint32_t, unsigned, unsigned>;
+  thread_local std::map<Key, std::vector<std::uint16_t>> tables;
+  auto [it, fresh] = tables.try_emplace(Key{b.layout_seed, tag, per_lane, elements});
+  std::vector<std::uint16_t>& table = it->second;
+  if (fresh) {
+    // Slots beyond `elements` (half fragments) hold each element a second time.
+    table.resize(std::size_t(32) * per_lane);
+    std::iota(table.begin(), table.end(), std::uint16_t(0));
+    if (b.layout_seed != 0) {
+      std::mt19937_64 rng(b.layout_seed + tag * 0xBF58476D1CE4E5B9ull);
+      std::shuffle(table.begin(), table.end(), rng);
+    }
+    for (auto& e : table) e = static_cast<std::uint16_t>(e % elements);
+  }
+  return table.data();
+}
+
+void async_copy(void* dst, const void* src, std::size_t bytes, const char* file, int line) {
+  EmulatorScope scope;
+  Block& b = current_block();
+  const auto misaligned = [&](const void* p) {
+    return reinterpret_cast<std::uintptr_t>(p) % bytes != 0;
+  };
+  if (misaligned(dst) || misaligned(src)) {
+    raise("cnnext emulator: kernel " + std::string(b.kernel) + ": cp.async at " + site(file, line) +
+          ": a " + std::to_string(bytes) + "-byte copy needs source and destination aligned to " +
+          std::to_string(bytes) + " bytes");
+  }
+  b.threads[tl_tid].async_copies.push_back({dst, src, bytes});
+}
+
+void async_commit() {
+  EmulatorScope scope;
+  Thread& t = current_block().threads[tl_tid];
+  std::size_t grouped = t.async_head;
+  for (std::size_t g = t.group_head; g < t.async_groups.size(); ++g) grouped += t.async_groups[g];
+  t.async_groups.push_back(t.async_copies.size() - grouped);
+}
+
+bool async_pop(int keep, AsyncCopy* out) {
+  EmulatorScope scope;
+  Thread& t = current_block().threads[tl_tid];
+  const std::size_t keep_groups = static_cast<std::size_t>(std::max(keep, 0));
+  while (t.async_groups.size() - t.group_head > keep_groups) {
+    if (t.async_groups[t.group_head] == 0) {
+      ++t.group_head;
+      continue;
+    }
+    --t.async_groups[t.group_head];
+    *out = t.async_copies[t.async_head++];
+    return true;
+  }
+  return false;
 }
 
 void* dynamic_shared() {

@@ -3,8 +3,9 @@
 // A .cu file compiled by g++ with -DCNNEXT_CUDA_EMULATION sees this header instead of the CUDA
 // runtime. Each CUDA thread of a block runs as a fiber; __syncthreads() and warp shuffles yield to
 // the block's scheduler, which resumes the fibers in forward, reverse or random order. Blocks run
-// one after another on the launching OS thread. This header has no torch dependency so that the
-// emulator's self-tests build as a small standalone program (also under TSan/ASan).
+// one after another on the launching OS thread. This header needs no torch library, only c10's
+// header-only Half and BFloat16, so that the emulator's self-tests build as a small standalone
+// program (also under TSan/ASan).
 #pragma once
 
 #include <atomic>
@@ -28,7 +29,9 @@ using cudaStream_t = void*;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+// As CUDA defines it for GCC: a GNU attribute may sit among the decl-specifiers, where kernels
+// write it (`__shared__ __align__(16) float s[N];`), and alignas may not.
+#define __align__(n) __attribute__((aligned(n)))
 // A block runs to completion on one OS thread, so static storage per OS thread is exactly a
 // block's shared memory. The sanitizer build makes it plain static storage so ASan sees overflows.
 #ifdef CNNEXT_EMU_PLAIN_SHARED
@@ -72,6 +75,42 @@ void warp_shuffle(unsigned mask, const void* in, void* out, std::size_t bytes, i
 unsigned warp_vote(unsigned mask, bool pred, int kind, const char* file, int line);
 void* dynamic_shared();  // this block's dynamic shared memory, poisoned with 0xFF bytes
 void fail(const std::string& message);  // raise from inside a kernel
+const char* kernel_name();              // of the launch now running on this OS thread
+
+// Warp-collective exchange (the wmma fragments use it): every lane of the calling warp, which
+// must be a full warp of 32 threads, hands in `bytes` (at most 128) and receives all 32 lanes'
+// bytes in lane order in `all`. `op` names the operation in errors.
+void warp_exchange(const void* mine, std::size_t bytes, void* all, const char* op, const char* file,
+                   int line);
+// The fragment layout of the running launch for a fragment type `tag`: entry lane * per_lane + i
+// is the matrix element (of `elements`) held in element i of that lane. Fixed for "forward" and
+// "reverse", a permutation drawn from the seed for "random:SEED".
+const std::uint16_t* fragment_layout(std::uint32_t tag, unsigned per_lane, unsigned elements);
+
+// cp.async (see common/async_copy.cuh): per emulated thread, copies are queued, grouped by
+// async_commit(), and handed out by async_pop() only once their group is older than the newest
+// `keep` groups; the caller then performs them, in kernel code, so the sanitizers see them.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  std::size_t bytes;
+};
+void async_copy(void* dst, const void* src, std::size_t bytes, const char* file, int line);
+void async_commit();
+bool async_pop(int keep, AsyncCopy* out);
+
+// Launch recorder, per OS thread (a launch runs on the thread that makes it). While at least one
+// recording is open, every launch and every emulated cuBLAS call is appended, in call order.
+// record_start() returns a token; record_stop(token) closes that recording and those opened
+// after it, and returns what was recorded since it opened, one record per line:
+//   kernel\tNAME\tgx gy gz\tbx by bz\tSMEM        gemm\tgemm_strided_batched\tTA TB M N K BATCH
+// record_peek(token) returns the same without closing. Nested recordings share the records: an
+// outer one also sees what an inner one recorded.
+std::int64_t record_start();
+std::string record_stop(std::int64_t token);
+std::string record_peek(std::int64_t token);
+void record_gemm(char transa, char transb, std::int64_t m, std::int64_t n, std::int64_t k,
+                 std::int64_t batch);
 
 }  // namespace cnnext::emu
 
@@ -203,3 +242,6 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 
 // Dynamic shared memory: `extern __shared__` has no C++ meaning, so kernels use this macro.
 #define CNNEXT_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::cnnext::emu::dynamic_shared())
+
+// Tensor-core fragments (nvcuda::wmma).
+#include "emu/wmma.h"  // IWYU pragma: export

@@ -3,6 +3,7 @@
 // tests/test_emulator.py (g++, optionally with -fsanitize=thread), and run as
 //   selftest CASE SCHEDULE     -> prints "PASS", "WRONG ..." (exit 1) or "ERROR ..." (exit 2).
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -10,8 +11,14 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+// The program is built without the extension's flags; the shared headers test for this one.
+#ifndef CNNEXT_CUDA_EMULATION
+#define CNNEXT_CUDA_EMULATION
+#endif
+#include "common/async_copy.cuh"
 #include "emu/emu.h"
 
 template <typename... KArgs, typename... Args>
@@ -53,6 +60,34 @@ __global__ void matmul_kernel(const float* a, const float* b, float* c, int m, i
     __syncthreads();
     for (int p = 0; p < MT; ++p) acc += sa[threadIdx.y][p] * sb[p][threadIdx.x];
     if (kSecondBarrier) __syncthreads();  // the tile may be overwritten only after everyone used it
+  }
+  if (row < m && col < n) c[row * n + col] = acc;
+}
+
+// ---- double-buffered (two-stage) matmul: the load of tile t+1 overlaps the compute of tile t ---
+// One barrier per K step suffices with two stages, if it sits between the compute of tile t-1
+// and the refill of that stage with tile t+1. The planted twin moves it after the refill: the
+// tiles are still visible before their compute, but a fast thread refills the stage slow threads
+// are still multiplying from.
+template <bool kGuardRefill>
+__global__ void pipeline_kernel(const float* a, const float* b, float* c, int m, int n, int k) {
+  __shared__ float sa[2][MT][MT];
+  __shared__ float sb[2][MT][MT];
+  const int row = blockIdx.y * MT + threadIdx.y, col = blockIdx.x * MT + threadIdx.x;
+  const int tiles = (k + MT - 1) / MT;
+  auto load = [&](int t, int stage) {
+    const int ka = t * MT + threadIdx.x, kb = t * MT + threadIdx.y;
+    sa[stage][threadIdx.y][threadIdx.x] = (row < m && ka < k) ? a[row * k + ka] : 0.f;
+    sb[stage][threadIdx.y][threadIdx.x] = (kb < k && col < n) ? b[kb * n + col] : 0.f;
+  };
+  load(0, 0);
+  float acc = 0.f;
+  for (int t = 0; t < tiles; ++t) {
+    if (kGuardRefill) __syncthreads();  // tile t visible; everyone is done with tile t-1's stage
+    if (t + 1 < tiles) load(t + 1, (t + 1) % 2);
+    if (!kGuardRefill) __syncthreads();  // planted: only the visibility half of the barrier
+    const int s = t % 2;
+    for (int p = 0; p < MT; ++p) acc += sa[s][threadIdx.y][p] * sb[s][p][threadIdx.x];
   }
   if (row < m && col < n) c[row * n + col] = acc;
 }
@@ -147,6 +182,106 @@ __global__ void dynamic_smem_kernel(float* out) {
   out[threadIdx.x] = buf[threadIdx.x];  // read before any write: must not look like real data
 }
 
+// ---- tensor cores (nvcuda::wmma)
+// ----------------------------------------------------------------- C[m, n] = alpha * A[m, k] .
+// B[k, n] + bias[n] (all row-major in memory), one warp per 16x16 tile of C, two warps per block.
+// The A and B fragments read memory as LA / LB: a row-major A [m, k] seen col_major is A^T, so the
+// host passes the transposed copy it needs.
+namespace wmma = nvcuda::wmma;
+constexpr int WM = 16;
+
+// kAssumeLayout plants the bug: the bias is added by indexing the accumulator as if lane l held
+// elements l * 8 .. l * 8 + 7 of the tile in row-major order (the emulator's fixed layout), which
+// CUDA does not promise.
+template <class T, int WK, class LA, class LB, bool kAssumeLayout>
+__global__ void wmma_gemm_kernel(
+    const typename wmma::fragment<wmma::matrix_a, WM, WM, WK, T, LA>::storage_element_type* a,
+    const typename wmma::fragment<wmma::matrix_b, WM, WM, WK, T, LB>::storage_element_type* b,
+    const float* bias, float* c, int m, int n, int k, float alpha) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tile_m = blockIdx.y * WM, tile_n = (blockIdx.x * 2 + warp) * WM;
+  if (tile_n >= n) return;  // the whole warp leaves together
+  wmma::fragment<wmma::matrix_a, WM, WM, WK, T, LA> fa;
+  wmma::fragment<wmma::matrix_b, WM, WM, WK, T, LB> fb;
+  wmma::fragment<wmma::accumulator, WM, WM, WK, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  constexpr bool a_rows = std::is_same_v<LA, wmma::row_major>;
+  constexpr bool b_rows = std::is_same_v<LB, wmma::row_major>;
+  for (int p = 0; p < k; p += WK) {
+    wmma::load_matrix_sync(fa, a_rows ? a + tile_m * k + p : a + p * m + tile_m, a_rows ? k : m);
+    wmma::load_matrix_sync(fb, b_rows ? b + p * n + tile_n : b + tile_n * k + p, b_rows ? n : k);
+    if constexpr (std::is_same_v<T, wmma::precision::tf32>) {
+      for (auto& v : fa.x) v = wmma::__float_to_tf32(v);  // element-wise: layout-free
+      for (auto& v : fb.x) v = wmma::__float_to_tf32(v);
+    }
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= alpha;  // element-wise: layout-free
+  if (kAssumeLayout) {
+    for (int i = 0; i < acc.num_elements; ++i) acc.x[i] += bias[tile_n + (lane * 8 + i) % WM];
+    wmma::store_matrix_sync(c + tile_m * n + tile_n, acc, n, wmma::mem_row_major);
+  } else {
+    // The bias through memory: C tile = bias rows, loaded as the starting accumulator.
+    wmma::fragment<wmma::accumulator, WM, WM, WK, float> out;
+    wmma::store_matrix_sync(c + tile_m * n + tile_n, acc, n, wmma::mem_row_major);
+    __syncwarp();
+    for (int i = lane; i < WM * WM; i += 32)
+      c[(tile_m + i / WM) * n + tile_n + i % WM] += bias[tile_n + i % WM];
+    __syncwarp();
+    wmma::load_matrix_sync(out, c + tile_m * n + tile_n, n, wmma::mem_row_major);
+    wmma::store_matrix_sync(c + tile_m * n + tile_n, out, n, wmma::mem_row_major);
+  }
+}
+
+// nvcc's sm_80 fragment sizes (crt/mma.h), which kernels may rely on.
+static_assert(wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major>::num_elements ==
+              16);
+static_assert(
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>::num_elements == 8);
+static_assert(wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32,
+                             wmma::row_major>::num_elements == 4);
+static_assert(wmma::fragment<wmma::accumulator, 16, 16, 16, float>::num_elements == 8);
+
+// Misuse the emulator must refuse. `bug`: 0 ldm not a multiple of 8, 1 pointer 16 bytes off a
+// 32-byte boundary, 2 a pointer that differs between lanes, 3 lane 7 skips mma_sync, 4 a warp
+// of 16 threads.
+__global__ void wmma_misuse_kernel(const __half* a, const __half* b, float* c, int bug) {
+  const int lane = threadIdx.x % 32;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  const unsigned ldm = bug == 0 ? 20 : 32;
+  const __half* pa = bug == 1 ? a + 8 : bug == 2 ? a + (lane % 2) * 16 : a;
+  wmma::load_matrix_sync(fa, pa, ldm);
+  wmma::load_matrix_sync(fb, b, 32);
+  if (!(bug == 3 && lane == 7)) wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
+}
+
+// ---- cp.async: two groups of 16-byte copies into shared memory ---------------------------------
+// out = 2 * the block's 512 inputs, each half reversed, read from shared memory filled by
+// cp.async in two groups (first half, second half). kBug: 0 correct (wait<1> before using the
+// first half, wait<0> before the second), 1 no wait at all, 2 wait<1> only, so the second half
+// is read while its group may be in flight.
+template <int kBug>
+__global__ void async_copy_kernel(const float* in, float* out) {
+  __shared__ __align__(16) float s[512];
+  const int t = threadIdx.x;
+  const float* src = in + blockIdx.x * 512;
+  float* dst = out + blockIdx.x * 512;
+  cnnext::cp_async_16(&s[t * 4], src + t * 4);
+  cnnext::cp_async_commit();
+  cnnext::cp_async_16(&s[256 + t * 4], src + 256 + t * 4);
+  cnnext::cp_async_commit();
+  if (kBug != 1) cnnext::cp_async_wait<1>();
+  __syncthreads();
+  for (int j = 0; j < 4; ++j) dst[t * 4 + j] = 2.f * s[255 - (t * 4 + j)];
+  if (kBug == 0) cnnext::cp_async_wait<0>();
+  __syncthreads();
+  for (int j = 0; j < 4; ++j) dst[256 + t * 4 + j] = 2.f * s[256 + 255 - (t * 4 + j)];
+}
+
 // ---- out-of-bounds twins, for AddressSanitizer
 // ---------------------------------------------------- In an anonymous namespace, as the op kernels
 // are: GCC gives no ASan redzones to the static locals of a template with vague (COMDAT) linkage,
@@ -239,6 +374,22 @@ void run_matmul() {
     }
   launch("matmul", matmul_kernel<kSecond>, dim3((n + MT - 1) / MT, (m + MT - 1) / MT), dim3(MT, MT),
          0, a.data(), b.data(), c.data(), m, n, k);
+  expect_equal(c, want, 1e-4);
+}
+
+template <bool kGuardRefill>
+void run_pipeline() {
+  const int m = 37, n = 29, k = 83;
+  auto a = random_floats(m * k, 12), b = random_floats(k * n, 13);
+  std::vector<float> c(m * n, 0.f), want(m * n, 0.f);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      float s = 0;
+      for (int p = 0; p < k; ++p) s += a[i * k + p] * b[p * n + j];
+      want[i * n + j] = s;
+    }
+  launch("pipeline", pipeline_kernel<kGuardRefill>, dim3((n + MT - 1) / MT, (m + MT - 1) / MT),
+         dim3(MT, MT), 0, a.data(), b.data(), c.data(), m, n, k);
   expect_equal(c, want, 1e-4);
 }
 
@@ -359,6 +510,100 @@ void run_local_array() {
   expect_equal(out, want, 1e-5);
 }
 
+template <class T>
+T to_storage(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return T(v);
+  }
+}
+
+// Rounds to tf32 as the hardware's cvt.rna does (nearest, ties away from zero), written apart
+// from the emulator's __float_to_tf32: keep the top 19 bits after adding half of the dropped ones.
+float tf32_reference(float v) {
+  const double scale = std::ldexp(1.0, std::ilogb(v) - 10);  // one unit in the last tf32 place
+  return static_cast<float>(std::copysign(std::floor(std::fabs(v) / scale + 0.5) * scale, v));
+}
+
+// Inputs of magnitude 0.25 .. 2 with few mantissa bits (exact in half and bfloat16); tf32 gets
+// full floats, rounded by the kernel.
+template <class T, int WK, class LA, class LB, bool kAssumeLayout>
+void run_wmma_gemm() {
+  using SA = typename wmma::fragment<wmma::matrix_a, WM, WM, WK, T, LA>::storage_element_type;
+  using SB = typename wmma::fragment<wmma::matrix_b, WM, WM, WK, T, LB>::storage_element_type;
+  constexpr bool tf32 = std::is_same_v<T, wmma::precision::tf32>;
+  const int m = 48, n = 80, k = 64;  // n: 5 warp tiles, so one block has an idle warp
+  std::mt19937 rng(14);
+  auto draw = [&] {
+    if (tf32) return std::uniform_real_distribution<float>(-2.f, 2.f)(rng);
+    return static_cast<float>(static_cast<int>(rng() % 17) - 8) / 4.f;
+  };
+  std::vector<float> af(m * k), bf(k * n), bias(n);
+  for (auto& v : af) v = draw();
+  for (auto& v : bf) v = draw();
+  for (auto& v : bias) v = static_cast<float>(rng() % 7);
+  constexpr bool a_rows = std::is_same_v<LA, wmma::row_major>;
+  constexpr bool b_rows = std::is_same_v<LB, wmma::row_major>;
+  // 32-byte aligned storage; a col_major operand is stored transposed.
+  std::vector<SA, std::allocator<SA>> a(m * k + 64);
+  std::vector<SB> b(k * n + 64);
+  auto* pa = reinterpret_cast<SA*>((reinterpret_cast<std::uintptr_t>(a.data()) + 31) &
+                                   ~std::uintptr_t(31));
+  auto* pb = reinterpret_cast<SB*>((reinterpret_cast<std::uintptr_t>(b.data()) + 31) &
+                                   ~std::uintptr_t(31));
+  for (int i = 0; i < m; ++i)
+    for (int p = 0; p < k; ++p) pa[a_rows ? i * k + p : p * m + i] = to_storage<SA>(af[i * k + p]);
+  for (int p = 0; p < k; ++p)
+    for (int j = 0; j < n; ++j) pb[b_rows ? p * n + j : j * k + p] = to_storage<SB>(bf[p * n + j]);
+  const float alpha = 0.5f;
+  std::vector<float> cbuf(m * n + 8, -1.f), want(m * n);
+  float* c = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(cbuf.data()) + 31) &
+                                      ~std::uintptr_t(31));
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      double s = 0;
+      for (int p = 0; p < k; ++p) {
+        const float x = tf32 ? tf32_reference(af[i * k + p]) : af[i * k + p];
+        const float y = tf32 ? tf32_reference(bf[p * n + j]) : bf[p * n + j];
+        s += double(x) * double(y);
+      }
+      want[i * n + j] = static_cast<float>(alpha * s + bias[j]);
+    }
+  launch("wmma_gemm", wmma_gemm_kernel<T, WK, LA, LB, kAssumeLayout>,
+         dim3((n / WM + 1) / 2, m / WM), dim3(64), 0, static_cast<const SA*>(pa),
+         static_cast<const SB*>(pb), bias.data(), c, m, n, k, alpha);
+  expect_equal(std::vector<float>(c, c + m * n), want, tf32 ? 1e-3 : 0);
+}
+
+void run_wmma_misuse(int bug) {
+  alignas(32) static __half a[16 * 64], b[16 * 32];
+  alignas(32) static float c[16 * 16];
+  for (auto& v : a) v = __float2half(1.f);
+  for (auto& v : b) v = __float2half(1.f);
+  launch("wmma_misuse", wmma_misuse_kernel, dim3(1), dim3(bug == 4 ? 16 : 32), 0,
+         static_cast<const __half*>(a), static_cast<const __half*>(b), c, bug);
+  for (float v : c)
+    if (v != 16.f) throw Wrong("wmma misuse kernel: got " + std::to_string(v));
+}
+
+template <int kBug>
+void run_async_copy() {
+  const int blocks = 3;
+  std::vector<float> in(blocks * 512 + 4), out(blocks * 512, 0.f), want(blocks * 512);
+  float* src = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(in.data()) + 15) &
+                                        ~std::uintptr_t(15));
+  for (int i = 0; i < blocks * 512; ++i) src[i] = static_cast<float>(i + 1);
+  for (int b = 0; b < blocks; ++b)
+    for (int i = 0; i < 512; ++i) {
+      const int half = i / 256 * 256;
+      want[b * 512 + i] = 2.f * src[b * 512 + half + 255 - (i - half)];
+    }
+  launch("async_copy", async_copy_kernel<kBug>, dim3(blocks), dim3(64), 0,
+         static_cast<const float*>(src), out.data());
+  expect_equal(out, want);
+}
+
 // A launch that fails while threads wait at barriers, then correct launches on the same OS
 // thread: the waiting threads must unwind cleanly (TSan: no fiber ends inside an ignore region,
 // no race with the reused stacks or with freed memory; ASan: no stale stack poison).
@@ -399,6 +644,8 @@ int main(int argc, char** argv) {
       {"transpose_missing_barrier", run_transpose<false>},
       {"matmul", run_matmul<true>},
       {"matmul_missing_barrier", run_matmul<false>},
+      {"pipeline", run_pipeline<true>},
+      {"pipeline_missing_barrier", run_pipeline<false>},
       {"reduce", run_reduce<true>},
       {"reduce_missing_barrier", run_reduce<false>},
       {"histogram", run_histogram<true>},
@@ -420,6 +667,21 @@ int main(int argc, char** argv) {
       {"local_array", run_local_array<false>},
       {"local_array_overflow", run_local_array<true>},
       {"error_then_launch", run_error_then_launch},
+      {"async_copy", run_async_copy<0>},
+      {"async_copy_missing_wait", run_async_copy<1>},
+      {"async_copy_lax_wait", run_async_copy<2>},
+      {"wmma_half", run_wmma_gemm<__half, 16, wmma::row_major, wmma::col_major, false>},
+      {"wmma_half_rr", run_wmma_gemm<__half, 16, wmma::row_major, wmma::row_major, false>},
+      {"wmma_bf16", run_wmma_gemm<__nv_bfloat16, 16, wmma::col_major, wmma::row_major, false>},
+      {"wmma_tf32",
+       run_wmma_gemm<wmma::precision::tf32, 8, wmma::row_major, wmma::col_major, false>},
+      {"wmma_assumes_layout", run_wmma_gemm<__half, 16, wmma::row_major, wmma::col_major, true>},
+      {"wmma_bad_ldm", [] { run_wmma_misuse(0); }},
+      {"wmma_misaligned", [] { run_wmma_misuse(1); }},
+      {"wmma_divergent_pointer", [] { run_wmma_misuse(2); }},
+      {"wmma_lane_skips_mma", [] { run_wmma_misuse(3); }},
+      {"wmma_partial_warp", [] { run_wmma_misuse(4); }},
+      {"wmma_ok", [] { run_wmma_misuse(5); }},
   };
   if (argc < 2 || !cases.count(argv[1])) {
     std::fprintf(stderr, "usage: selftest CASE [SCHEDULE]; cases:");
