@@ -387,14 +387,14 @@ struct IdentityEpilogue {
 template <typename scalar_t>
 struct FpropArgs {
   using acc_t = cuda_acc_t<scalar_t>;
-  Operand<scalar_t, TapMap, PixelMap> a;       // input: k = (tap, ci) or (ci, tap), x = (n, p, q)
-  Operand<scalar_t, LinearMap, LinearMap> b;   // filter rows: k along a row, x = co
-  PixelMap out_rows;                           // output pixels
-  LinearMap out_cols;                          // output channels
+  Operand<scalar_t, TapMap, PixelMap> a;      // input: k = (tap, ci) or (ci, tap), x = (n, p, q)
+  Operand<scalar_t, LinearMap, LinearMap> b;  // filter rows: k along a row, x = co
+  PixelMap out_rows;                          // output pixels
+  LinearMap out_cols;                         // output channels
   scalar_t* out = nullptr;
-  acc_t* partial = nullptr;  // split-K: [slices][M][groups * N]
-  int32_t m = 0, n = 0, k = 0, n_tiles = 1;    // per group
-  int64_t a_group = 0, b_group = 0;            // offsets of one group in the input and filter
+  acc_t* partial = nullptr;                  // split-K: [slices][M][groups * N]
+  int32_t m = 0, n = 0, k = 0, n_tiles = 1;  // per group
+  int64_t a_group = 0, b_group = 0;          // offsets of one group in the input and filter
   SplitK split;
 };
 
@@ -459,8 +459,8 @@ struct DgradArgs {
   int64_t dy_sn = 0, dy_sc = 0, dy_sh = 0, dy_sw = 0;
   int64_t dx_sn = 0, dx_sc = 0, dx_sh = 0, dx_sw = 0;
   int64_t w_sk = 0, w_sc = 0, w_sr = 0, w_ss = 0;
-  int32_t batch = 0, p = 0, q = 0;        // grad_output extent
-  int32_t c_out = 0, c_in = 0;            // per group: the reduced and the output channels
+  int32_t batch = 0, p = 0, q = 0;  // grad_output extent
+  int32_t c_out = 0, c_in = 0;      // per group: the reduced and the output channels
   int32_t sh = 1, sw = 1, n_tiles = 1;
   FastDivmod div_c_out, div_sw;
   DgradAxis rows[kDgradMaxStride], cols[kDgradMaxStride];
@@ -501,8 +501,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   Operand<scalar_t, TapMap, LinearMap> b;
   b.ptr = args.w;
   b.k.div_c = args.div_c_out, b.k.div_s = ca.taps, b.k.tap_major = true;
-  b.k.base = static_cast<int64_t>(grp) * args.c_out * args.w_sk + ra.t0 * args.w_sr +
-             ca.t0 * args.w_ss;
+  b.k.base =
+      static_cast<int64_t>(grp) * args.c_out * args.w_sk + ra.t0 * args.w_sr + ca.t0 * args.w_ss;
   b.k.sc = args.w_sk, b.k.sr = ra.step * args.w_sr, b.k.ss = ca.step * args.w_ss;
   b.k.count = taps_k;
   b.x.base = 0, b.x.ld = args.w_sc, b.x.count = args.c_in;
@@ -565,9 +565,9 @@ struct WgradArgs {
   TapMap out_cols;                           // grad_weight columns (its own strides)
   int64_t out_ld = 0;                        // grad_weight row stride (per c_out)
   scalar_t* dw = nullptr;
-  scalar_t* db = nullptr;      // grad_bias, or nullptr
-  acc_t* partial = nullptr;    // split-K: [slices][groups * M][N]
-  acc_t* partial_bias = nullptr;  // split-K with grad_bias: [slices][groups * M]
+  scalar_t* db = nullptr;                    // grad_bias, or nullptr
+  acc_t* partial = nullptr;                  // split-K: [slices][groups * M][N]
+  acc_t* partial_bias = nullptr;             // split-K with grad_bias: [slices][groups * M]
   int32_t m = 0, n = 0, k = 0, n_tiles = 1;  // per group
   int64_t a_group = 0, b_group = 0;
   SplitK split;
@@ -720,14 +720,19 @@ struct IgemmShape {
   SplitK split;
 };
 
+// Whether a dtype has the small tile: float only. With 64 threads the wider accumulators of
+// double and the conversions of half/bfloat16 made ptxas spill; they take the large tile.
+template <typename scalar_t>
+constexpr bool kHasSmallTile = std::is_same_v<scalar_t, float>;
+
 // Large tiles when they alone fill the GPU, else small ones; then split K over slices until
 // about two waves of blocks exist (when allowed and K is long enough).
-inline IgemmShape plan_igemm_shape(int64_t m, int64_t n, int64_t k, int64_t groups,
-                                   IgemmTile tile, bool allow_split, int64_t words_per_slice) {
+inline IgemmShape plan_igemm_shape(int64_t m, int64_t n, int64_t k, int64_t groups, IgemmTile tile,
+                                   bool allow_split, int64_t words_per_slice, bool has_small) {
   const int64_t sms = igemm_sm_count();
   auto tiles = [&](int64_t bm, int64_t bn) { return (m + bm - 1) / bm * ((n + bn - 1) / bn); };
   IgemmShape s;
-  s.large = tile == IgemmTile::kLarge ||
+  s.large = !has_small || tile == IgemmTile::kLarge ||
             (tile == IgemmTile::kAuto && tiles(IgemmLarge::kBM, IgemmLarge::kBN) * groups >= sms);
   const int64_t bm = s.large ? IgemmLarge::kBM : IgemmSmall::kBM;
   const int64_t bn = s.large ? IgemmLarge::kBN : IgemmSmall::kBN;
@@ -778,9 +783,9 @@ template <typename scalar_t>
 void launch_filter_to_krsc(const at::Tensor& w, scalar_t* out) {
   const int64_t numel = w.numel();
   const at::Tensor wc = w.contiguous();
-  CNNEXT_LAUNCH((conv2d_filter_to_krsc_kernel<scalar_t>), dim3(ceil_div(numel, 256)), dim3(256),
-                0, current_stream(), wc.const_data_ptr<scalar_t>(), out, numel,
-                FastDivmod(w.size(1)), FastDivmod(w.size(2) * w.size(3)));
+  CNNEXT_LAUNCH((conv2d_filter_to_krsc_kernel<scalar_t>), dim3(ceil_div(numel, 256)), dim3(256), 0,
+                current_stream(), wc.const_data_ptr<scalar_t>(), out, numel, FastDivmod(w.size(1)),
+                FastDivmod(w.size(2) * w.size(3)));
 }
 
 // Geometry too large for 32-bit GEMM indices (or a grid): the caller runs the naive kernels.
@@ -815,7 +820,8 @@ bool plan_fprop(const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
   const bool tap_major = plan->nhwc || !kcrs;
   plan->transform = tap_major && filter_needs_krsc(w);
   const bool is_float = std::is_same_v<scalar_t, float>;
-  plan->shape = plan_igemm_shape(m, cog, k, p.groups, tile, !plan->transform, m * p.c_out);
+  plan->shape = plan_igemm_shape(m, cog, k, p.groups, tile, !plan->transform, m * p.c_out,
+                                 kHasSmallTile<scalar_t>);
   if (plan->shape.n_tiles * p.groups > 65535) return false;
 
   FpropArgs<scalar_t>& a = plan->args;
@@ -831,8 +837,8 @@ bool plan_fprop(const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
   a.a.k.dh = static_cast<int32_t>(p.dh), a.a.k.dw = static_cast<int32_t>(p.dw);
   a.a.k.count = static_cast<int32_t>(k);
   a.a.h_lim = static_cast<int32_t>(p.h), a.a.w_lim = static_cast<int32_t>(p.w);
-  a.a.vec = is_float && plan->nhwc && cg % 4 == 0 && xs.c == 1 && xs.w % 4 == 0 &&
-            xs.h % 4 == 0 && xs.n % 4 == 0 && aligned16(a.a.ptr);
+  a.a.vec = is_float && plan->nhwc && cg % 4 == 0 && xs.c == 1 && xs.w % 4 == 0 && xs.h % 4 == 0 &&
+            xs.n % 4 == 0 && aligned16(a.a.ptr);
   a.a_group = cg * xs.c;
   a.b.ptr = w.const_data_ptr<scalar_t>();  // replaced by the KRSC copy when transformed
   a.b.k = LinearMap{0, 1, static_cast<int32_t>(k)};
@@ -877,26 +883,27 @@ void run_fprop(FpropPlan<scalar_t>& plan, const at::Tensor& w, const Workspace& 
   };
   using T = std::true_type;
   using F = std::false_type;
-  if (plan.shape.large) {
-    plan.nhwc ? launch(IgemmLarge{}, T{}) : launch(IgemmLarge{}, F{});
-  } else {
-    plan.nhwc ? launch(IgemmSmall{}, T{}) : launch(IgemmSmall{}, F{});
+  bool ran_small = false;
+  if constexpr (kHasSmallTile<scalar_t>) {
+    if (!plan.shape.large) {
+      plan.nhwc ? launch(IgemmSmall{}, T{}) : launch(IgemmSmall{}, F{});
+      ran_small = true;
+    }
   }
+  if (!ran_small) plan.nhwc ? launch(IgemmLarge{}, T{}) : launch(IgemmLarge{}, F{});
   if (a.split.slices > 1) {
     const int64_t numel = static_cast<int64_t>(a.m) * a.out_cols.count;
     CNNEXT_LAUNCH((conv2d_splitk_reduce_kernel<scalar_t, PixelMap, LinearMap, Epilogue>),
-                  dim3(ceil_div(numel, 256)), dim3(256), 0, stream, a.partial, a.split.slices,
-                  a.m, FastDivmod(a.out_cols.count), a.out_rows, a.out_cols, a.out,
-                  static_cast<const acc_t*>(nullptr), static_cast<scalar_t*>(nullptr), 0,
-                  epilogue);
+                  dim3(ceil_div(numel, 256)), dim3(256), 0, stream, a.partial, a.split.slices, a.m,
+                  FastDivmod(a.out_cols.count), a.out_rows, a.out_cols, a.out,
+                  static_cast<const acc_t*>(nullptr), static_cast<scalar_t*>(nullptr), 0, epilogue);
   }
 }
 
 // out = epilogue(conv(x, w)); returns false when the geometry needs the naive kernel.
 template <typename scalar_t, class Epilogue>
 bool conv2d_implicit_gemm_forward(const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
-                                  const at::Tensor& out, const Epilogue& epilogue,
-                                  IgemmTile tile) {
+                                  const at::Tensor& out, const Epilogue& epilogue, IgemmTile tile) {
   Workspace ws;
   FpropPlan<scalar_t> plan;
   if (!plan_fprop<scalar_t>(p, x, w, out, tile, &ws, &plan)) return false;
@@ -961,7 +968,8 @@ bool plan_dgrad(const Conv2dParams& p, const at::Tensor& dy, const at::Tensor& w
   const Strides4 ys = strides4(dy), xs = strides4(dx);
   // Phase extents differ by at most one row/column: plan the grid for the largest.
   const int64_t m_max = p.n * ((p.h + p.sh - 1) / p.sh) * ((p.w + p.sw - 1) / p.sw);
-  plan->shape = plan_igemm_shape(m_max * plan->phases, cg, cog * taps, p.groups, tile, false, 0);
+  plan->shape = plan_igemm_shape(m_max * plan->phases, cg, cog * taps, p.groups, tile, false, 0,
+                                 kHasSmallTile<scalar_t>);
   const int64_t bm = plan->shape.large ? IgemmLarge::kBM : IgemmSmall::kBM;
   plan->shape.m_tiles = (m_max + bm - 1) / bm;
   if (plan->shape.n_tiles * p.groups > 65535) return false;
@@ -983,8 +991,8 @@ bool plan_dgrad(const Conv2dParams& p, const at::Tensor& dy, const at::Tensor& w
   a.sh = static_cast<int32_t>(p.sh), a.sw = static_cast<int32_t>(p.sw);
   a.n_tiles = static_cast<int32_t>(plan->shape.n_tiles);
   a.div_c_out = FastDivmod(cog), a.div_sw = FastDivmod(p.sw);
-  a.vec_a = is_float && plan->nhwc && cog % 4 == 0 && ys.c == 1 && ys.w % 4 == 0 &&
-            ys.h % 4 == 0 && ys.n % 4 == 0 && aligned16(a.dy);
+  a.vec_a = is_float && plan->nhwc && cog % 4 == 0 && ys.c == 1 && ys.w % 4 == 0 && ys.h % 4 == 0 &&
+            ys.n % 4 == 0 && aligned16(a.dy);
   a.vec_b = is_float && cg % 4 == 0 && a.w_sc == 1 && a.w_sk % 4 == 0 && a.w_sr % 4 == 0 &&
             a.w_ss % 4 == 0 && (plan->transform || aligned16(a.w));
   return true;
@@ -1009,11 +1017,14 @@ void run_dgrad(DgradPlan<scalar_t>& plan, const at::Tensor& w, const Workspace& 
   };
   using T = std::true_type;
   using F = std::false_type;
-  if (plan.shape.large) {
-    plan.nhwc ? launch(IgemmLarge{}, T{}) : launch(IgemmLarge{}, F{});
-  } else {
-    plan.nhwc ? launch(IgemmSmall{}, T{}) : launch(IgemmSmall{}, F{});
+  bool ran_small = false;
+  if constexpr (kHasSmallTile<scalar_t>) {
+    if (!plan.shape.large) {
+      plan.nhwc ? launch(IgemmSmall{}, T{}) : launch(IgemmSmall{}, F{});
+      ran_small = true;
+    }
   }
+  if (!ran_small) plan.nhwc ? launch(IgemmLarge{}, T{}) : launch(IgemmLarge{}, F{});
 }
 
 // ---- wgrad ----
@@ -1038,7 +1049,8 @@ bool plan_wgrad(const Conv2dParams& p, const at::Tensor& dy, const at::Tensor& x
   if (!igemm_fits({kpos, nw, dy.numel(), x.numel(), dw.numel()})) return false;
   plan->nhwc = is_channels_last(dy) && is_channels_last(x);
   plan->groups = p.groups;
-  plan->shape = plan_igemm_shape(cog, nw, kpos, p.groups, tile, true, p.c_out * nw + p.c_out);
+  plan->shape = plan_igemm_shape(cog, nw, kpos, p.groups, tile, true, p.c_out * nw + p.c_out,
+                                 kHasSmallTile<scalar_t>);
   if (plan->shape.n_tiles * p.groups > 65535) return false;
   const Strides4 ys = strides4(dy), xs = strides4(x);
   const bool is_float = std::is_same_v<scalar_t, float>;
@@ -1049,8 +1061,8 @@ bool plan_wgrad(const Conv2dParams& p, const at::Tensor& dy, const at::Tensor& x
   a.a.k.div_cols = FastDivmod(p.w_out), a.a.k.div_rows = FastDivmod(p.h_out);
   a.a.k.sn = ys.n, a.a.k.sh = ys.h, a.a.k.sw = ys.w, a.a.k.count = static_cast<int32_t>(kpos);
   a.a.x = LinearMap{0, ys.c, static_cast<int32_t>(cog)};
-  a.a.vec = is_float && plan->nhwc && cog % 4 == 0 && ys.c == 1 && ys.w % 4 == 0 &&
-            ys.h % 4 == 0 && ys.n % 4 == 0 && aligned16(a.a.ptr);
+  a.a.vec = is_float && plan->nhwc && cog % 4 == 0 && ys.c == 1 && ys.w % 4 == 0 && ys.h % 4 == 0 &&
+            ys.n % 4 == 0 && aligned16(a.a.ptr);
   a.a_group = cog * ys.c;
   // B: input at the output pixel's receptive field, x = (tap, ci) or (ci, tap).
   a.b.ptr = x.const_data_ptr<scalar_t>();
@@ -1067,8 +1079,8 @@ bool plan_wgrad(const Conv2dParams& p, const at::Tensor& dy, const at::Tensor& x
   taps_in.count = static_cast<int32_t>(nw);
   a.b.x = taps_in;
   a.b.h_lim = static_cast<int32_t>(p.h), a.b.w_lim = static_cast<int32_t>(p.w);
-  a.b.vec = is_float && plan->nhwc && cg % 4 == 0 && xs.c == 1 && xs.w % 4 == 0 &&
-            xs.h % 4 == 0 && xs.n % 4 == 0 && aligned16(a.b.ptr);
+  a.b.vec = is_float && plan->nhwc && cg % 4 == 0 && xs.c == 1 && xs.w % 4 == 0 && xs.h % 4 == 0 &&
+            xs.n % 4 == 0 && aligned16(a.b.ptr);
   a.b_group = cg * xs.c;
   // grad_weight columns in its own (contiguous) layout, in the GEMM's column order.
   TapMap taps_out = taps_in;
@@ -1108,11 +1120,14 @@ void run_wgrad(WgradPlan<scalar_t>& plan, const Workspace& ws) {
   };
   using T = std::true_type;
   using F = std::false_type;
-  if (plan.shape.large) {
-    plan.nhwc ? launch(IgemmLarge{}, T{}) : launch(IgemmLarge{}, F{});
-  } else {
-    plan.nhwc ? launch(IgemmSmall{}, T{}) : launch(IgemmSmall{}, F{});
+  bool ran_small = false;
+  if constexpr (kHasSmallTile<scalar_t>) {
+    if (!plan.shape.large) {
+      plan.nhwc ? launch(IgemmSmall{}, T{}) : launch(IgemmSmall{}, F{});
+      ran_small = true;
+    }
   }
+  if (!ran_small) plan.nhwc ? launch(IgemmLarge{}, T{}) : launch(IgemmLarge{}, F{});
   if (a.split.slices > 1) {
     const int64_t height = static_cast<int64_t>(a.m) * plan.groups;
     const int64_t bias_count = a.db ? height : 0;
