@@ -464,10 +464,14 @@ struct DgradArgs {
   int32_t sh = 1, sw = 1, n_tiles = 1;
   FastDivmod div_c_out, div_sw;
   DgradAxis rows[kDgradMaxStride], cols[kDgradMaxStride];
+  FastDivmod div_taps[kDgradMaxStride * kDgradMaxStride];  // per phase: row taps * column taps
   bool vec_a = false, vec_b = false;
 };
 
-template <typename scalar_t, class Cfg, bool NHWC>
+// K order: (tap, co) with co fastest (NHWC grad_output and a channels_last filter: both read
+// along channels), or with TAPS_FASTEST (co, tap) (NCHW grad_output and a [C_out][C_in/g][R][S]
+// filter, whose taps of one (co, ci) are contiguous: read in place, no filter copy).
+template <typename scalar_t, class Cfg, bool NHWC, bool TAPS_FASTEST>
 __global__ void __launch_bounds__(Cfg::kThreads)
     conv2d_implicit_gemm_dgrad_kernel(const DgradArgs<scalar_t> args) {
   using acc_t = cuda_acc_t<scalar_t>;
@@ -491,7 +495,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   a.x.div_cols = ca.extent, a.x.div_rows = ra.extent;
   a.x.sn = args.dy_sn, a.x.sh = args.dy_sh, a.x.sw = args.dy_sw;
   a.x.org_h = ra.off0, a.x.org_w = ca.off0, a.x.count = m;
-  a.k.div_c = args.div_c_out, a.k.div_s = ca.taps, a.k.tap_major = true;
+  a.k.div_c = args.div_c_out, a.k.div_s = ca.taps, a.k.tap_major = !TAPS_FASTEST;
+  a.k.div_taps = args.div_taps[blockIdx.z];
   a.k.base = static_cast<int64_t>(grp) * args.c_out * args.dy_sc, a.k.sc = args.dy_sc;
   a.k.sr = -static_cast<int64_t>(ra.dstep) * args.dy_sh;
   a.k.ss = -static_cast<int64_t>(ca.dstep) * args.dy_sw;
@@ -500,7 +505,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // B: filter rows (co, r, s), c_in contiguous when w_sc == 1.
   Operand<scalar_t, TapMap, LinearMap> b;
   b.ptr = args.w;
-  b.k.div_c = args.div_c_out, b.k.div_s = ca.taps, b.k.tap_major = true;
+  b.k.div_c = args.div_c_out, b.k.div_s = ca.taps, b.k.tap_major = !TAPS_FASTEST;
+  b.k.div_taps = args.div_taps[blockIdx.z];
   b.k.base =
       static_cast<int64_t>(grp) * args.c_out * args.w_sk + ra.t0 * args.w_sr + ca.t0 * args.w_ss;
   b.k.sc = args.w_sk, b.k.sr = ra.step * args.w_sr, b.k.ss = ca.step * args.w_ss;
@@ -509,7 +515,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   b.vec = args.vec_b;
 
   TileLoader<scalar_t, Cfg::kBM, Cfg::kThreads, NHWC, false, decltype(a)> la(a, m0, tid);
-  TileLoader<scalar_t, Cfg::kBN, Cfg::kThreads, false, true, decltype(b)> lb(b, n0, tid);
+  TileLoader<scalar_t, Cfg::kBN, Cfg::kThreads, TAPS_FASTEST, true, decltype(b)> lb(b, n0, tid);
   const ThreadTile<Cfg> tt(tid);
   acc_t acc[8][8];
   CNNEXT_IGEMM_UNROLL
@@ -946,7 +952,7 @@ template <typename scalar_t>
 struct DgradPlan {
   DgradArgs<scalar_t> args;
   IgemmShape shape;
-  bool nhwc = false, transform = false;
+  bool nhwc = false, transform = false, taps_fastest = false;
   int64_t filter_at = -1;
   int64_t phases = 1;
 };
@@ -963,8 +969,14 @@ bool plan_dgrad(const Conv2dParams& p, const at::Tensor& dy, const at::Tensor& w
     return false;
   }
   plan->nhwc = is_channels_last(dy);
-  plan->transform = filter_needs_krsc(w);
+  plan->taps_fastest = !plan->nhwc && w.is_contiguous();
+  plan->transform = !plan->taps_fastest && filter_needs_krsc(w);
   plan->phases = p.sh * p.sw;
+  for (int64_t ph = 0; ph < p.sh; ++ph) {
+    for (int64_t pw = 0; pw < p.sw; ++pw) {
+      a.div_taps[ph * p.sw + pw] = FastDivmod(std::max(a.rows[ph].count * a.cols[pw].count, 1));
+    }
+  }
   const Strides4 ys = strides4(dy), xs = strides4(dx);
   // Phase extents differ by at most one row/column: plan the grid for the largest.
   const int64_t m_max = p.n * ((p.h + p.sh - 1) / p.sh) * ((p.w + p.sw - 1) / p.sw);
@@ -993,8 +1005,8 @@ bool plan_dgrad(const Conv2dParams& p, const at::Tensor& dy, const at::Tensor& w
   a.div_c_out = FastDivmod(cog), a.div_sw = FastDivmod(p.sw);
   a.vec_a = is_float && plan->nhwc && cog % 4 == 0 && ys.c == 1 && ys.w % 4 == 0 && ys.h % 4 == 0 &&
             ys.n % 4 == 0 && aligned16(a.dy);
-  a.vec_b = is_float && cg % 4 == 0 && a.w_sc == 1 && a.w_sk % 4 == 0 && a.w_sr % 4 == 0 &&
-            a.w_ss % 4 == 0 && (plan->transform || aligned16(a.w));
+  a.vec_b = is_float && !plan->taps_fastest && cg % 4 == 0 && a.w_sc == 1 && a.w_sk % 4 == 0 &&
+            a.w_sr % 4 == 0 && a.w_ss % 4 == 0 && (plan->transform || aligned16(a.w));
   return true;
 }
 
@@ -1009,22 +1021,32 @@ void run_dgrad(DgradPlan<scalar_t>& plan, const at::Tensor& w, const Workspace& 
   const dim3 grid(static_cast<unsigned>(plan.shape.m_tiles),
                   static_cast<unsigned>(plan.shape.n_tiles * (w.size(0) / a.c_out)),
                   static_cast<unsigned>(plan.phases));
-  auto launch = [&](auto cfg, auto nhwc) {
+  auto launch_order = [&](auto cfg, auto nhwc, auto taps_fastest) {
     using Cfg = decltype(cfg);
-    constexpr bool NHWC = decltype(nhwc)::value;
-    CNNEXT_LAUNCH((conv2d_implicit_gemm_dgrad_kernel<scalar_t, Cfg, NHWC>), grid,
+    constexpr bool NHWC = decltype(nhwc)::value, TF = decltype(taps_fastest)::value;
+    CNNEXT_LAUNCH((conv2d_implicit_gemm_dgrad_kernel<scalar_t, Cfg, NHWC, TF>), grid,
                   dim3(Cfg::kThreads), 0, current_stream(), a);
   };
   using T = std::true_type;
   using F = std::false_type;
+  // NHWC grad_output is read along channels (tap-major); NCHW along pixels, in either order.
+  auto launch = [&](auto cfg) {
+    if (plan.nhwc) {
+      launch_order(cfg, T{}, F{});
+    } else if (plan.taps_fastest) {
+      launch_order(cfg, F{}, T{});
+    } else {
+      launch_order(cfg, F{}, F{});
+    }
+  };
   bool ran_small = false;
   if constexpr (kHasSmallTile<scalar_t>) {
     if (!plan.shape.large) {
-      plan.nhwc ? launch(IgemmSmall{}, T{}) : launch(IgemmSmall{}, F{});
+      launch(IgemmSmall{});
       ran_small = true;
     }
   }
-  if (!ran_small) plan.nhwc ? launch(IgemmLarge{}, T{}) : launch(IgemmLarge{}, F{});
+  if (!ran_small) launch(IgemmLarge{});
 }
 
 // ---- wgrad ----
