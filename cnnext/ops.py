@@ -9,13 +9,7 @@ import torch
 
 from . import _backend
 from ._shapes import conv_output_size, pair
-from .autograd import (
-    AvgPool2dFunction,
-    Conv2dFunction,
-    ConvBNReLU2dFunction,
-    MaxPool2dFunction,
-    conv2d_forward,
-)
+from .autograd import ConvBNReLU2dFunction, conv2d_forward
 
 __all__ = [
     "avg_pool2d",
@@ -89,11 +83,8 @@ def max_pool2d(
     op = "cnnext.max_pool2d"
     k = pair(kernel_size, "kernel_size", op)
     args = (k, _stride(stride, k, op), pair(padding, "padding", op), pair(dilation, "dilation", op))
-    if _needs_autograd(input):
-        output, argmax = MaxPool2dFunction.apply(input, *args, ceil_mode)
-    else:  # inference: the op itself, without an autograd node
-        ns = _backend.ops_for(input)
-        output, argmax = ns.max_pool2d_with_argmax(input, *args, ceil_mode)
+    ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
+    output, argmax = ns.max_pool2d_with_argmax(input, *args, ceil_mode)
     return (output, argmax) if return_indices else output
 
 
@@ -121,9 +112,7 @@ def avg_pool2d(
     op = "cnnext.avg_pool2d"
     k = pair(kernel_size, "kernel_size", op)
     args = (k, _stride(stride, k, op), pair(padding, "padding", op), ceil_mode)
-    if _needs_autograd(input):
-        return AvgPool2dFunction.apply(input, *args, count_include_pad, divisor_override)
-    ns = _backend.ops_for(input)  # inference: no autograd node
+    ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
     return ns.avg_pool2d(input, *args, count_include_pad, divisor_override)
 
 
@@ -171,12 +160,8 @@ def conv2d(
         pair(dilation, "dilation", "cnnext.conv2d"),
         groups,
     )
-    if not _needs_autograd(input, weight, bias):
-        # Inference: the op itself, without an autograd node (a few microseconds, which count
-        # for the small first layers at batch 1).
-        ns = _backend.ops_for(input)
-        return conv2d_forward(ns, input, weight, bias, conf, algo, variant, _im2col_workspace_limit)
-    return Conv2dFunction.apply(input, weight, bias, *conf, algo, variant, _im2col_workspace_limit)
+    ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
+    return conv2d_forward(ns, input, weight, bias, conf, algo, variant, _im2col_workspace_limit)
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------
