@@ -1,5 +1,5 @@
 """The functional API: ``cnnext.ops.conv2d``, ``max_pool2d``, ``avg_pool2d``, ``conv_bn_relu``.
-Each is differentiable through the Functions in ``cnnext.autograd``."""
+Each is differentiable through its op's C++ autograd (see ``cnnext.autograd``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from . import _backend
 from ._shapes import conv_output_size, pair
-from .autograd import ConvBNReLU2dFunction, conv2d_forward
+from .autograd import conv2d_forward
 
 __all__ = [
     "avg_pool2d",
@@ -49,10 +49,6 @@ def _stride(stride: IntPair | None, kernel: tuple[int, int], op: str = "cnnext")
     if stride is None or (not isinstance(stride, int) and len(stride) == 0):
         return kernel
     return pair(stride, "stride", op)
-
-
-def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---- pooling ------------------------------------------------------------------------------------
@@ -244,28 +240,9 @@ def conv_bn_relu(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{torch.Size(sizes)}"
             )
-    if not training and not _needs_autograd(input, weight, conv_bias, bn_weight, bn_bias):
-        # Inference: the op itself, without an autograd node.
-        ns = _backend.ops_for(input)
-        return ns.conv_bn_relu(
-            input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, False, eps,
-            stride_, padding_, dilation_, groups, algo, _im2col_workspace_limit,
-        )[0]  # fmt: skip
-    return ConvBNReLU2dFunction.apply(
-        input,
-        weight,
-        conv_bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        training,
-        momentum,
-        eps,
-        stride_,
-        padding_,
-        dilation_,
-        groups,
-        algo,
-        _im2col_workspace_limit,
-    )
+    # Differentiable by its C++ autograd (cnnext.autograd); the op updates the running stats.
+    ns = _backend.ops_for(input)
+    return ns.conv_bn_relu(
+        input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
+        momentum, eps, stride_, padding_, dilation_, groups, algo, _im2col_workspace_limit,
+    )[0]  # fmt: skip

@@ -299,6 +299,132 @@ at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
                                      extra)[0];
 }
 
+// ---- fused conv + batch norm + ReLU (csrc/conv_bn_relu) -----------------------------------------
+
+using FusedOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using OptionalTensor = std::optional<at::Tensor>;
+using FusedSig = FusedOutputs(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                              const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                              const OptionalTensor&, bool, double, double, at::IntArrayRef,
+                              at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view, int64_t);
+using FusedBackwardSig = FusedOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, const OptionalTensor&,
+                                      const OptionalTensor&, const OptionalTensor&,
+                                      const at::Tensor&, const at::Tensor&, bool, at::IntArrayRef,
+                                      at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                                      int64_t, std::array<bool, 5>);
+
+const c10::TypedOperatorHandle<FusedSig>& fused_op() {
+  static const auto op = find_op<FusedSig>("conv_bn_relu");
+  return op;
+}
+
+bool given(const OptionalTensor& t) { return t.has_value() && t->defined(); }
+at::Tensor or_undefined(const OptionalTensor& t) { return given(t) ? *t : at::Tensor(); }
+
+// The output itself is not saved, so an inplace op on it (e.g. a following
+// nn.ReLU(inplace=True)) is harmless: training recomputes the ReLU mask from the saved
+// convolution output and statistics, eval reads it from a private copy of the output (as much
+// memory as eager's ReLU keeps; rerunning the folded convolution instead would cost a second
+// forward). Training saves the input only for the weight's gradient and the weight only for the
+// input's (a tensor not saved reaches the backward op as a placeholder of the right shape); eval
+// saves both. The running statistics are written by the op itself.
+class ConvBNReLU2dFunction : public torch::autograd::Function<ConvBNReLU2dFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& weight, const OptionalTensor& conv_bias,
+                               const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
+                               const OptionalTensor& running_mean,
+                               const OptionalTensor& running_var, bool training, double momentum,
+                               double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, c10::string_view algo,
+                               int64_t max_col_bytes) {
+    auto [output, save_mean, save_invstd, batch_var, conv_output] = call_below_autograd(
+        fused_op(), input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+        training, momentum, eps, stride, padding, dilation, groups, algo, max_col_bytes);
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({save_mean, save_invstd, batch_var, conv_output});
+    ctx->save_for_backward({training ? conv_output : output.clone(), save_mean, save_invstd,
+                            weight.requires_grad() || !training ? input : at::Tensor(),
+                            input.requires_grad() || !training ? weight : at::Tensor(),
+                            or_undefined(conv_bias), or_undefined(bn_weight),
+                            or_undefined(bn_bias)});
+    auto& saved = ctx->saved_data;
+    saved["input_size"] = vec(input.sizes());
+    saved["weight_size"] = vec(weight.sizes());
+    saved["output_stride"] = vec(output.strides());
+    saved["training"] = training;
+    saved["stride"] = vec(stride);
+    saved["padding"] = vec(padding);
+    saved["dilation"] = vec(dilation);
+    saved["groups"] = groups;
+    saved["algo"] = std::string(algo);
+    saved["max_col_bytes"] = max_col_bytes;
+    return {output, save_mean, save_invstd, batch_var, conv_output};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(16);
+    if (!grads[0].defined()) return result;
+    static const auto op = find_op<FusedBackwardSig>("conv_bn_relu_backward");
+    auto& saved = ctx->saved_data;
+    const variable_list t = ctx->get_saved_variables();
+    const at::Tensor grad = like_output(grads[0], saved["output_stride"].toIntVector());
+    // Autograd edges are numbered over the tensor arguments given: input, weight, then the
+    // optional ones that were passed.
+    std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), false, false,
+                                false};
+    size_t edge = 2;
+    for (int i = 0; i < 3; ++i) {
+      if (t[5 + i].defined()) mask[2 + i] = ctx->needs_input_grad(edge++);
+    }
+    const at::Tensor input =
+        t[3].defined() ? t[3] : placeholder(grad, saved["input_size"].toIntVector());
+    const at::Tensor weight =
+        t[4].defined() ? t[4] : placeholder(grad, saved["weight_size"].toIntVector());
+    auto grads_out = call_backward(op, grad, t[0], input, weight, t[5], t[6], t[7], t[1], t[2],
+                                   saved["training"].toBool(), saved["stride"].toIntVector(),
+                                   saved["padding"].toIntVector(), saved["dilation"].toIntVector(),
+                                   saved["groups"].toInt(), saved["algo"].toStringView(),
+                                   saved["max_col_bytes"].toInt(), mask);
+    const std::array<at::Tensor, 5> all = {std::get<0>(grads_out), std::get<1>(grads_out),
+                                           std::get<2>(grads_out), std::get<3>(grads_out),
+                                           std::get<4>(grads_out)};
+    for (int i = 0; i < 5; ++i) {
+      if (mask[i]) result[i] = all[i];
+    }
+    return result;
+  }
+};
+
+FusedOutputs conv_bn_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                   const OptionalTensor& conv_bias, const OptionalTensor& bn_weight,
+                                   const OptionalTensor& bn_bias,
+                                   const OptionalTensor& running_mean,
+                                   const OptionalTensor& running_var, bool training,
+                                   double momentum, double eps, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t groups, c10::string_view algo, int64_t max_col_bytes) {
+  FusedOutputs out;
+  if (!wants_grad(input, weight, conv_bias, bn_weight, bn_bias)) {
+    out = call_below_autograd(fused_op(), input, weight, conv_bias, bn_weight, bn_bias,
+                              running_mean, running_var, training, momentum, eps, stride, padding,
+                              dilation, groups, algo, max_col_bytes);
+  } else {
+    const variable_list v = ConvBNReLU2dFunction::apply(
+        input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+        eps, stride, padding, dilation, groups, algo, max_col_bytes);
+    out = {v[0], v[1], v[2], v[3], v[4]};
+  }
+  // The op wrote the running statistics below autograd, where no version counter moves; bump
+  // them as an inplace op would (torch's batch norm does), so stale saved copies are caught.
+  if (training) {
+    if (given(running_mean)) torch::autograd::impl::bump_version(*running_mean);
+    if (given(running_var)) torch::autograd::impl::bump_version(*running_var);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace cnnext
 
@@ -307,4 +433,5 @@ CNNEXT_LIBRARY_IMPL_EXPAND(CNNEXT_NS, Autograd, m) {
   m.impl("avg_pool2d", &cnnext::avg_pool2d_autograd);
   m.impl("conv2d_direct", &cnnext::conv2d_autograd<cnnext::DirectConv>);
   m.impl("conv2d_im2col", &cnnext::conv2d_autograd<cnnext::Im2colConv>);
+  m.impl("conv_bn_relu", &cnnext::conv_bn_relu_autograd);
 }

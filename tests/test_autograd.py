@@ -41,6 +41,22 @@ def _calls(
             lambda: F.conv2d(x, w, b, 1, 1),
             (x, w, b),
         )
+    gamma = torch.rand_like(b).add(0.5).requires_grad_(b.requires_grad)
+    beta = torch.randn_like(b).requires_grad_(b.requires_grad)
+    mean, var = torch.randn_like(b).detach(), torch.rand_like(b).add(0.5).detach()
+    for training in (True, False):
+        yield (
+            "ConvBNReLU2dFunction",
+            lambda training=training: cnnext.ops.conv_bn_relu(
+                x, w, b, gamma, beta, mean.clone(), var.clone(), training, padding=1
+            ),
+            lambda training=training: F.relu(
+                F.batch_norm(
+                    F.conv2d(x, w, b, 1, 1), mean.clone(), var.clone(), gamma, beta, training
+                )
+            ),
+            (x, w, b, gamma, beta),
+        )
 
 
 def _leaves(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,3 +131,26 @@ def test_no_node_without_grad(device: str) -> None:
             assert ours().grad_fn is None
     for _, ours, _, _ in _calls(x.detach(), w.detach(), b.detach()):
         assert ours().grad_fn is None
+
+
+def test_fused_op_updates_running_stats(device: str) -> None:
+    """The fused op itself writes the running statistics in training, exactly as F.batch_norm
+    (unbiased variance, momentum, strided buffers), bumping their version counters; eval and an
+    empty batch leave them alone."""
+    lib = cnnext._backend.ops_for(torch.empty(0, device=device))
+    x = torch.randn(3, 3, 6, 5, device=device, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, device=device, dtype=torch.float64)
+    conf = ([1, 1], [1, 1], [1, 1], 1)
+    store = torch.randn(4, 2, device=device, dtype=torch.float64)
+    mean, var = store[:, 0], store[:, 1].abs().add_(0.5)  # views with stride 2
+    want_mean, want_var = mean.clone(), var.clone()
+    F.batch_norm(F.conv2d(x, w, padding=1), want_mean, want_var, None, None, True, 0.3, 1e-5)
+    versions = mean._version, var._version
+    lib.conv_bn_relu(x, w, None, None, None, mean, var, True, 0.3, 1e-5, *conf)
+    torch.testing.assert_close(mean, want_mean)
+    torch.testing.assert_close(var, want_var)
+    assert mean._version > versions[0] and var._version > versions[1]
+    before = mean.clone(), var.clone()
+    lib.conv_bn_relu(x, w, None, None, None, mean, var, False, 0.3, 1e-5, *conf)
+    lib.conv_bn_relu(x[:0], w, None, None, None, mean, var, True, 0.3, 1e-5, *conf)
+    assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
