@@ -163,6 +163,7 @@ def _conv_bn_relu_fake(
     running_mean,
     running_var,
     training,
+    momentum,
     eps,
     stride,
     padding,

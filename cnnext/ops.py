@@ -1,5 +1,5 @@
 """The functional API: ``cnnext.ops.conv2d``, ``max_pool2d``, ``avg_pool2d``, ``conv_bn_relu``.
-Each is differentiable through the Functions in ``cnnext.autograd``."""
+Each is differentiable through its op's C++ autograd (see ``cnnext.autograd``)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ import torch
 
 from . import _backend
 from ._shapes import conv_output_size, pair
-from .autograd import (
-    AvgPool2dFunction,
-    Conv2dFunction,
-    ConvBNReLU2dFunction,
-    MaxPool2dFunction,
-    conv2d_forward,
-)
+from .autograd import conv2d_forward
 
 __all__ = [
     "avg_pool2d",
@@ -64,10 +58,6 @@ def _stride(stride: IntPair | None, kernel: tuple[int, int], op: str = "cnnext")
     return pair(stride, "stride", op)
 
 
-def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 # ---- pooling ------------------------------------------------------------------------------------
 
 
@@ -96,11 +86,8 @@ def max_pool2d(
     op = "cnnext.max_pool2d"
     k = pair(kernel_size, "kernel_size", op)
     args = (k, _stride(stride, k, op), pair(padding, "padding", op), pair(dilation, "dilation", op))
-    if _needs_autograd(input):
-        output, argmax = MaxPool2dFunction.apply(input, *args, ceil_mode)
-    else:  # inference: the op itself, without an autograd node
-        ns = _backend.ops_for(input)
-        output, argmax = ns.max_pool2d_with_argmax(input, *args, ceil_mode)
+    ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
+    output, argmax = ns.max_pool2d_with_argmax(input, *args, ceil_mode)
     return (output, argmax) if return_indices else output
 
 
@@ -128,9 +115,7 @@ def avg_pool2d(
     op = "cnnext.avg_pool2d"
     k = pair(kernel_size, "kernel_size", op)
     args = (k, _stride(stride, k, op), pair(padding, "padding", op), ceil_mode)
-    if _needs_autograd(input):
-        return AvgPool2dFunction.apply(input, *args, count_include_pad, divisor_override)
-    ns = _backend.ops_for(input)  # inference: no autograd node
+    ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
     return ns.avg_pool2d(input, *args, count_include_pad, divisor_override)
 
 
@@ -180,12 +165,8 @@ def conv2d(
         pair(dilation, "dilation", "cnnext.conv2d"),
         groups,
     )
-    if not _needs_autograd(input, weight, bias):
-        # Inference: the op itself, without an autograd node (a few microseconds, which count
-        # for the small first layers at batch 1).
-        ns = _backend.ops_for(input)
-        return conv2d_forward(ns, input, weight, bias, conf, algo, variant, _im2col_workspace_limit)
-    return Conv2dFunction.apply(input, weight, bias, *conf, algo, variant, _im2col_workspace_limit)
+    ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
+    return conv2d_forward(ns, input, weight, bias, conf, algo, variant, _im2col_workspace_limit)
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------
@@ -268,28 +249,9 @@ def conv_bn_relu(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{torch.Size(sizes)}"
             )
-    if not training and not _needs_autograd(input, weight, conv_bias, bn_weight, bn_bias):
-        # Inference: the op itself, without an autograd node.
-        ns = _backend.ops_for(input)
-        return ns.conv_bn_relu(
-            input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, False, eps,
-            stride_, padding_, dilation_, groups, algo, _im2col_workspace_limit,
-        )[0]  # fmt: skip
-    return ConvBNReLU2dFunction.apply(
-        input,
-        weight,
-        conv_bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        training,
-        momentum,
-        eps,
-        stride_,
-        padding_,
-        dilation_,
-        groups,
-        algo,
-        _im2col_workspace_limit,
-    )
+    # Differentiable by its C++ autograd (cnnext.autograd); the op updates the running stats.
+    ns = _backend.ops_for(input)
+    return ns.conv_bn_relu(
+        input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
+        momentum, eps, stride_, padding_, dilation_, groups, algo, _im2col_workspace_limit,
+    )[0]  # fmt: skip

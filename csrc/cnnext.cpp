@@ -45,24 +45,25 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
       "-> (Tensor, Tensor, Tensor)");
 
   // ---- fused conv + batch norm + ReLU (csrc/conv_bn_relu) ----
-  // Functional: the running statistics are read (eval) but never written; training returns the
-  // batch statistics and cnnext.autograd updates the running ones. training=True: save_mean and
-  // save_invstd = 1 / sqrt(biased var + eps) of the batch, batch_var its unbiased variance (for
-  // running_var), conv_output the pre-normalisation activation kept for backward. training=False:
-  // BatchNorm folded into the convolution (bias + ReLU epilogue); save_mean = running_mean,
-  // save_invstd from running_var, batch_var and conv_output empty. The saved statistics are
-  // float for half / bfloat16 input, else the input's dtype.
+  // training=True: normalises with the batch statistics and updates the given running ones in
+  // place as nn.BatchNorm2d does (running = (1 - momentum) * running + momentum * batch, with the
+  // unbiased variance; an empty batch leaves them as they are); save_mean and save_invstd =
+  // 1 / sqrt(biased var + eps) of the batch, batch_var its unbiased variance, conv_output the
+  // pre-normalisation activation kept for backward. training=False: BatchNorm folded into the
+  // convolution (bias + ReLU epilogue), the running statistics only read; save_mean =
+  // running_mean, save_invstd from running_var, batch_var and conv_output empty. The saved
+  // statistics are float for half / bfloat16 input, else the input's dtype.
   m.def(
       "conv_bn_relu(Tensor input, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, "
-      "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, bool training, float eps, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, str algo=\"auto\", "
-      "int max_col_bytes=67108864) -> (Tensor output, Tensor save_mean, Tensor save_invstd, "
-      "Tensor batch_var, Tensor conv_output)");
+      "Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, "
+      "float momentum, float eps, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "str algo=\"auto\", int max_col_bytes=67108864) -> (Tensor output, Tensor save_mean, "
+      "Tensor save_invstd, Tensor batch_var, Tensor conv_output)");
   // output_mask: input, weight, conv_bias, bn_weight, bn_bias. Masked-off gradients are empty.
   // The ReLU mask never comes from the forward output itself (which callers may modify in place,
   // e.g. an inplace ReLU after it): training recomputes it from conv_output and the saved
   // statistics; eval reads it from conv_output when that holds a copy of the forward output
-  // (cnnext.autograd saves one), else reruns the folded convolution (conv_output empty).
+  // (its autograd saves one), else reruns the folded convolution (conv_output empty).
   m.def(
       "conv_bn_relu_backward(Tensor grad_output, Tensor conv_output, Tensor input, "
       "Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor save_mean, "

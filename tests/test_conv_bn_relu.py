@@ -347,7 +347,7 @@ def test_one_value_per_channel_in_training(device: str) -> None:
     w = fused.conv.weight.detach()
     with pytest.raises(RuntimeError, match="cnnext::conv_bn_relu: Expected more than 1 value"):
         cnnext._backend.lib(cnnext.emulating()).conv_bn_relu(
-            x, w, None, None, None, None, None, True, 1e-5, [1, 1], [0, 0], [1, 1], 1
+            x, w, None, None, None, None, None, True, 0.1, 1e-5, [1, 1], [0, 0], [1, 1], 1
         )
 
 
@@ -397,7 +397,7 @@ def test_opcheck(ns: str, algo: str) -> None:
     for training in (True, False):
         x, w, (b, gamma, beta, rm, rv_), conf = _op_args(case, training)
         rm, rv = rm.clone(), rv_.clone()
-        args = (x, w, b, gamma, beta, rm, rv, training, 1e-5, *conf, algo, 1 << 20)
+        args = (x, w, b, gamma, beta, rm, rv, training, 0.1, 1e-5, *conf, algo, 1 << 20)
         torch.library.opcheck(lib.conv_bn_relu, args)
         output, mean, invstd, _, conv_output = lib.conv_bn_relu(*args)
         grad = torch.randn_like(output)
@@ -416,7 +416,7 @@ def test_opcheck(ns: str, algo: str) -> None:
     x, w, (_, _, _, rm, rv), conf = _op_args(CASES[0], True)
     x = x.contiguous(memory_format=torch.channels_last)
     for training in (True, False):
-        args = (x, w, None, None, None, rm, rv, training, 1e-3, *conf, algo, 1 << 20)
+        args = (x, w, None, None, None, rm, rv, training, 0.2, 1e-3, *conf, algo, 1 << 20)
         torch.library.opcheck(lib.conv_bn_relu, args)
 
 
@@ -625,9 +625,9 @@ def test_bad_op_arguments() -> None:
         x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
         conf = ([1, 1], [0, 0], [1, 1], 1)
         with pytest.raises(RuntimeError, match="cnnext::conv_bn_relu: expected algo to be"):
-            lib.conv_bn_relu(x, w, None, None, None, None, None, True, 1e-5, *conf, "fft")
-        y, mean, invstd, _, z = lib.conv_bn_relu(x, w, None, None, None, None, None, True, 1e-5,
-                                                 *conf)  # fmt: skip
+            lib.conv_bn_relu(x, w, None, None, None, None, None, True, 0.1, 1e-5, *conf, "fft")
+        y, mean, invstd, _, z = lib.conv_bn_relu(x, w, None, None, None, None, None, True, 0.1,
+                                                 1e-5, *conf)  # fmt: skip
         mask = [True] * 5
         v3 = torch.ones(3)
         bad = [
@@ -661,7 +661,7 @@ def test_eval_backward_mask_from_output_copy(device: str, algo: str, layout: str
         if nan:
             x[1, 2, 3, 3] = float("nan")
         y, mean, invstd, _, empty = lib.conv_bn_relu(
-            x, w, b, gamma, beta, rm, rv, False, 1e-5, *conf, algo, 1 << 20
+            x, w, b, gamma, beta, rm, rv, False, 0.1, 1e-5, *conf, algo, 1 << 20
         )
         assert empty.numel() == 0 and (y == 0).any() and (y > 0).any()
         assert y.isnan().any() == nan

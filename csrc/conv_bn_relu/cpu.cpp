@@ -456,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    bool training, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    bool training, double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view algo_name, int64_t max_col_bytes) {
   const Conv2dParams p = fused::check_forward(
       kForwardOp, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
@@ -502,15 +502,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
         channel_moments<scalar_t, acc_t>(d, z.const_data_ptr<scalar_t>());
     scalar_t* mean = save_mean.mutable_data_ptr<scalar_t>();
     scalar_t* invstd = save_invstd.mutable_data_ptr<scalar_t>();
+    // nn.BatchNorm2d's running update, in acc_t as torch's CPU batch norm; strided, as a buffer
+    // may be a view.
+    const acc_t mom = static_cast<acc_t>(momentum);
+    const auto update = [&](const std::optional<at::Tensor>& running, int64_t c, acc_t batch) {
+      if (!given(running)) return;
+      scalar_t& r = running->mutable_data_ptr<scalar_t>()[c * running->stride(0)];
+      r = static_cast<scalar_t>(mom * batch + (acc_t(1) - mom) * acc_t(r));
+    };
     for (int64_t c = 0; c < p.c_out; ++c) {
-      // An empty batch has no statistics: mean 0 and variance 0 (its running stats are not
-      // updated; see cnnext.autograd).
+      // An empty batch has no statistics: mean 0 and variance 0, running ones left as they are.
       const Moments<acc_t>& m = moments[c];
       const acc_t var = m.count > 0 ? m.m2 / m.count : acc_t(0);
+      const acc_t unbiased = m.count > 1 ? m.m2 / (m.count - 1) : acc_t(0);
       mean[c] = static_cast<scalar_t>(m.mean);
       invstd[c] = static_cast<scalar_t>(acc_t(1) / std::sqrt(var + acc_t(eps)));
-      batch_var.mutable_data_ptr<scalar_t>()[c] =
-          static_cast<scalar_t>(m.count > 1 ? m.m2 / (m.count - 1) : acc_t(0));
+      batch_var.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(unbiased);
+      if (m.count > 0) {
+        update(running_mean, c, m.mean);
+        update(running_var, c, unbiased);
+      }
     }
     std::vector<scalar_t> a(p.c_out), b(p.c_out);
     affine_coefficients<scalar_t>(p.c_out, ptr_or_null<scalar_t>(bn_weight),
@@ -522,8 +533,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
 }
 
 // Training: `input` is read only for the weight's gradient and `weight` only for the input's;
-// otherwise they may be placeholders of the right shape (see
-// cnnext.autograd.ConvBNReLU2dFunction). Eval reads both, and takes the ReLU mask from
+// otherwise they may be placeholders of the right shape (see ConvBNReLU2dFunction in
+// csrc/autograd.cpp). Eval reads both, and takes the ReLU mask from
 // conv_output (a copy of the forward output) or, when that is empty, reruns the folded convolution.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& conv_output, const at::Tensor& input,

@@ -309,6 +309,28 @@ __global__ void stats_finalize_kernel(const cuda_acc_t<scalar_t>* __restrict__ p
   affine_coefficients(gamma, beta, mean, invstd, c, &coef[c], &coef[g.c + c]);
 }
 
+// nn.BatchNorm2d's running update from the batch mean and unbiased variance, in acc_t as torch's
+// CUDA batch norm; thread = channel. Null running pointers are skipped; strided, as a buffer may
+// be a view.
+template <typename scalar_t>
+__global__ void running_stats_kernel(const cuda_acc_t<scalar_t>* __restrict__ mean,
+                                     const cuda_acc_t<scalar_t>* __restrict__ var,
+                                     scalar_t* running_mean, int64_t mean_stride,
+                                     scalar_t* running_var, int64_t var_stride,
+                                     cuda_acc_t<scalar_t> momentum, int64_t c_out) {
+  using acc_t = cuda_acc_t<scalar_t>;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= c_out) return;
+  if (running_mean != nullptr) {
+    scalar_t& r = running_mean[c * mean_stride];
+    r = static_cast<scalar_t>(momentum * mean[c] + (acc_t(1) - momentum) * acc_t(r));
+  }
+  if (running_var != nullptr) {
+    scalar_t& r = running_var[c * var_stride];
+    r = static_cast<scalar_t>(momentum * var[c] + (acc_t(1) - momentum) * acc_t(r));
+  }
+}
+
 // y = max(0, z * a[c] + b[c]); thread = element of the dense tensor.
 template <typename scalar_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ z,
@@ -483,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    bool training, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    bool training, double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view algo_name, int64_t max_col_bytes) {
   const Conv2dParams p = fused::check_forward(
       kForwardOp, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
@@ -554,13 +576,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
                         z.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(),
                         output.mutable_data_ptr<scalar_t>(), total, p.c_out, g.sc);
         }
+        // An empty batch has no statistics: the running ones stay as they are.
+        if (total > 0 && (given(running_mean) || given(running_var))) {
+          const auto running = [](const std::optional<at::Tensor>& t) {
+            return given(t) ? t->mutable_data_ptr<scalar_t>() : nullptr;
+          };
+          const auto stride_of = [](const std::optional<at::Tensor>& t) {
+            return given(t) ? t->stride(0) : int64_t(0);
+          };
+          CNNEXT_LAUNCH((running_stats_kernel<scalar_t>), dim3(channel_blocks(p.c_out)),
+                        dim3(kThreads), 0, stream, save_mean.const_data_ptr<acc_t>(),
+                        batch_var.const_data_ptr<acc_t>(), running(running_mean),
+                        stride_of(running_mean), running(running_var), stride_of(running_var),
+                        static_cast<acc_t>(momentum), p.c_out);
+        }
       });
   return {output, save_mean, save_invstd, batch_var, z};
 }
 
 // Training: `input` is read only for the weight's gradient and `weight` only for the input's;
-// otherwise they may be placeholders of the right shape (see
-// cnnext.autograd.ConvBNReLU2dFunction). Eval reads both, and takes the ReLU mask from
+// otherwise they may be placeholders of the right shape (see ConvBNReLU2dFunction in
+// csrc/autograd.cpp). Eval reads both, and takes the ReLU mask from
 // conv_output (a copy of the forward output) or, when that is empty, reruns the folded convolution.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& conv_output, const at::Tensor& input,

@@ -1,0 +1,156 @@
+"""The C++ autograd of each op family (csrc/autograd.cpp): the node a differentiable call
+records, that neither forward nor backward re-enters Python, which gradients a backward pass
+computes, and calls that must record nothing. Gradient values are held against torch in each
+family's own test file."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import cnnext
+
+CNNEXT_DIR = cnnext.__file__.rsplit("/", 1)[0]
+
+
+def _calls(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor
+) -> Iterator[tuple[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor], tuple]]:
+    """(family, cnnext call, torch call, leaves) for every differentiable family."""
+    yield (
+        "MaxPool2dFunction",
+        lambda: cnnext.ops.max_pool2d(x, 3, 2, 1),
+        lambda: F.max_pool2d(x, 3, 2, 1),
+        (x,),
+    )
+    yield (
+        "AvgPool2dFunction",
+        lambda: cnnext.ops.avg_pool2d(x, 3, 2, 1),
+        lambda: F.avg_pool2d(x, 3, 2, 1),
+        (x,),
+    )
+    for algo in ("direct", "im2col"):
+        yield (
+            "Conv2dFunction",
+            lambda algo=algo: cnnext.ops.conv2d(x, w, b, 1, 1, algo=algo),
+            lambda: F.conv2d(x, w, b, 1, 1),
+            (x, w, b),
+        )
+    gamma = torch.rand_like(b).add(0.5).requires_grad_(b.requires_grad)
+    beta = torch.randn_like(b).requires_grad_(b.requires_grad)
+    mean, var = torch.randn_like(b).detach(), torch.rand_like(b).add(0.5).detach()
+    for training in (True, False):
+        yield (
+            "ConvBNReLU2dFunction",
+            lambda training=training: cnnext.ops.conv_bn_relu(
+                x, w, b, gamma, beta, mean.clone(), var.clone(), training, padding=1
+            ),
+            lambda training=training: F.relu(
+                F.batch_norm(
+                    F.conv2d(x, w, b, 1, 1), mean.clone(), var.clone(), gamma, beta, training
+                )
+            ),
+            (x, w, b, gamma, beta),
+        )
+
+
+def _leaves(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 6, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, device=device, dtype=torch.float64, requires_grad=True)
+    return x, w, b
+
+
+def test_one_cpp_node_per_family(device: str) -> None:
+    """A differentiable call records one C++ node of its family's Function, also in the
+    emulator's namespace."""
+    for family, ours, _, _ in _calls(*_leaves(device)):
+        node = ours().grad_fn
+        assert node is not None and "CppNode" in node.name() and family in node.name(), (
+            family,
+            node.name() if node is not None else None,
+        )
+
+
+class _PythonCalls:
+    """Records calls of Python functions defined in the cnnext package."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(CNNEXT_DIR):
+            self.seen.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    def __enter__(self) -> _PythonCalls:
+        sys.setprofile(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setprofile(None)
+
+
+def test_backward_never_enters_python(device: str) -> None:
+    """Backward runs no cnnext Python code (the Python autograd.Functions are gone), and the
+    gradients match torch's."""
+    for family, ours, theirs, leaves in _calls(*_leaves(device)):
+        out = ours()
+        grad = torch.randn_like(out)
+        with _PythonCalls() as calls:
+            got = torch.autograd.grad(out, leaves, grad)
+        assert calls.seen == [], (family, calls.seen)
+        want = torch.autograd.grad(theirs(), leaves, grad)
+        for g, e in zip(got, want, strict=True):
+            torch.testing.assert_close(g, e)
+
+
+def test_backward_computes_what_is_asked(device: str) -> None:
+    """torch.autograd.grad for one leaf gets that gradient alone (the backward op's output_mask
+    follows the pass, not just requires_grad), equal to the full pass's."""
+    x, w, b = _leaves(device)
+    for algo in ("direct", "im2col"):
+        out = cnnext.ops.conv2d(x, w, b, 1, 1, algo=algo)
+        grad = torch.randn_like(out)
+        full = torch.autograd.grad(out, (x, w, b), grad, retain_graph=True)
+        for i, leaf in enumerate((x, w, b)):
+            (alone,) = torch.autograd.grad(out, leaf, grad, retain_graph=True)
+            torch.testing.assert_close(alone, full[i])
+
+
+def test_no_node_without_grad(device: str) -> None:
+    """Under no_grad, or with no input requiring a gradient, a call records nothing."""
+    x, w, b = _leaves(device)
+    with torch.no_grad():
+        for _, ours, _, _ in _calls(x, w, b):
+            assert ours().grad_fn is None
+    for _, ours, _, _ in _calls(x.detach(), w.detach(), b.detach()):
+        assert ours().grad_fn is None
+
+
+def test_fused_op_updates_running_stats(device: str) -> None:
+    """The fused op itself writes the running statistics in training, exactly as F.batch_norm
+    (unbiased variance, momentum, strided buffers), bumping their version counters; eval and an
+    empty batch leave them alone."""
+    lib = cnnext._backend.ops_for(torch.empty(0, device=device))
+    x = torch.randn(3, 3, 6, 5, device=device, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, device=device, dtype=torch.float64)
+    conf = ([1, 1], [1, 1], [1, 1], 1)
+    store = torch.randn(4, 2, device=device, dtype=torch.float64)
+    mean, var = store[:, 0], store[:, 1].abs().add_(0.5)  # views with stride 2
+    want_mean, want_var = mean.clone(), var.clone()
+    F.batch_norm(F.conv2d(x, w, padding=1), want_mean, want_var, None, None, True, 0.3, 1e-5)
+    versions = mean._version, var._version
+    lib.conv_bn_relu(x, w, None, None, None, mean, var, True, 0.3, 1e-5, *conf)
+    torch.testing.assert_close(mean, want_mean)
+    torch.testing.assert_close(var, want_var)
+    assert mean._version > versions[0] and var._version > versions[1]
+    before = mean.clone(), var.clone()
+    lib.conv_bn_relu(x, w, None, None, None, mean, var, False, 0.3, 1e-5, *conf)
+    lib.conv_bn_relu(x[:0], w, None, None, None, mean, var, True, 0.3, 1e-5, *conf)
+    assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
