@@ -815,7 +815,8 @@ struct FpropPlan {
 // x and out dense (NCHW or channels_last), weight dense in either layout.
 template <typename scalar_t>
 bool plan_fprop(const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
-                const at::Tensor& out, IgemmTile tile, Workspace* ws, FpropPlan<scalar_t>* plan) {
+                const at::Tensor& out, IgemmTile tile, bool allow_split, Workspace* ws,
+                FpropPlan<scalar_t>* plan) {
   using acc_t = cuda_acc_t<scalar_t>;
   const int64_t cg = p.c_in_per_group(), cog = p.c_out_per_group(), taps = p.kh * p.kw;
   const int64_t m = p.n * p.h_out * p.w_out, k = cg * taps;
@@ -826,8 +827,8 @@ bool plan_fprop(const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
   const bool tap_major = plan->nhwc || !kcrs;
   plan->transform = tap_major && filter_needs_krsc(w);
   const bool is_float = std::is_same_v<scalar_t, float>;
-  plan->shape = plan_igemm_shape(m, cog, k, p.groups, tile, !plan->transform, m * p.c_out,
-                                 kHasSmallTile<scalar_t>);
+  plan->shape = plan_igemm_shape(m, cog, k, p.groups, tile, allow_split && !plan->transform,
+                                 m * p.c_out, kHasSmallTile<scalar_t>);
   if (plan->shape.n_tiles * p.groups > 65535) return false;
 
   FpropArgs<scalar_t>& a = plan->args;
@@ -907,12 +908,14 @@ void run_fprop(FpropPlan<scalar_t>& plan, const at::Tensor& w, const Workspace& 
 }
 
 // out = epilogue(conv(x, w)); returns false when the geometry needs the naive kernel.
+// allow_split: split-K (its reduction is a second launch) may be used.
 template <typename scalar_t, class Epilogue>
 bool conv2d_implicit_gemm_forward(const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
-                                  const at::Tensor& out, const Epilogue& epilogue, IgemmTile tile) {
+                                  const at::Tensor& out, const Epilogue& epilogue, IgemmTile tile,
+                                  bool allow_split = true) {
   Workspace ws;
   FpropPlan<scalar_t> plan;
-  if (!plan_fprop<scalar_t>(p, x, w, out, tile, &ws, &plan)) return false;
+  if (!plan_fprop<scalar_t>(p, x, w, out, tile, allow_split, &ws, &plan)) return false;
   ws.allocate(x);
   run_fprop<scalar_t>(plan, w, ws, epilogue);
   return true;

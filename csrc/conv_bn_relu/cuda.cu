@@ -234,17 +234,6 @@ __device__ __forceinline__ scalar_t normalized_relu(scalar_t z, cuda_acc_t<scala
   return static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
 }
 
-// Thread = channel: the affine coefficients coef = (a, b) from the saved statistics.
-template <typename scalar_t>
-__global__ void affine_kernel(const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
-                              const cuda_acc_t<scalar_t>* __restrict__ mean,
-                              const cuda_acc_t<scalar_t>* __restrict__ invstd,
-                              cuda_acc_t<scalar_t>* __restrict__ coef, int64_t channels) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  affine_coefficients(gamma, beta, mean[c], invstd[c], c, &coef[c], &coef[channels + c]);
-}
-
 // Block (channel, slice): each thread runs Welford over positions tid, tid + 128, ... of the
 // slice; a fixed tree merges the threads. partial[block] = (count, mean, m2).
 template <typename scalar_t>
@@ -281,57 +270,85 @@ __global__ void stats_partial_kernel(const scalar_t* __restrict__ z,
   }
 }
 
-// Thread = channel: merges its slices in order; writes mean, invstd = 1 / sqrt(var + eps) with
-// the biased variance, the unbiased variance (for the running statistics; 0 for fewer than two
-// values), and the affine coefficients coef = (a, b) of y = max(0, z * a + b). An empty batch
-// gives mean 0, variance 0.
+// What finalizing the batch statistics reads and writes (a kernel argument).
 template <typename scalar_t>
-__global__ void stats_finalize_kernel(const cuda_acc_t<scalar_t>* __restrict__ partial,
-                                      const scalar_t* __restrict__ gamma,
-                                      const scalar_t* __restrict__ beta, cuda_acc_t<scalar_t> eps,
-                                      cuda_acc_t<scalar_t>* __restrict__ mean_out,
-                                      cuda_acc_t<scalar_t>* __restrict__ invstd_out,
-                                      cuda_acc_t<scalar_t>* __restrict__ var_out,
-                                      cuda_acc_t<scalar_t>* __restrict__ coef, ChannelGeometry g) {
+struct StatsOut {
   using acc_t = cuda_acc_t<scalar_t>;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= g.c) return;
+  const acc_t* partial = nullptr;  // [C][slices][3] from stats_partial_kernel
+  const scalar_t* gamma = nullptr;
+  const scalar_t* beta = nullptr;
+  acc_t eps = 0, momentum = 0;
+  acc_t *mean = nullptr, *invstd = nullptr, *var = nullptr;
+  scalar_t* running_mean = nullptr;  // null: not tracked
+  scalar_t* running_var = nullptr;
+  int64_t running_mean_stride = 0, running_var_stride = 0;
+  bool update_running = false;  // an empty batch leaves the running statistics alone
+};
+
+// Channel c: merges its slices in order and returns the affine coefficients (a, b) of
+// y = max(0, z * a + b). With `write`: stores mean, invstd = 1 / sqrt(var + eps) with the biased
+// variance, the unbiased variance (0 for fewer than two values) and nn.BatchNorm2d's running
+// update from the mean and the unbiased variance. An empty batch gives mean 0, variance 0.
+template <typename scalar_t>
+__device__ __forceinline__ void finalize_channel(const StatsOut<scalar_t>& f,
+                                                 const ChannelGeometry& g, int64_t c, bool write,
+                                                 cuda_acc_t<scalar_t>* a, cuda_acc_t<scalar_t>* b) {
+  using acc_t = cuda_acc_t<scalar_t>;
   acc_t n = 0, mean = 0, m2 = 0;
   for (int64_t s = 0; s < g.slices; ++s) {
-    const acc_t* part = partial + (c * g.slices + s) * 3;
+    const acc_t* part = f.partial + (c * g.slices + s) * 3;
     welford_merge(n, mean, m2, part[0], part[1], part[2]);
   }
   const acc_t var = n > acc_t(0) ? m2 / n : acc_t(0);
-  const acc_t invstd = acc_t(1) / std::sqrt(var + eps);
-  mean_out[c] = mean;
-  invstd_out[c] = invstd;
-  var_out[c] = n > acc_t(1) ? m2 / (n - acc_t(1)) : acc_t(0);
-  affine_coefficients(gamma, beta, mean, invstd, c, &coef[c], &coef[g.c + c]);
+  const acc_t invstd = acc_t(1) / std::sqrt(var + f.eps);
+  if (write) {
+    const acc_t unbiased = n > acc_t(1) ? m2 / (n - acc_t(1)) : acc_t(0);
+    f.mean[c] = mean;
+    f.invstd[c] = invstd;
+    f.var[c] = unbiased;
+    if (f.update_running && f.running_mean != nullptr) {
+      scalar_t& r = f.running_mean[c * f.running_mean_stride];
+      r = static_cast<scalar_t>(f.momentum * mean + (acc_t(1) - f.momentum) * acc_t(r));
+    }
+    if (f.update_running && f.running_var != nullptr) {
+      scalar_t& r = f.running_var[c * f.running_var_stride];
+      r = static_cast<scalar_t>(f.momentum * unbiased + (acc_t(1) - f.momentum) * acc_t(r));
+    }
+  }
+  affine_coefficients(f.gamma, f.beta, mean, invstd, c, a, b);
 }
 
-// nn.BatchNorm2d's running update from the batch mean and unbiased variance, in acc_t as torch's
-// CUDA batch norm; thread = channel. Null running pointers are skipped; strided, as a buffer may
-// be a view.
+// Finalize and normalize in one launch: every block merges every channel's slices into shared
+// memory (the same order in each block, so the same coefficients bit for bit), block 0 also
+// writes the statistics, then y = max(0, z * a[c] + b[c]) over a grid-stride share of elements.
+// For channel counts whose coefficients fit in shared memory (kFusedCoefBytes).
 template <typename scalar_t>
-__global__ void running_stats_kernel(const cuda_acc_t<scalar_t>* __restrict__ mean,
-                                     const cuda_acc_t<scalar_t>* __restrict__ var,
-                                     scalar_t* running_mean, int64_t mean_stride,
-                                     scalar_t* running_var, int64_t var_stride,
-                                     cuda_acc_t<scalar_t> momentum, int64_t c_out) {
+__global__ void finalize_normalize_kernel(const StatsOut<scalar_t> f,
+                                          const scalar_t* __restrict__ z, scalar_t* __restrict__ y,
+                                          int64_t total, int64_t c_stride, ChannelGeometry g) {
   using acc_t = cuda_acc_t<scalar_t>;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= c_out) return;
-  if (running_mean != nullptr) {
-    scalar_t& r = running_mean[c * mean_stride];
-    r = static_cast<scalar_t>(momentum * mean[c] + (acc_t(1) - momentum) * acc_t(r));
+  CNNEXT_DYNAMIC_SHARED(acc_t, coef);  // [a: C][b: C]
+  for (int64_t c = threadIdx.x; c < g.c; c += blockDim.x) {
+    finalize_channel(f, g, c, blockIdx.x == 0, &coef[c], &coef[g.c + c]);
   }
-  if (running_var != nullptr) {
-    scalar_t& r = running_var[c * var_stride];
-    r = static_cast<scalar_t>(momentum * var[c] + (acc_t(1) - momentum) * acc_t(r));
+  __syncthreads();
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t c = (i / c_stride) % g.c;
+    y[i] = normalized_relu(z[i], coef[c], coef[g.c + c]);
   }
 }
 
-// y = max(0, z * a[c] + b[c]); thread = element of the dense tensor.
+// The same in two launches for channel counts beyond the shared budget: thread = channel writes
+// the statistics and coef = (a, b) to global memory, then normalize_kernel.
+template <typename scalar_t>
+__global__ void stats_finalize_kernel(const StatsOut<scalar_t> f,
+                                      cuda_acc_t<scalar_t>* __restrict__ coef, ChannelGeometry g) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= g.c) return;
+  finalize_channel(f, g, c, true, &coef[c], &coef[g.c + c]);
+}
+
 template <typename scalar_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ z,
                                  const cuda_acc_t<scalar_t>* __restrict__ coef,
@@ -346,13 +363,24 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ z,
 
 // ---- train backward -----------------------------------------------------------------------------
 
+// What the backward's channel sums need and write (a kernel argument).
+template <typename scalar_t>
+struct GradStats {
+  using acc_t = cuda_acc_t<scalar_t>;
+  const scalar_t* gamma = nullptr;
+  const scalar_t* beta = nullptr;
+  const acc_t* mean = nullptr;
+  const acc_t* invstd = nullptr;
+  const acc_t* partial = nullptr;  // [C][slices][2] from backward_partial_kernel
+  scalar_t* grad_gamma = nullptr;  // null: not asked
+  scalar_t* grad_beta = nullptr;
+};
+
 // Block (channel, slice): sums of gm and gm * (z - mean) by a fixed tree, gm = grad where the
-// forward's output (recomputed from z and coef = (a, b)) is positive, else 0.
+// forward's output (recomputed from z and the affine coefficients) is positive, else 0.
 template <typename scalar_t>
 __global__ void backward_partial_kernel(const scalar_t* __restrict__ grad,
-                                        const scalar_t* __restrict__ z,
-                                        const cuda_acc_t<scalar_t>* __restrict__ mean,
-                                        const cuda_acc_t<scalar_t>* __restrict__ coef,
+                                        const scalar_t* __restrict__ z, const GradStats<scalar_t> f,
                                         cuda_acc_t<scalar_t>* __restrict__ partial,
                                         ChannelGeometry g) {
   using acc_t = cuda_acc_t<scalar_t>;
@@ -361,7 +389,9 @@ __global__ void backward_partial_kernel(const scalar_t* __restrict__ grad,
   const int64_t c = block / g.slices, slice = block % g.slices;
   const int64_t begin = slice * g.slice_len;
   const int64_t end = std::min(g.n * g.hw, begin + g.slice_len);
-  const acc_t m = mean[c], a = coef[c], b = coef[g.c + c];
+  const acc_t m = f.mean[c];
+  acc_t a, b;
+  affine_coefficients(f.gamma, f.beta, m, f.invstd[c], c, &a, &b);
   acc_t sum_g = 0, sum_gx = 0;
   for (int64_t p = begin + tid; p < end; p += kReduceThreads) {
     const int64_t i = channel_offset(g, c, p);
@@ -385,51 +415,88 @@ __global__ void backward_partial_kernel(const scalar_t* __restrict__ grad,
   }
 }
 
-// Thread = channel: adds its slices in order; writes grad_gamma = sum_gx * invstd and
-// grad_beta = sum_g where asked, and coef = (k1, k2, k3) of
+// Channel c: adds its slices in order into k = (a, b, k1, k2, k3): the forward's affine
+// coefficients (for the ReLU mask) and those of
 // dz = gm * k1 + (z - mean) * k2 + k3 = scale * (gm - mean(gm) - xhat * mean(gm * xhat)).
+// With `write`: grad_gamma = sum_gx * invstd and grad_beta = sum_g where asked.
 template <typename scalar_t>
-__global__ void backward_finalize_kernel(
-    const cuda_acc_t<scalar_t>* __restrict__ partial, const scalar_t* __restrict__ gamma,
-    const cuda_acc_t<scalar_t>* __restrict__ invstd, scalar_t* __restrict__ grad_gamma,
-    scalar_t* __restrict__ grad_beta, cuda_acc_t<scalar_t>* __restrict__ coef, ChannelGeometry g) {
+__device__ __forceinline__ void grad_channel(const GradStats<scalar_t>& f, const ChannelGeometry& g,
+                                             int64_t c, bool write, cuda_acc_t<scalar_t> (&k)[5]) {
+  using acc_t = cuda_acc_t<scalar_t>;
+  acc_t sum_g = 0, sum_gx = 0;
+  for (int64_t s = 0; s < g.slices; ++s) {
+    sum_g += f.partial[(c * g.slices + s) * 2 + 0];
+    sum_gx += f.partial[(c * g.slices + s) * 2 + 1];
+  }
+  const acc_t is = f.invstd[c];
+  const acc_t scale = (f.gamma != nullptr ? static_cast<acc_t>(f.gamma[c]) : acc_t(1)) * is;
+  const acc_t count = static_cast<acc_t>(g.n * g.hw);
+  if (write && f.grad_gamma != nullptr) f.grad_gamma[c] = static_cast<scalar_t>(sum_gx * is);
+  if (write && f.grad_beta != nullptr) f.grad_beta[c] = static_cast<scalar_t>(sum_g);
+  affine_coefficients(f.gamma, f.beta, f.mean[c], is, c, &k[0], &k[1]);
+  k[2] = scale;
+  k[3] = count > acc_t(0) ? -scale * is * is * sum_gx / count : acc_t(0);
+  k[4] = count > acc_t(0) ? -scale * sum_g / count : acc_t(0);
+}
+
+// dz = gm * k1[c] + (z - mean[c]) * k2[c] + k3[c] for element i (gm as in backward_partial_kernel).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t grad_conv_output(scalar_t grad, scalar_t z,
+                                                     cuda_acc_t<scalar_t> mean,
+                                                     const cuda_acc_t<scalar_t>* k, int64_t step) {
+  using acc_t = cuda_acc_t<scalar_t>;
+  const bool on = !(normalized_relu(z, k[0], k[step]) <= scalar_t(0));
+  const acc_t gm = on ? static_cast<acc_t>(grad) : acc_t(0);
+  return static_cast<scalar_t>(gm * k[2 * step] + (static_cast<acc_t>(z) - mean) * k[3 * step] +
+                               k[4 * step]);
+}
+
+// Channel sums and dz in one launch, as finalize_normalize_kernel: every block derives every
+// channel's coefficients into shared memory ([5][C]), block 0 writes grad_gamma / grad_beta.
+template <typename scalar_t>
+__global__ void finalize_grad_kernel(const GradStats<scalar_t> f, const scalar_t* __restrict__ grad,
+                                     const scalar_t* __restrict__ z, scalar_t* __restrict__ dz,
+                                     int64_t total, int64_t c_stride, ChannelGeometry g) {
+  using acc_t = cuda_acc_t<scalar_t>;
+  CNNEXT_DYNAMIC_SHARED(acc_t, coef);
+  for (int64_t c = threadIdx.x; c < g.c; c += blockDim.x) {
+    acc_t k[5];
+    grad_channel(f, g, c, blockIdx.x == 0, k);
+    for (int j = 0; j < 5; ++j) coef[j * g.c + c] = k[j];
+  }
+  __syncthreads();
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t c = (i / c_stride) % g.c;
+    dz[i] = grad_conv_output(grad[i], z[i], f.mean[c], coef + c, g.c);
+  }
+}
+
+// The same in two launches beyond the shared budget: thread = channel writes coef [5][C] to
+// global memory, then grad_conv_output_kernel.
+template <typename scalar_t>
+__global__ void backward_finalize_kernel(const GradStats<scalar_t> f,
+                                         cuda_acc_t<scalar_t>* __restrict__ coef,
+                                         ChannelGeometry g) {
   using acc_t = cuda_acc_t<scalar_t>;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.c) return;
-  acc_t sum_g = 0, sum_gx = 0;
-  for (int64_t s = 0; s < g.slices; ++s) {
-    sum_g += partial[(c * g.slices + s) * 2 + 0];
-    sum_gx += partial[(c * g.slices + s) * 2 + 1];
-  }
-  const acc_t is = invstd[c];
-  const acc_t scale = (gamma != nullptr ? static_cast<acc_t>(gamma[c]) : acc_t(1)) * is;
-  const acc_t count = static_cast<acc_t>(g.n * g.hw);
-  if (grad_gamma != nullptr) grad_gamma[c] = static_cast<scalar_t>(sum_gx * is);
-  if (grad_beta != nullptr) grad_beta[c] = static_cast<scalar_t>(sum_g);
-  coef[c] = scale;
-  coef[g.c + c] = count > acc_t(0) ? -scale * is * is * sum_gx / count : acc_t(0);
-  coef[2 * g.c + c] = count > acc_t(0) ? -scale * sum_g / count : acc_t(0);
+  acc_t k[5];
+  grad_channel(f, g, c, true, k);
+  for (int j = 0; j < 5; ++j) coef[j * g.c + c] = k[j];
 }
 
-// dz = gm * k1[c] + (z - mean[c]) * k2[c] + k3[c], gm as in backward_partial_kernel (affine =
-// (a, b)); thread = element of the dense tensor.
 template <typename scalar_t>
-__global__ void grad_conv_output_kernel(const scalar_t* __restrict__ grad,
+__global__ void grad_conv_output_kernel(const GradStats<scalar_t> f,
+                                        const scalar_t* __restrict__ grad,
                                         const scalar_t* __restrict__ z,
-                                        const cuda_acc_t<scalar_t>* __restrict__ mean,
-                                        const cuda_acc_t<scalar_t>* __restrict__ affine,
                                         const cuda_acc_t<scalar_t>* __restrict__ coef,
-                                        scalar_t* __restrict__ dz, int64_t total, int64_t channels,
-                                        int64_t c_stride) {
-  using acc_t = cuda_acc_t<scalar_t>;
+                                        scalar_t* __restrict__ dz, int64_t total, int64_t c_stride,
+                                        ChannelGeometry g) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t c = (i / c_stride) % channels;
-    const bool on = !(normalized_relu(z[i], affine[c], affine[channels + c]) <= scalar_t(0));
-    const acc_t gm = on ? static_cast<acc_t>(grad[i]) : acc_t(0);
-    dz[i] = static_cast<scalar_t>(gm * coef[c] +
-                                  (static_cast<acc_t>(z[i]) - mean[c]) * coef[channels + c] +
-                                  coef[2 * channels + c]);
+    const int64_t c = (i / c_stride) % g.c;
+    dz[i] = grad_conv_output(grad[i], z[i], f.mean[c], coef + c, g.c);
   }
 }
 
@@ -464,7 +531,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
 
 unsigned int channel_blocks(int64_t c) { return ceil_div(c, kThreads); }
 
-// relu?(conv(input, weight) * scale[c] + shift[c]): the direct kernel with the ScaleShiftEpilogue
+// conv(x, w) with `epilogue` in the store: the implicit GEMM, or the naive kernel where it does
+// not fit. allow_split: split-K (a second launch) may be used.
+template <typename scalar_t, class Epilogue>
+void run_direct(const char* op, const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
+                const at::Tensor& out, const Epilogue& epilogue, bool allow_split) {
+  if (use_implicit_gemm(DirectVariant::kAuto, p) &&
+      conv2d_implicit_gemm_forward<scalar_t>(p, x, w, out, epilogue, IgemmTile::kAuto,
+                                             allow_split)) {
+    return;
+  }
+  const at::Tensor wc = w.contiguous();
+  conv2d_direct_naive_launch<scalar_t, /*TRANSPOSED=*/false>(
+      op, forward_geometry(p, x, out), x.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
+      out.mutable_data_ptr<scalar_t>(), epilogue);
+}
+
+// relu?(conv(input, weight) * scale[c] + shift[c]): the implicit GEMM with the ScaleShiftEpilogue
 // (one kernel), or im2col with scale, shift and ReLU in its one bias pass. Without relu it is the
 // pre-activation, bit for bit the value the ReLU version clamps.
 at::Tensor folded_conv(const char* op, Algo algo, const Conv2dParams& p, const at::Tensor& input,
@@ -482,23 +565,44 @@ at::Tensor folded_conv(const char* op, Algo algo, const Conv2dParams& p, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "folded_conv", [&] {
     const scalar_t* sp = scale.const_data_ptr<scalar_t>();
     const scalar_t* hp = shift.const_data_ptr<scalar_t>();
-    auto launch = [&](auto epilogue) {
-      if (use_implicit_gemm(DirectVariant::kAuto, p) &&
-          conv2d_implicit_gemm_forward<scalar_t>(p, x, w, output, epilogue, IgemmTile::kAuto)) {
-        return;
-      }
-      conv2d_direct_naive_launch<scalar_t, /*TRANSPOSED=*/false>(
-          op, forward_geometry(p, x, output), x.const_data_ptr<scalar_t>(),
-          w.contiguous().const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-          epilogue);
-    };
     if (relu) {
-      launch(ScaleShiftEpilogue<scalar_t, true>{sp, hp});
+      run_direct<scalar_t>(op, p, x, w, output, ScaleShiftEpilogue<scalar_t, true>{sp, hp}, true);
     } else {
-      launch(ScaleShiftEpilogue<scalar_t, false>{sp, hp});
+      run_direct<scalar_t>(op, p, x, w, output, ScaleShiftEpilogue<scalar_t, false>{sp, hp}, true);
     }
   });
   return output;
+}
+
+// The training forward's convolution z = conv(input, weight) + conv_bias in the layout `fmt`,
+// without split-K: the statistics and the normalization then take two more launches only.
+at::Tensor train_conv(Algo algo, const Conv2dParams& p, const at::Tensor& input,
+                      const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                      int64_t groups, int64_t max_col_bytes, at::MemoryFormat fmt) {
+  if (algo == Algo::kIm2col) {
+    return conv2d_im2col_forward_cuda(input, weight, conv_bias, stride, padding, dilation, groups,
+                                      max_col_bytes, at::Tensor(), /*relu=*/false)
+        .contiguous(fmt);
+  }
+  at::Tensor z = at::empty(p.output_sizes(), input.options().memory_format(fmt));
+  if (z.numel() == 0) return z;
+  const at::Tensor x = input.contiguous(fmt), w = dense_filter(weight);
+  const at::Tensor b = given(conv_bias) ? conv_bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "train_conv", [&] {
+    const BiasEpilogue<scalar_t> epilogue{b.defined() ? b.const_data_ptr<scalar_t>() : nullptr};
+    run_direct<scalar_t>(kForwardOp, p, x, w, z, epilogue, /*allow_split=*/false);
+  });
+  return z;
+}
+
+// Blocks of the launches that first derive every channel's coefficients (each block repeats that
+// work, so their number is capped) and the shared memory those coefficients may take.
+constexpr int64_t kFusedBlocks = 1024, kFusedCoefBytes = 40 * 1024;
+
+dim3 fused_grid(int64_t work) {
+  return dim3(
+      static_cast<unsigned int>(std::clamp<int64_t>(ceil_div(work, kThreads), 1, kFusedBlocks)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward_cuda(
@@ -546,49 +650,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     return {output, save_mean, save_invstd, at::empty({0}, options), at::empty({0}, options)};
   }
 
-  at::Tensor z = algo == Algo::kDirect
-                     ? conv2d_direct_forward_cuda(input, weight, conv_bias, stride, padding,
-                                                  dilation, groups, "auto")
-                     : conv2d_im2col_forward_cuda(input, weight, conv_bias, stride, padding,
-                                                  dilation, groups, max_col_bytes, at::Tensor(),
-                                                  /*relu=*/false);
-  z = z.contiguous(fmt);
+  const at::Tensor z = train_conv(algo, p, input, weight, conv_bias, stride, padding, dilation,
+                                  groups, max_col_bytes, fmt);
   at::Tensor output = at::empty(z.sizes(), options.memory_format(fmt));
   at::Tensor batch_var = at::empty({p.c_out}, stats_options);
   const ChannelGeometry g = channel_geometry(p, cl);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "conv_bn_relu_train", [&] {
         using acc_t = cuda_acc_t<scalar_t>;
-        at::Tensor partial = at::empty({p.c_out * g.slices * 3}, stats_options);
-        at::Tensor coef = at::empty({2 * p.c_out}, stats_options);
+        const int64_t total = z.numel();
+        const int64_t coef_bytes = 2 * p.c_out * static_cast<int64_t>(sizeof(acc_t));
+        const bool one_pass = coef_bytes <= kFusedCoefBytes;
+        // The one workspace: slice partials, and the coefficients when they do not fit shared.
+        at::Tensor work =
+            at::empty({p.c_out * g.slices * 3 + (one_pass ? 0 : 2 * p.c_out)}, stats_options);
+        acc_t* partial = work.mutable_data_ptr<acc_t>();
         CNNEXT_LAUNCH((stats_partial_kernel<scalar_t>),
                       dim3(static_cast<unsigned int>(p.c_out * g.slices)), dim3(kReduceThreads), 0,
-                      stream, z.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), g);
+                      stream, z.const_data_ptr<scalar_t>(), partial, g);
+        StatsOut<scalar_t> f;
+        f.partial = partial;
+        f.gamma = ptr_or_null<scalar_t>(bn_weight), f.beta = ptr_or_null<scalar_t>(bn_bias);
+        f.eps = static_cast<acc_t>(eps), f.momentum = static_cast<acc_t>(momentum);
+        f.mean = save_mean.mutable_data_ptr<acc_t>();
+        f.invstd = save_invstd.mutable_data_ptr<acc_t>();
+        f.var = batch_var.mutable_data_ptr<acc_t>();
+        // An empty batch has no statistics: the running ones stay as they are.
+        f.update_running = total > 0;
+        if (given(running_mean)) {
+          f.running_mean = running_mean->mutable_data_ptr<scalar_t>();
+          f.running_mean_stride = running_mean->stride(0);
+        }
+        if (given(running_var)) {
+          f.running_var = running_var->mutable_data_ptr<scalar_t>();
+          f.running_var_stride = running_var->stride(0);
+        }
+        if (one_pass) {
+          CNNEXT_LAUNCH((finalize_normalize_kernel<scalar_t>), fused_grid(total), dim3(kThreads),
+                        static_cast<std::size_t>(coef_bytes), stream, f,
+                        z.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), total,
+                        g.sc, g);
+          return;
+        }
+        acc_t* coef = partial + p.c_out * g.slices * 3;
         CNNEXT_LAUNCH((stats_finalize_kernel<scalar_t>), dim3(channel_blocks(p.c_out)),
-                      dim3(kThreads), 0, stream, partial.const_data_ptr<acc_t>(),
-                      ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias),
-                      static_cast<acc_t>(eps), save_mean.mutable_data_ptr<acc_t>(),
-                      save_invstd.mutable_data_ptr<acc_t>(), batch_var.mutable_data_ptr<acc_t>(),
-                      coef.mutable_data_ptr<acc_t>(), g);
-        const int64_t total = z.numel();
+                      dim3(kThreads), 0, stream, f, coef, g);
         if (total > 0) {
           CNNEXT_LAUNCH((normalize_kernel<scalar_t>), grid_for(total), dim3(kThreads), 0, stream,
-                        z.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(),
-                        output.mutable_data_ptr<scalar_t>(), total, p.c_out, g.sc);
-        }
-        // An empty batch has no statistics: the running ones stay as they are.
-        if (total > 0 && (given(running_mean) || given(running_var))) {
-          const auto running = [](const std::optional<at::Tensor>& t) {
-            return given(t) ? t->mutable_data_ptr<scalar_t>() : nullptr;
-          };
-          const auto stride_of = [](const std::optional<at::Tensor>& t) {
-            return given(t) ? t->stride(0) : int64_t(0);
-          };
-          CNNEXT_LAUNCH((running_stats_kernel<scalar_t>), dim3(channel_blocks(p.c_out)),
-                        dim3(kThreads), 0, stream, save_mean.const_data_ptr<acc_t>(),
-                        batch_var.const_data_ptr<acc_t>(), running(running_mean),
-                        stride_of(running_mean), running(running_var), stride_of(running_var),
-                        static_cast<acc_t>(momentum), p.c_out);
+                        z.const_data_ptr<scalar_t>(), coef, output.mutable_data_ptr<scalar_t>(),
+                        total, p.c_out, g.sc);
         }
       });
   return {output, save_mean, save_invstd, batch_var, z};
@@ -636,31 +746,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, g.scalar_type(), "conv_bn_relu_backward_train", [&] {
           using acc_t = cuda_acc_t<scalar_t>;
-          at::Tensor partial = at::empty({p.c_out * geo.slices * 2}, stats_options);
-          at::Tensor affine = at::empty({2 * p.c_out}, stats_options);
-          at::Tensor coef = at::empty({3 * p.c_out}, stats_options);
-          CNNEXT_LAUNCH((affine_kernel<scalar_t>), dim3(channel_blocks(p.c_out)), dim3(kThreads), 0,
-                        stream, ptr_or_null<scalar_t>(bn_weight), ptr_or_null<scalar_t>(bn_bias),
-                        mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                        affine.mutable_data_ptr<acc_t>(), p.c_out);
+          const int64_t total = need_conv ? z.numel() : 0;
+          const int64_t coef_bytes = 5 * p.c_out * static_cast<int64_t>(sizeof(acc_t));
+          const bool one_pass = coef_bytes <= kFusedCoefBytes;
+          at::Tensor work =
+              at::empty({p.c_out * geo.slices * 2 + (one_pass ? 0 : 5 * p.c_out)}, stats_options);
+          GradStats<scalar_t> f;
+          f.gamma = ptr_or_null<scalar_t>(bn_weight), f.beta = ptr_or_null<scalar_t>(bn_bias);
+          f.mean = mean.const_data_ptr<acc_t>(), f.invstd = invstd.const_data_ptr<acc_t>();
+          f.partial = work.const_data_ptr<acc_t>();
+          f.grad_gamma = mask[3] ? grad_gamma.mutable_data_ptr<scalar_t>() : nullptr;
+          f.grad_beta = mask[4] ? grad_beta.mutable_data_ptr<scalar_t>() : nullptr;
           CNNEXT_LAUNCH((backward_partial_kernel<scalar_t>),
                         dim3(static_cast<unsigned int>(p.c_out * geo.slices)), dim3(kReduceThreads),
-                        0, stream, g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-                        mean.const_data_ptr<acc_t>(), affine.const_data_ptr<acc_t>(),
-                        partial.mutable_data_ptr<acc_t>(), geo);
+                        0, stream, g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), f,
+                        work.mutable_data_ptr<acc_t>(), geo);
+          scalar_t* dzp = need_conv ? dz.mutable_data_ptr<scalar_t>() : nullptr;
+          if (one_pass) {
+            CNNEXT_LAUNCH((finalize_grad_kernel<scalar_t>), fused_grid(total), dim3(kThreads),
+                          static_cast<std::size_t>(coef_bytes), stream, f,
+                          g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), dzp, total,
+                          geo.sc, geo);
+            return;
+          }
+          acc_t* coef = work.mutable_data_ptr<acc_t>() + p.c_out * geo.slices * 2;
           CNNEXT_LAUNCH((backward_finalize_kernel<scalar_t>), dim3(channel_blocks(p.c_out)),
-                        dim3(kThreads), 0, stream, partial.const_data_ptr<acc_t>(),
-                        ptr_or_null<scalar_t>(bn_weight), invstd.const_data_ptr<acc_t>(),
-                        mask[3] ? grad_gamma.mutable_data_ptr<scalar_t>() : nullptr,
-                        mask[4] ? grad_beta.mutable_data_ptr<scalar_t>() : nullptr,
-                        coef.mutable_data_ptr<acc_t>(), geo);
-          const int64_t total = z.numel();
-          if (need_conv && total > 0) {
+                        dim3(kThreads), 0, stream, f, coef, geo);
+          if (total > 0) {
             CNNEXT_LAUNCH((grad_conv_output_kernel<scalar_t>), grid_for(total), dim3(kThreads), 0,
-                          stream, g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-                          mean.const_data_ptr<acc_t>(), affine.const_data_ptr<acc_t>(),
-                          coef.const_data_ptr<acc_t>(), dz.mutable_data_ptr<scalar_t>(), total,
-                          p.c_out, geo.sc);
+                          stream, f, g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+                          coef, dzp, total, geo.sc, geo);
           }
         });
     if (need_conv) {
