@@ -100,3 +100,41 @@ def test_conv_direct_budget(layer: tuple, layout: str) -> None:
     bwd_counts = [b for _, b in counts]
     assert max(fwd_counts) - min(fwd_counts) <= 1, counts
     assert max(bwd_counts) - min(bwd_counts) <= 1, counts
+
+
+@pytest.mark.parametrize("layer", LAYERS[:2], ids=_layer_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last_filter"])
+def test_conv_bn_relu_train_budget(layer: tuple, layout: str) -> None:
+    """Fused Conv + BN + ReLU in training (algo="direct"): forward <= 3 launches (convolution,
+    channel statistics, normalization with the running update), backward <= 5 (channel sums, dz,
+    and the convolution's backward), at every batch."""
+    cl = layout != "nchw"
+    for n in BATCHES:
+        x, w, b, stride, padding = _tensors(layer, n, cl, cl)
+        co = w.shape[0]
+        gamma, beta = torch.rand(co) + 0.5, torch.randn(co)
+        rm, rv = torch.zeros(co), torch.ones(co)
+        conf = (stride, padding, [1, 1], 1, "direct", 1 << 26)
+        fwd, _, log, outs = _counted(
+            EMU.conv_bn_relu, x, w, b, gamma, beta, rm, rv, True, 0.1, 1e-5, *conf
+        )
+        assert fwd <= 3, f"forward at N={n}: {fwd} launches\n{log}"
+        y, mean, invstd, _, z = outs
+        grad = torch.randn_like(y)
+        mask = [True] * 5
+        bwd, _, log, _ = _counted(
+            EMU.conv_bn_relu_backward,
+            grad,
+            z,
+            x,
+            w,
+            b,
+            gamma,
+            beta,
+            mean,
+            invstd,
+            True,
+            *conf,
+            mask,
+        )
+        assert bwd <= 5, f"backward at N={n}: {bwd} launches\n{log}"
