@@ -200,6 +200,11 @@ def test_cp_async_lands_only_at_its_wait(case: str, schedule: str) -> None:
     assert code == 1 and "WRONG" in out, out
 
 
+def test_cp_async_alignment_is_checked() -> None:
+    code, out = run(build("boost" if _has_boost() else "ucontext"), "async_copy_misaligned")
+    assert code == 2 and "cp.async at" in out and "aligned to 16 bytes" in out, out
+
+
 WMMA_MISUSE = {
     "wmma_bad_ldm": "ldm must be a multiple of 8 elements (16 bytes) for 16-bit elements",
     "wmma_misaligned": "the pointer must be 256-bit (32-byte) aligned",

@@ -263,14 +263,14 @@ __global__ void wmma_misuse_kernel(const __half* a, const __half* b, float* c, i
 // out = 2 * the block's 512 inputs, each half reversed, read from shared memory filled by
 // cp.async in two groups (first half, second half). kBug: 0 correct (wait<1> before using the
 // first half, wait<0> before the second), 1 no wait at all, 2 wait<1> only, so the second half
-// is read while its group may be in flight.
+// is read while its group may be in flight, 3 a source 4 bytes off its 16-byte alignment.
 template <int kBug>
 __global__ void async_copy_kernel(const float* in, float* out) {
   __shared__ __align__(16) float s[512];
   const int t = threadIdx.x;
   const float* src = in + blockIdx.x * 512;
   float* dst = out + blockIdx.x * 512;
-  cnnext::cp_async_16(&s[t * 4], src + t * 4);
+  cnnext::cp_async_16(&s[t * 4], src + t * 4 + (kBug == 3 ? 1 : 0));
   cnnext::cp_async_commit();
   cnnext::cp_async_16(&s[256 + t * 4], src + 256 + t * 4);
   cnnext::cp_async_commit();
@@ -670,6 +670,7 @@ int main(int argc, char** argv) {
       {"async_copy", run_async_copy<0>},
       {"async_copy_missing_wait", run_async_copy<1>},
       {"async_copy_lax_wait", run_async_copy<2>},
+      {"async_copy_misaligned", run_async_copy<3>},
       {"wmma_half", run_wmma_gemm<__half, 16, wmma::row_major, wmma::col_major, false>},
       {"wmma_half_rr", run_wmma_gemm<__half, 16, wmma::row_major, wmma::row_major, false>},
       {"wmma_bf16", run_wmma_gemm<__nv_bfloat16, 16, wmma::col_major, wmma::row_major, false>},
