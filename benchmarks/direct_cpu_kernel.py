@@ -237,6 +237,7 @@ def main() -> None:
     args = parser.parse_args()
     avx512 = args.isa == "avx512"
     layers = [lay for lay in LAYERS if args.layers in lay[0]]
+    print(f"cnnext: {Path(cnnext.__file__).parent}  (run with PYTHONPATH=. for this checkout)")
     dll = build_driver()
     warm_heap()
     torch.set_num_threads(1)

@@ -248,6 +248,37 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
   });
 }
 
+// Writes a row tile[x * ocb + o] (x < wo, o < nout) to dst[o * cstride + x * xstride] as
+// tile * scale[o] + bias[o] (null scale: 1, null bias: 0; both null: copied), then max(0, .) with
+// `relu` (std::max keeps NaN, as torch.relu does). Writes run along the output's unit stride.
+inline void store_row(const float* tile, int64_t ocb, int64_t wo, int64_t nout, float* dst,
+                      int64_t cstride, int64_t xstride, const float* scale, const float* bias,
+                      bool relu) {
+  float s[64], b[64];
+  for (int64_t o = 0; o < nout; ++o) {
+    s[o] = scale != nullptr ? scale[o] : 1.0f;
+    b[o] = bias != nullptr ? bias[o] : 0.0f;
+  }
+  const bool copy = scale == nullptr && bias == nullptr && !relu;
+  auto value = [&](int64_t x, int64_t o) {
+    const float t = tile[x * ocb + o];
+    if (copy) return t;
+    const float v = t * s[o] + b[o];
+    return relu ? std::max(v, 0.0f) : v;
+  };
+  if (xstride == 1) {
+    for (int64_t o = 0; o < nout; ++o) {
+      float* d = dst + o * cstride;
+      for (int64_t x = 0; x < wo; ++x) d[x] = value(x, o);
+    }
+  } else {
+    for (int64_t x = 0; x < wo; ++x) {
+      float* d = dst + x * xstride;
+      for (int64_t o = 0; o < nout; ++o) d[o * cstride] = value(x, o);
+    }
+  }
+}
+
 // Samples per packed chunk: packed copies stay near 32 MiB (at least one sample).
 inline int64_t chunk_samples(int64_t n, int64_t sample_floats) {
   constexpr int64_t kWorkspaceFloats = (int64_t(32) << 20) / sizeof(float);
@@ -286,15 +317,9 @@ inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
              [&](int64_t n, int64_t g, int64_t o0, int64_t nout, int64_t oy, const float* tile) {
                const int64_t ocb = block_width(k, cout);
                float* dst = out + (n0 + n) * os.n + (g * cout + o0) * os.c + oy * os.h;
-               const float* bv = bias != nullptr ? bias + g * cout + o0 : nullptr;
-               const float* sv = scale != nullptr ? scale + g * cout + o0 : nullptr;
-               for (int64_t ox = 0; ox < p.w_out; ++ox) {
-                 for (int64_t o = 0; o < nout; ++o) {
-                   float v = tile[ox * ocb + o] * (sv ? sv[o] : 1.0f) + (bv ? bv[o] : 0.0f);
-                   if (relu) v = std::max(v, 0.0f);
-                   dst[o * os.c + ox * os.w] = v;
-                 }
-               }
+               store_row(tile, ocb, p.w_out, nout, dst, os.c, os.w,
+                         scale != nullptr ? scale + g * cout + o0 : nullptr,
+                         bias != nullptr ? bias + g * cout + o0 : nullptr, relu);
              });
   }
 }
@@ -329,9 +354,7 @@ inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad
              [&](int64_t n, int64_t g, int64_t i0, int64_t nin, int64_t iy, const float* tile) {
                const int64_t icb = block_width(k, cin);
                float* dst = gi + (n0 + n) * is.n + (g * cin + i0) * is.c + iy * is.h;
-               for (int64_t ix = 0; ix < p.w; ++ix) {
-                 for (int64_t i = 0; i < nin; ++i) dst[i * is.c + ix * is.w] = tile[ix * icb + i];
-               }
+               store_row(tile, icb, p.w, nin, dst, is.c, is.w, nullptr, nullptr, false);
              });
   }
 }
