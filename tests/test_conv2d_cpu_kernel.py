@@ -26,7 +26,10 @@ SHAPES = [
     (1, 16, 3, 1, 16, 1, 1, 0, 1, 1),  # W = 1
     (2, 64, 4, 29, 69, 3, 1, 1, 1, 1),  # 69 = 2 x 32 + 5, W_out 29 = 2 x 12 + 5
     (1, 17, 9, 9, 20, 2, 3, 1, 1, 1),  # stride 3, even filter
-    (1, 16, 4, 4, 16, 3, 1, 4, 1, 1),  # padding larger than the filter: crops grad_output
+    (1, 16, 4, 4, 16, 3, 1, 4, 1, 1),  # padding larger than the filter's reach
+    (2, 16, 9, 10, 24, 1, 2, 0, 1, 1),  # 1x1 stride 2: three of four grad_input phases get no tap
+    (1, 16, 11, 12, 16, 3, 2, 2, 2, 1),  # stride 2, dilation 2: every tap in one phase
+    (1, 32, 13, 9, 32, 3, 2, 1, 1, 2),  # stride 2 with groups
 ]
 
 

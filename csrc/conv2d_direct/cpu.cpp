@@ -1003,12 +1003,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
     if (exact_input) grad_input = std::get<0>(exact);
     if (exact_weight) grad_weight = std::get<1>(exact);
   }
-  // Many channels, float32: the register-blocked NHWC kernel (grad_input at stride 1 only; the
-  // phase-split grad_input below skips the structural zeros of larger strides).
+  // Many channels, float32: the register-blocked NHWC kernel (cpu_nhwc.h).
   const CpuIsa isa = cpu_isa(kBackwardOp);
   const bool blocked = nhwc::eligible(p, grad_output.scalar_type(), isa);
   bool input_done = exact_input || !output_mask[0], weight_done = exact_weight || !output_mask[1];
-  if (blocked && !input_done && p.sh == 1 && p.sw == 1) {
+  if (blocked && !input_done) {
     nhwc::grad_input(p, isa, grad_output, weight, grad_input);
     input_done = true;
   }

@@ -1,15 +1,16 @@
 // Direct convolution for layers with many channels (C_in / groups and C_out / groups >= 16),
-// float32, AVX-512 or AVX2: the forward, grad_input at stride 1, and grad_weight.
+// float32, AVX-512 or AVX2: the forward, grad_input and grad_weight.
 //
 // The input is read as NHWC with zero borders (channels_last input without padding in place,
 // anything else copied once per call), the filter packed into blocks of one or two vectors of
-// output channels ([block][tap][channel][ocb], zero past the last channel). A microkernel keeps
-// a register block of RB output pixels along a row x ocb channels in RB * NV accumulators and
-// does one FMA per broadcast input value (cpu_nhwc_kernels.h). grad_input at stride 1 is the
-// same kernel on the zero-bordered grad_output with the flipped, transposed filter; grad_weight
-// swaps pixels and channels: RC input channels x ocb output channels reduced over pixels. Work is
-// split over samples, groups, channel blocks and rows; each output element is summed by one
-// task in a fixed order, so results do not depend on the thread count.
+// output channels ([block][channel block][tap][channel][ocb], zero past the last channel). A
+// microkernel keeps a register block of RB output pixels along a row x ocb channels in RB * NV
+// accumulators and does one FMA per broadcast input value (cpu_nhwc_kernels.h). grad_input is
+// the same kernel on the zero-bordered grad_output with the flipped, transposed filter, once per
+// stride phase (only the taps that reach it: no products with the zeros between strided
+// outputs); grad_weight swaps pixels and channels: RC input channels x ocb output channels
+// reduced over pixels. Work is split over samples, groups, channel blocks and rows; each output
+// element is summed by one task in a fixed order, so results do not depend on the thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -324,38 +325,77 @@ inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
   }
 }
 
-// grad_input at stride 1: the correlation of grad_output, bordered by the filter's reach, with
-// the filter flipped in space and transposed in channels.
+// grad_input, split by stride phase: the inputs (iy, ix) with (iy + ph) % sh == rh and
+// (ix + pw) % sw == rw receive only the taps with ky * dh % sh == rh and kx * dw % sw == rw, so
+// per phase it is a stride-1 correlation of grad_output (bordered by the filter's reach) with
+// that subset of the filter, flipped in space and transposed in channels: no product with a
+// structural zero between strided outputs. At stride 1 there is one phase with every tap.
 inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad_output,
                        const at::Tensor& weight, at::Tensor& grad_input) {
   const Kernels& k = *kernels_for(isa);
-  const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group(), ntaps = p.kh * p.kw;
-  const int64_t top = (p.kh - 1) * p.dh - p.ph, left = (p.kw - 1) * p.dw - p.pw;
-  const int64_t rows = p.h + (p.kh - 1) * p.dh, cols = p.w + (p.kw - 1) * p.dw;
+  const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group();
+  const int64_t bh = (p.kh - 1) * p.dh / p.sh, bw = (p.kw - 1) * p.dw / p.sw;
+  struct Phase {
+    int64_t rh, rw, a0, rows, c0, cols;  // iy = (a0 + a) * sh + rh - ph, a < rows; ix alike
+    std::vector<int64_t> ky, kx;         // its taps
+    std::vector<float> filter;
+  };
+  std::vector<Phase> phases;
+  int64_t rows = 0, cols = 0;  // of the bordered grad_output
+  for (int64_t rh = 0; rh < p.sh; ++rh) {
+    for (int64_t rw = 0; rw < p.sw; ++rw) {
+      Phase f{rh, rw, div_up(p.ph - rh, p.sh), 0, div_up(p.pw - rw, p.sw), 0, {}, {}, {}};
+      // First a with iy >= 0 (p.ph - rh may be negative: then a0 = 0 via the clamp below).
+      f.a0 = std::max<int64_t>(0, f.a0), f.c0 = std::max<int64_t>(0, f.c0);
+      const int64_t last_y = p.h - 1 + p.ph - rh, last_x = p.w - 1 + p.pw - rw;
+      f.rows = last_y >= 0 ? last_y / p.sh - f.a0 + 1 : 0;
+      f.cols = last_x >= 0 ? last_x / p.sw - f.c0 + 1 : 0;
+      if (f.rows <= 0 || f.cols <= 0) continue;
+      for (int64_t ky = 0; ky < p.kh; ++ky) {
+        for (int64_t kx = 0; kx < p.kw; ++kx) {
+          if (ky * p.dh % p.sh != rh || kx * p.dw % p.sw != rw) continue;
+          f.ky.push_back(ky);
+          f.kx.push_back(kx);
+        }
+      }
+      rows = std::max(rows, f.a0 + f.rows + bh);
+      cols = std::max(cols, f.c0 + f.cols + bw);
+      phases.push_back(std::move(f));
+    }
+  }
   const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ws2 = weight.stride(2),
                 ws3 = weight.stride(3);
   const float* w = weight.const_data_ptr<float>();
-  const std::vector<float> filter =
-      pack_filter(p.groups, cin, cout, ntaps, block_width(k, cin),
-                  [&](int64_t g, int64_t i, int64_t o, int64_t t) {
-                    const int64_t ky = p.kh - 1 - t / p.kw, kx = p.kw - 1 - t % p.kw;
-                    return w[(g * cout + o) * ws0 + i * ws1 + ky * ws2 + kx * ws3];
-                  });
+  for (Phase& f : phases) {
+    f.filter =
+        pack_filter(p.groups, cin, cout, static_cast<int64_t>(f.ky.size()), block_width(k, cin),
+                    [&](int64_t g, int64_t i, int64_t o, int64_t t) {
+                      return w[(g * cout + o) * ws0 + i * ws1 + f.ky[t] * ws2 + f.kx[t] * ws3];
+                    });
+  }
   const Strides is = strides_of(grad_input);
   float* gi = grad_input.mutable_data_ptr<float>();
+  const int64_t icb = block_width(k, cin);
   const int64_t step = chunk_samples(p.n, rows * cols * odd_lines(p.c_out, sizeof(float)));
   for (int64_t n0 = 0; n0 < p.n; n0 += step) {
     const int64_t count = std::min(step, p.n - n0);
-    const Source src = make_source(grad_output, n0, count, rows, cols, top, left);
-    std::vector<int64_t> taps;
-    for (int64_t t = 0; t < ntaps; ++t)
-      taps.push_back((t / p.kw) * p.dh * src.row + (t % p.kw) * p.dw * src.pix);
-    run_conv(k, src, count, p.groups, cout, cin, p.h, p.w, 1, 1, taps, filter,
-             [&](int64_t n, int64_t g, int64_t i0, int64_t nin, int64_t iy, const float* tile) {
-               const int64_t icb = block_width(k, cin);
-               float* dst = gi + (n0 + n) * is.n + (g * cin + i0) * is.c + iy * is.h;
-               store_row(tile, icb, p.w, nin, dst, is.c, is.w, nullptr, nullptr, false);
-             });
+    // Source pixel (ys, xs) is grad_output (ys - bh, xs - bw), zero outside it.
+    const Source src = make_source(grad_output, n0, count, rows, cols, bh, bw);
+    for (const Phase& f : phases) {
+      // Output (a, c) reads grad_output (a0 + a - ky * dh / sh, c0 + c - kx * dw / sw).
+      std::vector<int64_t> taps;
+      for (std::size_t t = 0; t < f.ky.size(); ++t) {
+        taps.push_back((f.a0 - f.ky[t] * p.dh / p.sh + bh) * src.row +
+                       (f.c0 - f.kx[t] * p.dw / p.sw + bw) * src.pix);
+      }
+      run_conv(k, src, count, p.groups, cout, cin, f.rows, f.cols, 1, 1, taps, f.filter,
+               [&](int64_t n, int64_t g, int64_t i0, int64_t nin, int64_t a, const float* tile) {
+                 float* dst = gi + (n0 + n) * is.n + (g * cin + i0) * is.c +
+                              ((f.a0 + a) * p.sh + f.rh - p.ph) * is.h +
+                              (f.c0 * p.sw + f.rw - p.pw) * is.w;
+                 store_row(tile, icb, f.cols, nin, dst, is.c, p.sw * is.w, nullptr, nullptr, false);
+               });
+    }
   }
 }
 
