@@ -192,7 +192,8 @@ FilterPtr cached_filter(const at::Tensor& weight, int64_t groups, int64_t ocb, P
   };
   static std::mutex mutex;
   static std::vector<Entry> entries;  // most recent last
-  constexpr std::size_t kEntries = 16;
+  // Enough for the convolutions of a ResNet-50 (~100 MB of filters).
+  constexpr std::size_t kEntries = 64, kBytes = std::size_t(128) << 20;
   const c10::intrusive_ptr<c10::TensorImpl>& impl = weight.getIntrusivePtr();
   const int64_t version = weight._version();
   {
@@ -212,11 +213,21 @@ FilterPtr cached_filter(const at::Tensor& weight, int64_t groups, int64_t ocb, P
   }
   FilterPtr filter = std::make_shared<const std::vector<float>>(pack());
   const std::lock_guard<std::mutex> lock(mutex);
-  // Drop entries whose tensor is gone, then the least recent beyond the limit.
+  // Drop entries whose tensor is gone or is this one (a stale version: training repacks every
+  // step and keeps one entry per weight), then the least recent beyond the limits.
   entries.erase(std::remove_if(entries.begin(), entries.end(),
-                               [](const Entry& e) { return e.tensor.expired(); }),
+                               [&](const Entry& e) {
+                                 const c10::intrusive_ptr<c10::TensorImpl> t = e.tensor.lock();
+                                 return !t || t.get() == impl.get();
+                               }),
                 entries.end());
-  if (entries.size() >= kEntries) entries.erase(entries.begin());
+  std::size_t bytes = filter->size() * sizeof(float);
+  for (const Entry& e : entries) bytes += e.filter->size() * sizeof(float);
+  std::size_t drop = 0;
+  for (; drop < entries.size() && (entries.size() - drop >= kEntries || bytes > kBytes); ++drop)
+    bytes -= entries[drop].filter->size() * sizeof(float);
+  entries.erase(entries.begin(), entries.begin() + drop);
+  if (bytes > kBytes) return filter;  // larger than the whole cache: not kept
   entries.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(impl), weight.const_data_ptr(),
                      version, groups, ocb, weight.sizes().vec(), weight.strides().vec(), filter});
   return filter;
