@@ -99,6 +99,21 @@ extern "C" double conv_rows(int avx512, int nv, long calls, const long* taps, lo
   *seconds = now() - t0;
   return 2.0 * wo * nv * (avx512 ? 16 : 8) * chans * ntaps * calls;
 }
+
+// The same for conv_plane: a whole plane of npix pixels, windows at x + pix[j].
+extern "C" double conv_planes(int avx512, int nv, long calls, const long* taps, long ntaps,
+                              long chans, long xstep, const float* x, const float* w, long ocb,
+                              const long* pix, long npix, float* out, double* seconds) {
+  const nhwc::ConvArgs a{reinterpret_cast<const int64_t*>(taps), ntaps, chans, xstep, w, ocb};
+  using Fn = void (*)(const nhwc::ConvArgs&, const float*, const int64_t*, int64_t, float*);
+  Fn fn = avx512 ? (nv == 2 ? &nhwc::avx512::conv_plane<2, 12> : &nhwc::avx512::conv_plane<1, 16>)
+                 : (nv == 2 ? &nhwc::avx2::conv_plane<2, 6> : &nhwc::avx2::conv_plane<1, 12>);
+  const int64_t* p = reinterpret_cast<const int64_t*>(pix);
+  const double t0 = now();
+  for (long i = 0; i < calls; ++i) fn(a, x, p, npix, out);
+  *seconds = now() - t0;
+  return 2.0 * npix * nv * (avx512 ? 16 : 8) * chans * ntaps * calls;
+}
 """
 
 # (name, batch, C_in, H=W, C_out, k, stride, padding): deep layers of ResNet-18 and VGG.
@@ -135,6 +150,9 @@ def build_driver() -> ctypes.CDLL:
     dll.conv_rows.restype = dbl
     dll.conv_rows.argtypes = [ctypes.c_int, ctypes.c_int, lng, ptr, lng, lng, lng, ptr, ptr, lng]
     dll.conv_rows.argtypes += [lng, ptr, ctypes.POINTER(dbl)]
+    dll.conv_planes.restype = dbl
+    dll.conv_planes.argtypes = [ctypes.c_int, ctypes.c_int, lng, ptr, lng, lng, lng, ptr, ptr]
+    dll.conv_planes.argtypes += [lng, ptr, lng, ptr, ctypes.POINTER(dbl)]
     return dll
 
 
@@ -149,8 +167,10 @@ def peak_gflops(dll: ctypes.CDLL, avx512: bool, seconds: float = 0.2) -> float:
 
 
 def kernel_gflops(dll: ctypes.CDLL, avx512: bool, layer: tuple, seconds: float = 0.2) -> float:
-    """conv_row on one output row of the layer, with its input rows and filter block (the NHWC
-    pixel stride padded to an odd number of cache lines, as the op packs it)."""
+    """The kernel the op runs for one output row of the layer (``conv_row``), or for the whole
+    plane when it is narrower than a register block (``conv_plane``), on its input and one
+    filter block (the NHWC pixel stride padded to an odd number of cache lines, as the op packs
+    it)."""
     _, _, c_in, size, c_out, k, stride, pad = layer
     lanes = 16 if avx512 else 8
     nv = 2 if c_out >= 2 * lanes else 1
@@ -159,13 +179,23 @@ def kernel_gflops(dll: ctypes.CDLL, avx512: bool, layer: tuple, seconds: float =
     cols = (wo - 1) * stride + k
     pix = ((c_in + 15) // 16 | 1) * 16
     row = cols * pix
-    x = torch.randn(k * row + 16)
+    plane = wo < (12 if avx512 else 6)
+    rows = (wo - 1) * stride + k if plane else k
+    x = torch.randn(rows * row + 16)
     w = torch.randn(k * k * c_in * ocb) * 0.01
-    out = torch.empty(wo * ocb)
+    out = torch.empty(wo * wo * ocb)
     taps = torch.tensor([ky * row + kx * pix for ky in range(k) for kx in range(k)])
+    offsets = torch.tensor(
+        [y * stride * row + c * stride * pix for y in range(wo) for c in range(wo)]
+    )
     t = ctypes.c_double()
 
     def run(calls: int) -> float:
+        if plane:
+            return dll.conv_planes(int(avx512), nv, calls, taps.data_ptr(), k * k, c_in,
+                                   stride * pix, x.data_ptr(), w.data_ptr(), ocb,
+                                   offsets.data_ptr(), wo * wo, out.data_ptr(),
+                                   ctypes.byref(t))  # fmt: skip
         return dll.conv_rows(int(avx512), nv, calls, taps.data_ptr(), k * k, c_in, stride * pix,
                              x.data_ptr(), w.data_ptr(), ocb, wo, out.data_ptr(),
                              ctypes.byref(t))  # fmt: skip

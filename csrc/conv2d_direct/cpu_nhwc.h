@@ -49,6 +49,7 @@
 namespace cnnext::nhwc {
 
 using ConvRowFn = void (*)(const ConvArgs&, const float*, int64_t, float*);
+using ConvPlaneFn = void (*)(const ConvArgs&, const float*, const int64_t*, int64_t, float*);
 using GwRunFn = void (*)(const GwArgs&, int64_t, const float*, const float*, float*);
 
 // One ISA's kernels, indexed by the number of channel vectors (1 or 2). Block sizes: ~24
@@ -56,17 +57,23 @@ using GwRunFn = void (*)(const GwArgs&, int64_t, const float*, const float*, flo
 // 12 of 16 ymm with AVX2.
 struct Kernels {
   int64_t lanes = 0;
+  int64_t row_block = 0;  // pixels per block with two vectors: narrower planes run flattened
   ConvRowFn conv_row[3] = {};
+  ConvPlaneFn conv_plane[3] = {};
   GwRunFn gw_run[3] = {};
 };
 
 inline const Kernels* kernels_for(CpuIsa isa) {
 #ifdef CNNEXT_X86_COPIES
   static const Kernels k512{16,
+                            12,
                             {nullptr, &avx512::conv_row<1, 16>, &avx512::conv_row<2, 12>},
+                            {nullptr, &avx512::conv_plane<1, 16>, &avx512::conv_plane<2, 12>},
                             {nullptr, &avx512::gw_run<1, 16>, &avx512::gw_run<2, 12>}};
   static const Kernels k256{8,
+                            6,
                             {nullptr, &avx2::conv_row<1, 12>, &avx2::conv_row<2, 6>},
+                            {nullptr, &avx2::conv_plane<1, 12>, &avx2::conv_plane<2, 6>},
                             {nullptr, &avx2::gw_run<1, 12>, &avx2::gw_run<2, 6>}};
   if (isa == CpuIsa::kAvx512) return &k512;
   if (isa == CpuIsa::kAvx2) return &k256;
@@ -243,6 +250,29 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
               const std::vector<int64_t>& taps, const std::vector<float>& filter, Store store) {
   const int64_t ocb = block_width(k, outs), blocks = div_up(outs, ocb);
   const int64_t ntaps = static_cast<int64_t>(taps.size()), block = ntaps * chans * ocb;
+  if (wo < k.row_block && ho > 1) {
+    // Narrow planes: one item per (sample, group, block) runs the whole plane as one sequence.
+    std::vector<int64_t> pix(ho * wo);
+    for (int64_t i = 0; i < ho * wo; ++i) pix[i] = i / wo * sh * src.row + i % wo * sw * src.pix;
+    const int64_t items = count * groups * blocks;
+    at::parallel_for(
+        0, items, cpu_grain(ho * wo * ocb * chans * ntaps), [&](int64_t begin, int64_t end) {
+          std::unique_ptr<float[]> tile(new float[ho * wo * ocb]);
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t b = item % blocks, g = item / blocks % groups,
+                          n = item / (blocks * groups);
+            const int64_t nout = std::min(ocb, outs - b * ocb);
+            const ConvArgs a{
+                taps.data(), ntaps, chans, sw * src.pix, filter.data() + (g * blocks + b) * block,
+                ocb};
+            const float* x = src.data + n * src.sample + g * chans;
+            k.conv_plane[div_up(nout, k.lanes)](a, x, pix.data(), ho * wo, tile.get());
+            for (int64_t oy = 0; oy < ho; ++oy)
+              store(n, g, b * ocb, nout, oy, tile.get() + oy * wo * ocb);
+          }
+        });
+    return;
+  }
   const int64_t items = count * groups * blocks * ho;
   // Items run (sample, group, block, row), rows fastest: a task keeps one filter block in cache.
   at::parallel_for(0, items, cpu_grain(wo * ocb * chans * ntaps), [&](int64_t begin, int64_t end) {
@@ -411,9 +441,9 @@ inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad
 }
 
 // grad_weight[o][c][t] = sum over samples and output pixels of grad_output x input at the tap.
-// A task owns (group, output block, run of input channels) for the whole batch: per sample it
-// sums in float registers and memory, then adds the sample's sum into a double total, in sample
-// order.
+// A task owns (group, output block, run of input channels) for the whole batch: per group of
+// samples it sums in float registers and memory, then adds the group's sum into a double total,
+// in sample order.
 inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad_output,
                         const at::Tensor& input, at::Tensor& grad_weight) {
   const Kernels& k = *kernels_for(isa);
@@ -432,6 +462,9 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
   // Rows per kernel call: a call's grad_output slice (nrows * wo * ocb floats) stays in L1.
   const int64_t nrows = std::clamp<int64_t>(4096 / std::max<int64_t>(1, p.w_out * ocb), 1, p.h_out);
   std::vector<double> total(items * ntaps * run_chans * ocb, 0.0);
+  // Samples summed in float before a double add: ~256 pixels' worth (small planes would
+  // otherwise spend more on the adds than on the products). Fixed by the shape alone.
+  const int64_t flush = std::max<int64_t>(1, 256 / std::max<int64_t>(1, hw));
 
   const Strides gs = strides_of(grad_output);
   const float* go = grad_output.const_data_ptr<float>();
@@ -470,7 +503,7 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
         const int64_t nv = div_up(std::min(ocb, cout - b * ocb), k.lanes);
         double* tot = total.data() + item * ntaps * run_chans * ocb;
         for (int64_t n = 0; n < count; ++n) {
-          std::fill(part.begin(), part.end(), 0.0f);
+          if ((n0 + n) % flush == 0 || n == 0) std::fill(part.begin(), part.end(), 0.0f);
           for (int64_t oy = 0; oy < p.h_out; oy += nrows) {
             const GwArgs a{
                 std::min(nrows, p.h_out - oy), p.w_out, p.sh * src.row, p.sw * src.pix, cgo, ocb};
@@ -480,22 +513,29 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
             for (int64_t t = 0; t < ntaps; ++t)
               k.gw_run[nv](a, nc, xr + taps[t], gr, part.data() + t * run_chans * ocb);
           }
-          for (std::size_t j = 0; j < part.size(); ++j) tot[j] += part[j];
+          if ((n0 + n + 1) % flush == 0 || n + 1 == count) {
+            for (std::size_t j = 0; j < part.size(); ++j) tot[j] += part[j];
+          }
         }
       }
     });
   }
-  // Unpack into the weight's shape, contiguous: [C_out][C_in / groups][kh][kw].
+  // Unpack into the weight's shape, contiguous: [C_out][C_in / groups][kh][kw], one item's
+  // L2-sized block at a time, writing each output channel's run of (channel, tap) in order.
   float* gw = grad_weight.mutable_data_ptr<float>();
-  at::parallel_for(0, p.c_out, cpu_grain(cin * ntaps), [&](int64_t begin, int64_t end) {
-    for (int64_t oc = begin; oc < end; ++oc) {
-      const int64_t g = oc / cout, o = oc % cout, b = o / ocb;
-      for (int64_t c = 0; c < cin; ++c) {
-        const int64_t r = c / run_chans, ci = c % run_chans;
-        const double* tot = total.data() + ((g * blocks + b) * runs + r) * ntaps * run_chans * ocb;
-        for (int64_t t = 0; t < ntaps; ++t)
-          gw[(oc * cin + c) * ntaps + t] =
-              static_cast<float>(tot[(t * run_chans + ci) * ocb + o % ocb]);
+  const int64_t item_size = ntaps * run_chans * ocb;
+  at::parallel_for(0, items, cpu_grain(item_size), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item % runs, b = item / runs % blocks, g = item / (runs * blocks);
+      const int64_t c0 = r * run_chans, nc = std::min(run_chans, cin - c0);
+      const int64_t nout = std::min(ocb, cout - b * ocb);
+      const double* tot = total.data() + item * item_size;
+      for (int64_t o = 0; o < nout; ++o) {
+        float* dst = gw + ((g * cout + b * ocb + o) * cin + c0) * ntaps;
+        for (int64_t ci = 0; ci < nc; ++ci) {
+          for (int64_t t = 0; t < ntaps; ++t)
+            dst[ci * ntaps + t] = static_cast<float>(tot[(t * run_chans + ci) * ocb + o]);
+        }
       }
     }
   });

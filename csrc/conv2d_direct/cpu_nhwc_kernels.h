@@ -105,6 +105,63 @@ CNNEXT_NHWC_TARGET void conv_row(const ConvArgs& a, const float* x, int64_t wo, 
   }
 }
 
+// conv_block over RB pixels anywhere in the plane, pixel j's window at x + pix[j]: planes
+// narrower than a register block (ResNet's 7x7 and 4x4) run as one sequence of pixels, not as
+// short rows. One pointer per pixel: the loop spills a register or two, still FMA-bound.
+template <int NV, int RB>
+CNNEXT_NHWC_FN void conv_gather_block(const ConvArgs& a, const float* x, const int64_t* pix,
+                                      float* out) {
+  Reg acc[RB][NV];
+  for (int j = 0; j < RB; ++j) {
+    for (int v = 0; v < NV; ++v) acc[j][v] = V::zero();
+  }
+  const float* w = a.w;
+  for (int64_t c0 = 0; c0 < a.chans; c0 += kChanBlock) {
+    const int64_t nc = std::min<int64_t>(kChanBlock, a.chans - c0);
+    for (int64_t t = 0; t < a.ntaps; ++t) {
+      const float* px[RB];
+      for (int j = 0; j < RB; ++j) px[j] = x + pix[j] + a.taps[t] + c0;
+      for (int64_t c = 0; c < nc; ++c, w += a.ocb) {
+        Reg wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = V::load(w + v * kLanes);
+        for (int j = 0; j < RB; ++j) {
+          const Reg b = V::broadcast(px[j] + c);
+          for (int v = 0; v < NV; ++v) acc[j][v] = V::fma(wv[v], b, acc[j][v]);
+        }
+      }
+    }
+  }
+  for (int j = 0; j < RB; ++j) {
+    for (int v = 0; v < NV; ++v) V::store(out + j * a.ocb + v * kLanes, acc[j][v]);
+  }
+}
+
+template <int NV, int R>
+CNNEXT_NHWC_FN void gather_tail(int64_t rem, const ConvArgs& a, const float* x, const int64_t* pix,
+                                float* out) {
+  if constexpr (R > 0) {
+    if (rem == R) return conv_gather_block<NV, R>(a, x, pix, out);
+    gather_tail<NV, R - 1>(rem, a, x, pix, out);
+  }
+}
+
+// `npix` pixels of a plane (windows at x + pix[j]) in balanced blocks, as conv_row.
+template <int NV, int RB>
+CNNEXT_NHWC_TARGET void conv_plane(const ConvArgs& a, const float* x, const int64_t* pix,
+                                   int64_t npix, float* out) {
+  const int64_t blocks = (npix + RB - 1) / RB, size = npix / blocks, longer = npix % blocks;
+  int64_t j = 0;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t rb = size + (i < longer ? 1 : 0);
+    if (rb == RB) {
+      conv_gather_block<NV, RB>(a, x, pix + j, out + j * a.ocb);
+    } else {
+      gather_tail<NV, RB - 1>(rb, a, x, pix + j, out + j * a.ocb);
+    }
+    j += rb;
+  }
+}
+
 // acc[i * ocb + o] += sum over rows r < nrows and columns q < wo of
 //   x[r * xrow + q * xstep + i] * go[(r * wo + q) * gstep + o]
 // for RC input channels i and NV vectors of output channels o (grad_weight of one tap): the
