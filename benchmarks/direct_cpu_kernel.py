@@ -3,10 +3,12 @@ isolation, beside a measured FMA peak and beside oneDNN (``F.conv2d``) on the sa
 
 Three numbers per layer, all measured in this process, interleaved round by round:
 
-* **peak**: a register-only probe, NACC independent FMA chains on vector registers (no memory
-  operands), the ceiling for any float32 kernel on this core;
-* **kernel**: the microkernel alone (one output row of the layer, ``conv_row``) called over and
-  over on the same L1/L2-resident input rows and filter block: what its inner loop sustains;
+* **peak**: a register-only probe, 16 (AVX-512) or 12 (AVX2) independent FMA chains on vector
+  registers (no memory operands), the ceiling for any float32 kernel on this core;
+* **kernel**: the microkernel alone (one output row of the layer, ``conv_row``, or the whole plane,
+  ``conv_plane``, where the plane is narrower than a register block, as the op runs it) called
+  over and over on the same L1/L2-resident input rows and filter block: what its inner loop
+  sustains;
 * **op vs oneDNN**: ``cnnext.ops.conv2d(algo="direct")`` and ``F.conv2d`` on the whole layer,
   NCHW and channels_last, at 1 and 2 threads.
 
@@ -19,8 +21,11 @@ faults the second does not.
 
 Usage::
 
-    python benchmarks/direct_cpu_kernel.py [--isa avx512|avx2] [--threads 1,2] [--rounds 3]
-        [--kernel-rounds 40] [--layers SUBSTRING] [--no-op]
+    PYTHONPATH=. python benchmarks/direct_cpu_kernel.py [--isa avx512|avx2] [--threads 1,2]
+        [--rounds 3] [--kernel-rounds 40] [--layers SUBSTRING] [--no-op]
+
+(``PYTHONPATH=.`` from the repository root: the script's folder comes first on ``sys.path``, so
+without it the installed cnnext is timed, not this checkout's build.)
 """
 
 from __future__ import annotations
@@ -62,21 +67,22 @@ static double now() {
       .count();
 }
 
-// 16 independent accumulators; the result is stored so nothing is optimised away. A macro, not
-// a template: each copy needs its target attribute for the intrinsics to inline.
-#define PEAK(NAME, V, TARGET)                                     \
-  TARGET static double NAME(long iters, float* sink) {            \
-    V::Reg a[16], x = V::broadcast(sink), y = V::broadcast(sink + 1); \
-    for (int i = 0; i < 16; ++i) a[i] = V::zero();                \
-    for (long it = 0; it < iters; ++it) {                         \
-      for (int i = 0; i < 16; ++i) a[i] = V::fma(a[i], x, y);     \
-    }                                                             \
-    for (int i = 1; i < 16; ++i) a[0] = V::add(a[0], a[i]);       \
-    V::store(sink + 16, a[0]);                                    \
-    return 2.0 * 16 * V::kLanes * iters;                          \
+// NACC independent accumulators (at least FMA latency x FMA ports: 4 x 2), all in registers with
+// the two operands: 16 of 32 zmm, 12 of 16 ymm. The result is stored so nothing is optimised
+// away. A macro, not a template: each copy needs its target attribute for the intrinsics.
+#define PEAK(NAME, V, TARGET, NACC)                                       \
+  TARGET static double NAME(long iters, float* sink) {                    \
+    V::Reg a[NACC], x = V::broadcast(sink), y = V::broadcast(sink + 1);   \
+    for (int i = 0; i < NACC; ++i) a[i] = V::zero();                      \
+    for (long it = 0; it < iters; ++it) {                                 \
+      for (int i = 0; i < NACC; ++i) a[i] = V::fma(a[i], x, y);           \
+    }                                                                     \
+    for (int i = 1; i < NACC; ++i) a[0] = V::add(a[0], a[i]);             \
+    V::store(sink + 16, a[0]);                                            \
+    return 2.0 * NACC * V::kLanes * iters;                                \
   }
-PEAK(peak512, VecAvx512, CNNEXT_TARGET_AVX512)
-PEAK(peak256, VecAvx2, CNNEXT_TARGET_AVX2)
+PEAK(peak512, VecAvx512, CNNEXT_TARGET_AVX512, 16)
+PEAK(peak256, VecAvx2, CNNEXT_TARGET_AVX2, 12)
 
 extern "C" double fma_peak(int avx512, long iters, float* sink, double* seconds) {
   const double t0 = now();
