@@ -9,16 +9,22 @@ timing come from ``common.py``.
 
 Usage::
 
-    python benchmarks/algo.py [--quick] [--threads N] [--min-time S]
+    python benchmarks/algo.py [--quick] [--threads N] [--min-time S] [--layers REGEX]
+
+Run it from the repository root with ``PYTHONPATH=.`` to time the checkout's build (the script's
+own folder comes first on ``sys.path``, so a plain run imports whichever cnnext is installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import torch
+
+import cnnext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -51,6 +57,14 @@ SHAPES = [  # (layer, batch)
     # batch 1
     (_layer("n1 c64k3", 64, 28, 64, 3, padding=1), 1),
     (_layer("n1 c16k3", 16, 28, 16, 3, padding=1), 1),
+    (_layer("n1 c256k3 14x14", 256, 14, 256, 3, padding=1), 1),
+    # the register-blocked kernel (>= 16 channels per group) on planes around the crossover
+    (_layer("c16k3 plane 8x8", 16, 8, 32, 3, padding=1), 8),
+    (_layer("c32k3 plane 8x8", 32, 8, 32, 3, padding=1), 8),
+    (_layer("c64k3 plane 8x8", 64, 8, 64, 3, padding=1), 32),
+    (_layer("c64k3 cifar layer1", 64, 32, 64, 3, padding=1), 32),
+    (_layer("c128k3s2 downsample", 64, 56, 128, 3, 2, 1), 8),
+    (_layer("c256k3 resnet layer3 14x14", 256, 14, 256, 3, padding=1), 8),
     # grouped and depthwise
     (_layer("c64k3 g2", 64, 28, 64, 3, padding=1, groups=2), 4),
     (_layer("c64k3 g8", 64, 28, 64, 3, padding=1, groups=8), 4),
@@ -87,9 +101,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-time", type=float, default=0.2, help="per blocked_autorange")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    parser.add_argument("--layers", default="", help="regex on layer names (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [(lay, n) for lay, n in SHAPES if not args.quick or lay.name in QUICK]
+    shapes = [(lay, n) for lay, n in shapes if re.search(args.layers, lay.name)]
+    print(f"cnnext: {Path(cnnext.__file__).parent}")
     print(f"threads={args.threads}  times: median ms; GF = GFLOP/s of forward")
     header = (
         f"{'layer':<24}{'K':>6}{'pix':>6} | {'torch fwd':>9}{'direct':>8}{'im2col':>8}"

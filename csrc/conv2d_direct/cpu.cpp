@@ -28,16 +28,14 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
+#include "common/cpu_parallel.h"
 #include "common/library.h"
 #include "common/params.h"
 #include "conv2d_direct/conv2d_direct.h"
+#include "conv2d_direct/cpu_nhwc.h"
 #include "conv2d_im2col/conv2d_im2col.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define CNNEXT_X86_COPIES 1
-#define CNNEXT_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define CNNEXT_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
 #if defined(__GNUC__)
 #define CNNEXT_INLINE inline __attribute__((always_inline))
 // Register blocks are small arrays: they stay in registers only when fully unrolled.
@@ -57,37 +55,7 @@ constexpr int64_t kWorkspaceBytes = int64_t(32) << 20;
 
 // ---- ISA selection ------------------------------------------------------------------------------
 
-enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa detect_isa() {
-#ifdef CNNEXT_X86_COPIES
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kBaseline;
-}
-
-// The environment variable CNNEXT_CPU_ISA = baseline | avx2 | avx512 caps the detected ISA, so
-// tests can run every copy of the kernels on one machine.
-Isa cpu_isa(const char* op) {
-  static const Isa detected = detect_isa();
-  const char* env = std::getenv("CNNEXT_CPU_ISA");
-  if (env == nullptr || *env == '\0') return detected;
-  const std::string want(env);
-  Isa cap = Isa::kAvx512;
-  if (want == "baseline") {
-    cap = Isa::kBaseline;
-  } else if (want == "avx2") {
-    cap = Isa::kAvx2;
-  } else {
-    CNNEXT_CHECK(want == "avx512", op,
-                 "expected CNNEXT_CPU_ISA to be 'baseline', 'avx2' or 'avx512', got '", want, "'");
-  }
-  return static_cast<int>(cap) < static_cast<int>(detected) ? cap : detected;
-}
+using Isa = CpuIsa;
 
 // Bytes of accumulators that fit in registers next to the operands, and the vector width.
 int64_t accumulator_bytes(Isa isa) {
@@ -110,24 +78,6 @@ void check_variant(const char* op, c10::string_view variant) {
 // Scratch memory, left uninitialised (every element read is written first).
 template <typename T>
 using Buffer = std::unique_ptr<T[]>;
-
-// Items per parallel task so that a task does at least ~kTaskWork multiply-adds or copies: small
-// problems run on the calling thread without opening a parallel region.
-int64_t grain(int64_t work_per_item) {
-  constexpr int64_t kTaskWork = int64_t(1) << 17;
-  return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
-}
-
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// A row or plane stride that is an odd number of 64-byte lines: streams at a power-of-two stride
-// would all fall into the same few L1 sets.
-int64_t odd_lines(int64_t elems, int64_t elem_bytes) {
-  const int64_t per_line = 64 / elem_bytes;
-  const int64_t lines = div_up(elems, per_line);
-  return (lines | 1) * per_line;
-}
 
 // ---- microkernels -------------------------------------------------------------------------------
 
@@ -479,7 +429,7 @@ Strides strides_of(const at::Tensor& t) {
 template <typename T>
 void pack_inputs(const T* x, const Strides& s, const Conv2dParams& p, const InputLayout& a,
                  int64_t n0, int64_t count, T* dst) {
-  at::parallel_for(0, count * p.c_in, grain(a.chan), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count * p.c_in, cpu_grain(a.chan), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = n0 + i / p.c_in, c = i % p.c_in;
       pack_input_channel(x + n * s.n + c * s.c, s.h, s.w, p, a, dst + i * a.chan);
@@ -569,7 +519,7 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
     pack_inputs(x, xs, p, a, n0, count, packed.get());
     const int64_t items = count * p.groups * block_runs * q_runs;
     const int64_t item_work = kBlocksPerItem * ocb * q_step * cin * ntaps;
-    at::parallel_for(0, items, grain(item_work), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, cpu_grain(item_work), [&](int64_t begin, int64_t end) {
       const Buffer<T> tile(new T[ocb * q_step]);
       for (int64_t item = begin; item < end; ++item) {
         int64_t rest = item;
@@ -645,6 +595,12 @@ at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& 
     check_vector(kForwardOp, "scale", scale, p.c_out);
   }
   const at::Tensor s = scale.defined() ? scale.contiguous() : at::Tensor();
+  const CpuIsa isa = cpu_isa(kForwardOp);
+  if (nhwc::eligible(p, input.scalar_type(), isa)) {
+    nhwc::forward(p, isa, input, weight, has_bias ? b.const_data_ptr<float>() : nullptr,
+                  s.defined() ? s.const_data_ptr<float>() : nullptr, relu, output);
+    return output;
+  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_direct", [&] {
     forward_typed<scalar_t>(p, input, weight, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
                             s.defined() ? s.const_data_ptr<scalar_t>() : nullptr, relu, output);
@@ -733,7 +689,7 @@ void grad_input_typed(const Conv2dParams& p, const at::Tensor& grad_output,
 
   for (int64_t n0 = 0; n0 < p.n; n0 += batch) {
     const int64_t count = std::min(batch, p.n - n0);
-    at::parallel_for(0, count * p.c_out, grain(plane), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, count * p.c_out, cpu_grain(plane), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = n0 + i / p.c_out, c = i % p.c_out;
         T* dst = packed.get() + i * plane;
@@ -752,7 +708,7 @@ void grad_input_typed(const Conv2dParams& p, const at::Tensor& grad_output,
       const int64_t q_runs = div_up(f.qpad, q_step);
       const int64_t items = count * p.groups * block_runs * q_runs;
       const int64_t item_work = kBlocksPerItem * icb * q_step * cout * ntaps;
-      at::parallel_for(0, items, grain(item_work), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, items, cpu_grain(item_work), [&](int64_t begin, int64_t end) {
         const Buffer<T> tile(new T[icb * q_step]);
         for (int64_t item = begin; item < end; ++item) {
           int64_t rest = item;
@@ -863,7 +819,7 @@ void grad_weight_typed(const Conv2dParams& p, const at::Tensor& grad_output,
     // grad_output on the position grid: [n][g][q][ld] (outer) or [n][oc][q] (dot).
     const int64_t planes = outer ? count * p.groups : count * p.c_out;
     const int64_t plane = go_elems / (outer ? p.groups : p.c_out);
-    at::parallel_for(0, planes, grain(plane), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, planes, cpu_grain(plane), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         T* dst = packed_go.get() + i * plane;
         std::fill(dst, dst + plane, T(0));
@@ -886,7 +842,7 @@ void grad_weight_typed(const Conv2dParams& p, const at::Tensor& grad_output,
       }
     });
     const int64_t item_work = per_item * (outer ? tb * ld : ocb * kdim) * count * a.qpad;
-    at::parallel_for(0, p.groups * runs, grain(item_work), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, p.groups * runs, cpu_grain(item_work), [&](int64_t begin, int64_t end) {
       std::array<const T*, 8> rows{}, cols{};
       std::array<T, 8 * 32> tile{};
       std::vector<acc_t> local(outer ? cout * local_kd : 0);
@@ -965,7 +921,7 @@ void grad_bias_typed(const Conv2dParams& p, const at::Tensor& grad_output, at::T
   const Strides gs = strides_of(grad_output);
   const T* go = grad_output.const_data_ptr<T>();
   T* gb = grad_bias.mutable_data_ptr<T>();
-  at::parallel_for(0, p.c_out, grain(p.n * p.h_out * p.w_out), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.c_out, cpu_grain(p.n * p.h_out * p.w_out), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       // Eight running sums (vectorisable), added in a fixed order.
       acc_t lanes[8] = {};
@@ -1052,11 +1008,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
     if (exact_input) grad_input = std::get<0>(exact);
     if (exact_weight) grad_weight = std::get<1>(exact);
   }
+  // Many channels, float32: the register-blocked NHWC kernel (cpu_nhwc.h).
+  const CpuIsa isa = cpu_isa(kBackwardOp);
+  const bool blocked = nhwc::eligible(p, grad_output.scalar_type(), isa);
+  bool input_done = exact_input || !output_mask[0], weight_done = exact_weight || !output_mask[1];
+  if (blocked && !input_done) {
+    nhwc::grad_input(p, isa, grad_output, weight, grad_input);
+    input_done = true;
+  }
+  if (blocked && !weight_done) {
+    nhwc::grad_weight(p, isa, grad_output, input, grad_weight);
+    weight_done = true;
+  }
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "conv2d_direct_backward", [&] {
-    if (output_mask[0] && !exact_input)
-      grad_input_typed<scalar_t>(p, grad_output, weight, grad_input);
-    if (output_mask[1] && !exact_weight)
-      grad_weight_typed<scalar_t>(p, grad_output, input, grad_weight);
+    if (!input_done) grad_input_typed<scalar_t>(p, grad_output, weight, grad_input);
+    if (!weight_done) grad_weight_typed<scalar_t>(p, grad_output, input, grad_weight);
     if (output_mask[2]) grad_bias_typed<scalar_t>(p, grad_output, grad_bias);
   });
   return {grad_input, grad_weight, grad_bias};

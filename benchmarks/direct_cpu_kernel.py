@@ -1,0 +1,306 @@
+"""The register-blocked CPU direct convolution kernel (csrc/conv2d_direct/cpu_nhwc_kernels.h) in
+isolation, beside a measured FMA peak and beside oneDNN (``F.conv2d``) on the same layers.
+
+Three numbers per layer, all measured in this process, interleaved round by round:
+
+* **peak**: a register-only probe, 16 (AVX-512) or 12 (AVX2) independent FMA chains on vector
+  registers (no memory operands), the ceiling for any float32 kernel on this core;
+* **kernel**: the microkernel alone (one output row of the layer, ``conv_row``, or the whole plane,
+  ``conv_plane``, where the plane is narrower than a register block, as the op runs it) called
+  over and over on the same L1/L2-resident input rows and filter block: what its inner loop
+  sustains;
+* **op vs oneDNN**: ``cnnext.ops.conv2d(algo="direct")`` and ``F.conv2d`` on the whole layer,
+  NCHW and channels_last, at 1 and 2 threads.
+
+The probe and the kernel driver are compiled from ``csrc`` by the system ``c++`` into a small
+shared library (no torch headers; a few seconds) and called with ctypes. Before timing, the heap
+is warmed on purpose: glibc serves allocations above its dynamic mmap threshold with fresh pages
+on every call, and freeing one large mmapped chunk raises the threshold to that size (up to 32
+MiB), after which both sides reuse memory. Without it the first implementation timed pays page
+faults the second does not.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/direct_cpu_kernel.py [--isa avx512|avx2] [--threads 1,2]
+        [--rounds 3] [--kernel-rounds 40] [--layers SUBSTRING] [--no-op]
+
+(``PYTHONPATH=.`` from the repository root: the script's folder comes first on ``sys.path``, so
+without it the installed cnnext is timed, not this checkout's build.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import cnnext
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DRIVER = r"""
+#include <chrono>
+#include "common/cpu_vec.h"
+#define CNNEXT_NHWC_ISA avx512
+#define CNNEXT_NHWC_VEC ::cnnext::VecAvx512
+#define CNNEXT_NHWC_TARGET CNNEXT_TARGET_AVX512
+#include "conv2d_direct/cpu_nhwc_kernels.h"
+#undef CNNEXT_NHWC_ISA
+#undef CNNEXT_NHWC_VEC
+#undef CNNEXT_NHWC_TARGET
+#define CNNEXT_NHWC_ISA avx2
+#define CNNEXT_NHWC_VEC ::cnnext::VecAvx2
+#define CNNEXT_NHWC_TARGET CNNEXT_TARGET_AVX2
+#include "conv2d_direct/cpu_nhwc_kernels.h"
+
+using namespace cnnext;
+static double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// NACC independent accumulators (at least FMA latency x FMA ports: 4 x 2), all in registers with
+// the two operands: 16 of 32 zmm, 12 of 16 ymm. The result is stored so nothing is optimised
+// away. A macro, not a template: each copy needs its target attribute for the intrinsics.
+#define PEAK(NAME, V, TARGET, NACC)                                       \
+  TARGET static double NAME(long iters, float* sink) {                    \
+    V::Reg a[NACC], x = V::broadcast(sink), y = V::broadcast(sink + 1);   \
+    for (int i = 0; i < NACC; ++i) a[i] = V::zero();                      \
+    for (long it = 0; it < iters; ++it) {                                 \
+      for (int i = 0; i < NACC; ++i) a[i] = V::fma(a[i], x, y);           \
+    }                                                                     \
+    for (int i = 1; i < NACC; ++i) a[0] = V::add(a[0], a[i]);             \
+    V::store(sink + 16, a[0]);                                            \
+    return 2.0 * NACC * V::kLanes * iters;                                \
+  }
+PEAK(peak512, VecAvx512, CNNEXT_TARGET_AVX512, 16)
+PEAK(peak256, VecAvx2, CNNEXT_TARGET_AVX2, 12)
+
+extern "C" double fma_peak(int avx512, long iters, float* sink, double* seconds) {
+  const double t0 = now();
+  const double flops = avx512 ? peak512(iters, sink) : peak256(iters, sink);
+  *seconds = now() - t0;
+  return flops;
+}
+
+// `calls` calls of conv_row on the same data: x holds the rows of one output row's windows,
+// w one packed filter block, out one row of ocb channels.
+extern "C" double conv_rows(int avx512, int nv, long calls, const long* taps, long ntaps,
+                            long chans, long xstep, const float* x, const float* w, long ocb,
+                            long wo, float* out, double* seconds) {
+  const nhwc::ConvArgs a{reinterpret_cast<const int64_t*>(taps), ntaps, chans, xstep, w, ocb};
+  using Fn = void (*)(const nhwc::ConvArgs&, const float*, int64_t, float*);
+  Fn fn = avx512 ? (nv == 2 ? &nhwc::avx512::conv_row<2, 12> : &nhwc::avx512::conv_row<1, 16>)
+                 : (nv == 2 ? &nhwc::avx2::conv_row<2, 6> : &nhwc::avx2::conv_row<1, 12>);
+  const double t0 = now();
+  for (long i = 0; i < calls; ++i) fn(a, x, wo, out);
+  *seconds = now() - t0;
+  return 2.0 * wo * nv * (avx512 ? 16 : 8) * chans * ntaps * calls;
+}
+
+// The same for conv_plane: a whole plane of npix pixels, windows at x + pix[j].
+extern "C" double conv_planes(int avx512, int nv, long calls, const long* taps, long ntaps,
+                              long chans, long xstep, const float* x, const float* w, long ocb,
+                              const long* pix, long npix, float* out, double* seconds) {
+  const nhwc::ConvArgs a{reinterpret_cast<const int64_t*>(taps), ntaps, chans, xstep, w, ocb};
+  using Fn = void (*)(const nhwc::ConvArgs&, const float*, const int64_t*, int64_t, float*);
+  Fn fn = avx512 ? (nv == 2 ? &nhwc::avx512::conv_plane<2, 12> : &nhwc::avx512::conv_plane<1, 16>)
+                 : (nv == 2 ? &nhwc::avx2::conv_plane<2, 6> : &nhwc::avx2::conv_plane<1, 12>);
+  const int64_t* p = reinterpret_cast<const int64_t*>(pix);
+  const double t0 = now();
+  for (long i = 0; i < calls; ++i) fn(a, x, p, npix, out);
+  *seconds = now() - t0;
+  return 2.0 * npix * nv * (avx512 ? 16 : 8) * chans * ntaps * calls;
+}
+"""
+
+# (name, batch, C_in, H=W, C_out, k, stride, padding): deep layers of ResNet-18 and VGG.
+LAYERS = [
+    ("resnet-cifar layer1", 32, 64, 32, 64, 3, 1, 1),
+    ("resnet18 layer2", 8, 128, 28, 128, 3, 1, 1),
+    ("resnet18 layer3", 32, 256, 14, 256, 3, 1, 1),
+    ("resnet18 layer4", 32, 512, 7, 512, 3, 1, 1),
+    ("resnet18 layer2 down", 8, 64, 56, 128, 3, 2, 1),
+]
+
+
+def build_driver() -> ctypes.CDLL:
+    """Compiles DRIVER against csrc into a temporary shared library."""
+    tmp = Path(tempfile.mkdtemp(prefix="cnnext_kernel_"))
+    src, lib = tmp / "driver.cpp", tmp / "driver.so"
+    src.write_text(DRIVER)
+    cmd = [
+        "c++",
+        "-O3",
+        "-std=c++20",
+        "-shared",
+        "-fPIC",
+        "-Wno-psabi",
+        f"-I{ROOT / 'csrc'}",
+        str(src),
+        "-o",
+    ]
+    subprocess.run([*cmd, str(lib)], check=True)
+    dll = ctypes.CDLL(str(lib))
+    dbl, lng, ptr = ctypes.c_double, ctypes.c_long, ctypes.c_void_p
+    dll.fma_peak.restype = dbl
+    dll.fma_peak.argtypes = [ctypes.c_int, lng, ptr, ctypes.POINTER(dbl)]
+    dll.conv_rows.restype = dbl
+    dll.conv_rows.argtypes = [ctypes.c_int, ctypes.c_int, lng, ptr, lng, lng, lng, ptr, ptr, lng]
+    dll.conv_rows.argtypes += [lng, ptr, ctypes.POINTER(dbl)]
+    dll.conv_planes.restype = dbl
+    dll.conv_planes.argtypes = [ctypes.c_int, ctypes.c_int, lng, ptr, lng, lng, lng, ptr, ptr]
+    dll.conv_planes.argtypes += [lng, ptr, lng, ptr, ctypes.POINTER(dbl)]
+    return dll
+
+
+def peak_gflops(dll: ctypes.CDLL, avx512: bool, seconds: float = 0.2) -> float:
+    sink = torch.full((64,), 1e-7)
+    t = ctypes.c_double()
+    iters = 1_000_000
+    flops = dll.fma_peak(int(avx512), iters, sink.data_ptr(), ctypes.byref(t))
+    iters = max(iters, int(iters * seconds / max(t.value, 1e-9)))
+    flops = dll.fma_peak(int(avx512), iters, sink.data_ptr(), ctypes.byref(t))
+    return flops / t.value / 1e9
+
+
+def kernel_gflops(dll: ctypes.CDLL, avx512: bool, layer: tuple, seconds: float = 0.2) -> float:
+    """The kernel the op runs for one output row of the layer (``conv_row``), or for the whole
+    plane when it is narrower than a register block (``conv_plane``), on its input and one
+    filter block (the NHWC pixel stride padded to an odd number of cache lines, as the op packs
+    it)."""
+    _, _, c_in, size, c_out, k, stride, pad = layer
+    lanes = 16 if avx512 else 8
+    nv = 2 if c_out >= 2 * lanes else 1
+    ocb = nv * lanes
+    wo = (size + 2 * pad - k) // stride + 1
+    cols = (wo - 1) * stride + k
+    pix = ((c_in + 15) // 16 | 1) * 16
+    row = cols * pix
+    plane = wo < (12 if avx512 else 6)
+    rows = (wo - 1) * stride + k if plane else k
+    x = torch.randn(rows * row + 16)
+    w = torch.randn(k * k * c_in * ocb) * 0.01
+    out = torch.empty(wo * wo * ocb)
+    taps = torch.tensor([ky * row + kx * pix for ky in range(k) for kx in range(k)])
+    offsets = torch.tensor(
+        [y * stride * row + c * stride * pix for y in range(wo) for c in range(wo)]
+    )
+    t = ctypes.c_double()
+
+    def run(calls: int) -> float:
+        if plane:
+            return dll.conv_planes(int(avx512), nv, calls, taps.data_ptr(), k * k, c_in,
+                                   stride * pix, x.data_ptr(), w.data_ptr(), ocb,
+                                   offsets.data_ptr(), wo * wo, out.data_ptr(),
+                                   ctypes.byref(t))  # fmt: skip
+        return dll.conv_rows(int(avx512), nv, calls, taps.data_ptr(), k * k, c_in, stride * pix,
+                             x.data_ptr(), w.data_ptr(), ocb, wo, out.data_ptr(),
+                             ctypes.byref(t))  # fmt: skip
+
+    flops = run(10)
+    calls = max(10, int(10 * seconds / max(t.value, 1e-9)))
+    flops = run(calls)
+    return flops / t.value / 1e9
+
+
+def warm_heap() -> None:
+    """Raises glibc's mmap threshold to its 32 MiB cap (see the module docstring)."""
+    big = torch.empty(32 << 20, dtype=torch.uint8)
+    big.fill_(0)
+    del big
+
+
+def time_ms(fn: Callable[[], object], seconds: float) -> float:
+    fn()
+    t0, runs = time.perf_counter(), 0
+    while True:
+        fn()
+        runs += 1
+        if time.perf_counter() - t0 >= seconds:
+            return (time.perf_counter() - t0) / runs * 1e3
+
+
+def layer_rows(layer: tuple, threads: int, rounds: int, seconds: float) -> list[str]:
+    name, n, c_in, size, c_out, k, stride, pad = layer
+    out_size = (size + 2 * pad - k) // stride + 1
+    flops = 2 * n * c_out * out_size**2 * c_in * k * k
+    lines = []
+    for layout in ("nchw", "nhwc"):
+        x = torch.randn(n, c_in, size, size)
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c_out, c_in, k, k) / (c_in * k * k) ** 0.5
+
+        def ours(x: torch.Tensor = x, w: torch.Tensor = w) -> torch.Tensor:
+            return cnnext.ops.conv2d(x, w, stride=stride, padding=pad, algo="direct")
+
+        def ref(x: torch.Tensor = x, w: torch.Tensor = w) -> torch.Tensor:
+            return F.conv2d(x, w, stride=stride, padding=pad)
+
+        torch.testing.assert_close(ours(), ref(), rtol=1e-3, atol=1e-3)
+        t_ours, t_ref = [], []
+        for _ in range(rounds):  # interleaved: both see the same machine load
+            t_ours.append(time_ms(ours, seconds))
+            t_ref.append(time_ms(ref, seconds))
+        mo, mr = statistics.median(t_ours), statistics.median(t_ref)
+        lines.append(
+            f"{name:<22}{n:>4}{layout:>6}{threads:>4} | {mo:>9.3f}{flops / mo / 1e6:>8.1f}"
+            f" | {mr:>9.3f}{flops / mr / 1e6:>8.1f} | {mr / mo:>6.2f}x"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--isa", choices=["avx512", "avx2"], default="avx512")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=0.3, help="per timing")
+    parser.add_argument("--layers", default="", help="substring filter on layer names")
+    parser.add_argument("--kernel-rounds", type=int, default=40, help="short isolated runs")
+    parser.add_argument("--no-op", action="store_true", help="kernel and peak only")
+    args = parser.parse_args()
+    avx512 = args.isa == "avx512"
+    layers = [lay for lay in LAYERS if args.layers in lay[0]]
+    print(f"cnnext: {Path(cnnext.__file__).parent}  (run with PYTHONPATH=. for this checkout)")
+    dll = build_driver()
+    warm_heap()
+    torch.set_num_threads(1)
+    # Peak and kernel interleaved, one thread, in short runs: on a shared machine the best run
+    # approaches the uncontended speed, the median shows what the load left.
+    print(f"kernel in isolation ({args.isa}, 1 thread), GFLOP/s over {args.kernel_rounds} runs")
+    head = f"{'peak med':>9} {'best':>7} {'kernel med':>11} {'best':>7} {'best/best':>10}"
+    print(f"{'layer':<22} {head}")
+    for layer in layers:
+        peaks, kerns = [], []
+        for _ in range(args.kernel_rounds):
+            peaks.append(peak_gflops(dll, avx512, 0.02))
+            kerns.append(kernel_gflops(dll, avx512, layer, 0.02))
+        pm, km = statistics.median(peaks), statistics.median(kerns)
+        pb, kb = max(peaks), max(kerns)
+        print(f"{layer[0]:<22} {pm:>9.1f} {pb:>7.1f} {km:>11.1f} {kb:>7.1f} {100 * kb / pb:>9.1f}%")
+    if args.no_op:
+        return
+    print("\nwhole layer: cnnext direct vs oneDNN (F.conv2d), ms and GFLOP/s, median of rounds")
+    print(f"{'layer':<22}{'n':>4}{'layout':>6}{'thr':>4} | {'cnnext':>9}{'GF/s':>8} | "
+          f"{'oneDNN':>9}{'GF/s':>8} | {'ratio':>7}")  # fmt: skip
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for layer in layers:
+            for line in layer_rows(layer, threads, args.rounds, args.seconds):
+                print(line)
+
+
+if __name__ == "__main__":
+    main()

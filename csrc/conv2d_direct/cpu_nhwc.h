@@ -1,0 +1,544 @@
+// Direct convolution for layers with many channels (C_in / groups and C_out / groups >= 16),
+// float32, AVX-512 or AVX2: the forward, grad_input and grad_weight.
+//
+// The input is read as NHWC with zero borders (channels_last input without padding in place,
+// anything else copied once per call), the filter packed into blocks of one or two vectors of
+// output channels ([block][channel block][tap][channel][ocb], zero past the last channel). A
+// microkernel keeps a register block of RB output pixels along a row x ocb channels in RB * NV
+// accumulators and does one FMA per broadcast input value (cpu_nhwc_kernels.h). grad_input is
+// the same kernel on the zero-bordered grad_output with the flipped, transposed filter, once per
+// stride phase (only the taps that reach it: no products with the zeros between strided
+// outputs); grad_weight swaps pixels and channels: RC input channels x ocb output channels
+// reduced over pixels. Work is split over samples, groups, channel blocks and rows; each output
+// element is summed by one task in a fixed order, so results do not depend on the thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "common/cpu_isa.h"
+#include "common/cpu_parallel.h"
+#include "common/cpu_vec.h"
+#include "common/params.h"
+
+#ifdef CNNEXT_X86_COPIES
+#define CNNEXT_NHWC_ISA avx512
+#define CNNEXT_NHWC_VEC ::cnnext::VecAvx512
+#define CNNEXT_NHWC_TARGET CNNEXT_TARGET_AVX512
+#include "conv2d_direct/cpu_nhwc_kernels.h"
+#undef CNNEXT_NHWC_ISA
+#undef CNNEXT_NHWC_VEC
+#undef CNNEXT_NHWC_TARGET
+#define CNNEXT_NHWC_ISA avx2
+#define CNNEXT_NHWC_VEC ::cnnext::VecAvx2
+#define CNNEXT_NHWC_TARGET CNNEXT_TARGET_AVX2
+#include "conv2d_direct/cpu_nhwc_kernels.h"
+#undef CNNEXT_NHWC_ISA
+#undef CNNEXT_NHWC_VEC
+#undef CNNEXT_NHWC_TARGET
+#endif
+
+namespace cnnext::nhwc {
+
+using ConvRowFn = void (*)(const ConvArgs&, const float*, int64_t, float*);
+using ConvPlaneFn = void (*)(const ConvArgs&, const float*, const int64_t*, int64_t, float*);
+using GwRunFn = void (*)(const GwArgs&, int64_t, const float*, const float*, float*);
+
+// One ISA's kernels, indexed by the number of channel vectors (1 or 2). Block sizes: ~24
+// accumulators of 32 zmm registers (more lost 17% to register pressure in a first measurement),
+// 12 of 16 ymm with AVX2.
+struct Kernels {
+  int64_t lanes = 0;
+  int64_t row_block = 0;  // pixels per block with two vectors: narrower planes run flattened
+  ConvRowFn conv_row[3] = {};
+  ConvPlaneFn conv_plane[3] = {};
+  GwRunFn gw_run[3] = {};
+};
+
+inline const Kernels* kernels_for(CpuIsa isa) {
+#ifdef CNNEXT_X86_COPIES
+  static const Kernels k512{16,
+                            12,
+                            {nullptr, &avx512::conv_row<1, 16>, &avx512::conv_row<2, 12>},
+                            {nullptr, &avx512::conv_plane<1, 16>, &avx512::conv_plane<2, 12>},
+                            {nullptr, &avx512::gw_run<1, 16>, &avx512::gw_run<2, 12>}};
+  static const Kernels k256{8,
+                            6,
+                            {nullptr, &avx2::conv_row<1, 12>, &avx2::conv_row<2, 6>},
+                            {nullptr, &avx2::conv_plane<1, 12>, &avx2::conv_plane<2, 6>},
+                            {nullptr, &avx2::gw_run<1, 12>, &avx2::gw_run<2, 6>}};
+  if (isa == CpuIsa::kAvx512) return &k512;
+  if (isa == CpuIsa::kAvx2) return &k256;
+#endif
+  (void)isa;
+  return nullptr;
+}
+
+// Whether this kernel takes a layer; the rest (few channels, double, no SIMD) stays on the
+// plane-based kernel of cpu.cpp.
+inline bool eligible(const Conv2dParams& p, at::ScalarType dtype, CpuIsa isa) {
+  return dtype == at::kFloat && kernels_for(isa) != nullptr && p.c_in_per_group() >= 16 &&
+         p.c_out_per_group() >= 16;
+}
+
+// Element strides of a 3D/4D activation: (n, c, h, w); n is 0 for a 3D tensor.
+struct Strides {
+  int64_t n = 0, c = 0, h = 0, w = 0;
+};
+inline Strides strides_of(const at::Tensor& t) {
+  const int64_t off = t.dim() == 4 ? 1 : 0;
+  return {off ? t.stride(0) : 0, t.stride(off), t.stride(off + 1), t.stride(off + 2)};
+}
+
+// Output channels per block: two vectors when the group has that many.
+inline int64_t block_width(const Kernels& k, int64_t outs) {
+  return outs >= 2 * k.lanes ? 2 * k.lanes : k.lanes;
+}
+
+// A zero-bordered NHWC image: pixel (y, x), channel c of sample n at
+//   data[n * sample + y * row + x * pix + c]; (y, x) is source pixel (y - top, x - left).
+struct Source {
+  const float* data = nullptr;
+  int64_t sample = 0, row = 0, pix = 0;
+  std::unique_ptr<float[]> owned;
+};
+
+// Samples [n0, n0 + count) of `t` (any strides) as a Source of rows x cols pixels, shifted by
+// (top, left) (negative: cropped). Channels_last with no border and no shift is read in place.
+inline Source make_source(const at::Tensor& t, int64_t n0, int64_t count, int64_t rows,
+                          int64_t cols, int64_t top, int64_t left) {
+  const Strides s = strides_of(t);
+  const int64_t c = t.size(t.dim() - 3), h = t.size(t.dim() - 2), w = t.size(t.dim() - 1);
+  const float* x = t.const_data_ptr<float>();
+  Source src;
+  if (s.c == 1 && s.w == c && top == 0 && left == 0 && rows <= h && cols <= w) {
+    src.data = x + n0 * s.n, src.sample = s.n, src.row = s.h, src.pix = s.w;
+    return src;
+  }
+  src.pix = odd_lines(c, sizeof(float));
+  src.row = cols * src.pix;
+  src.sample = rows * src.row;
+  src.owned.reset(new float[count * src.sample]);
+  float* dst = src.owned.get();
+  at::parallel_for(0, count * rows, cpu_grain(cols * c), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = n0 + i / rows, y = i % rows - top;
+      float* d = dst + i * src.row;
+      const int64_t x0 = std::clamp<int64_t>(left, 0, cols);
+      const int64_t x1 = std::clamp<int64_t>(w + left, x0, cols);
+      if (y < 0 || y >= h || x0 >= x1) {
+        std::fill(d, d + src.row, 0.0f);
+        continue;
+      }
+      std::fill(d, d + x0 * src.pix, 0.0f);
+      std::fill(d + x1 * src.pix, d + src.row, 0.0f);
+      const float* sr = x + n * s.n + y * s.h;
+      if (s.c == 1) {
+        for (int64_t xx = x0; xx < x1; ++xx) {
+          std::memcpy(d + xx * src.pix, sr + (xx - left) * s.w, sizeof(float) * c);
+        }
+      } else {
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float* sc = sr + ch * s.c - left * s.w;
+          for (int64_t xx = x0; xx < x1; ++xx) d[xx * src.pix + ch] = sc[xx * s.w];
+        }
+      }
+    }
+  });
+  src.data = dst;
+  return src;
+}
+
+// The filter as [groups][blocks][channel blocks][taps][channels][ocb], zero past `outs`: value(g,
+// o, c, t) is the weight of output o and reduced channel c (both within group g) at packed tap t.
+template <typename Value>
+std::vector<float> pack_filter(int64_t groups, int64_t outs, int64_t chans, int64_t ntaps,
+                               int64_t ocb, Value value) {
+  const int64_t blocks = div_up(outs, ocb), block = ntaps * chans * ocb;
+  std::vector<float> f(groups * blocks * block, 0.0f);
+  at::parallel_for(0, groups * blocks, cpu_grain(block), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / blocks, o0 = i % blocks * ocb, nout = std::min(ocb, outs - o0);
+      float* d = f.data() + i * block;
+      for (int64_t c = 0; c < chans; ++c) {
+        // The kernel's order: channel blocks, then taps, then channels within the block.
+        const int64_t c0 = c / kChanBlock * kChanBlock, nb = std::min(kChanBlock, chans - c0);
+        for (int64_t t = 0; t < ntaps; ++t) {
+          float* dd = d + (c0 * ntaps + t * nb + c - c0) * ocb;
+          for (int64_t o = 0; o < nout; ++o) dd[o] = value(g, o0 + o, c, t);
+        }
+      }
+    }
+  });
+  return f;
+}
+
+// Packed forward filters of the last few weights (eval calls the same weights over and over). An
+// entry is reused only while it holds the same tensor (a weak reference, so a freed tensor's
+// address cannot be taken for it), at the same data pointer and in-place version, in the same
+// blocking. Inference tensors carry no version: never cached.
+using FilterPtr = std::shared_ptr<const std::vector<float>>;
+
+template <typename Pack>
+FilterPtr cached_filter(const at::Tensor& weight, int64_t groups, int64_t ocb, Pack pack) {
+  if (weight.is_inference()) return std::make_shared<const std::vector<float>>(pack());
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl> tensor;
+    const void* data;
+    int64_t version, groups, ocb;
+    std::vector<int64_t> sizes, strides;
+    FilterPtr filter;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> entries;  // most recent last
+  // Enough for the convolutions of a ResNet-50 (~100 MB of filters).
+  constexpr std::size_t kEntries = 64, kBytes = std::size_t(128) << 20;
+  const c10::intrusive_ptr<c10::TensorImpl>& impl = weight.getIntrusivePtr();
+  const int64_t version = weight._version();
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = entries.begin(); it != entries.end(); ++it) {
+      if (it->data != weight.const_data_ptr() || it->version != version || it->ocb != ocb ||
+          it->groups != groups || weight.sizes() != at::IntArrayRef(it->sizes) ||
+          weight.strides() != at::IntArrayRef(it->strides))
+        continue;
+      const c10::intrusive_ptr<c10::TensorImpl> alive = it->tensor.lock();
+      if (alive.get() != impl.get()) continue;
+      Entry hit = std::move(*it);
+      entries.erase(it);
+      entries.push_back(std::move(hit));
+      return entries.back().filter;
+    }
+  }
+  FilterPtr filter = std::make_shared<const std::vector<float>>(pack());
+  const std::lock_guard<std::mutex> lock(mutex);
+  // Drop entries whose tensor is gone or is this one (a stale version: training repacks every
+  // step and keeps one entry per weight), then the least recent beyond the limits.
+  entries.erase(std::remove_if(entries.begin(), entries.end(),
+                               [&](const Entry& e) {
+                                 const c10::intrusive_ptr<c10::TensorImpl> t = e.tensor.lock();
+                                 return !t || t.get() == impl.get();
+                               }),
+                entries.end());
+  std::size_t bytes = filter->size() * sizeof(float);
+  for (const Entry& e : entries) bytes += e.filter->size() * sizeof(float);
+  std::size_t drop = 0;
+  for (; drop < entries.size() && (entries.size() - drop >= kEntries || bytes > kBytes); ++drop)
+    bytes -= entries[drop].filter->size() * sizeof(float);
+  entries.erase(entries.begin(), entries.begin() + drop);
+  if (bytes > kBytes) return filter;  // larger than the whole cache: not kept
+  entries.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(impl), weight.const_data_ptr(),
+                     version, groups, ocb, weight.sizes().vec(), weight.strides().vec(), filter});
+  return filter;
+}
+
+// Runs the conv kernel over `count` samples of `src`: ho x wo output pixels whose windows start
+// at source pixel (oy * sh, ox * sw), reduced over `chans` channels per group (group g's start at
+// channel g * chans) and `taps`. `store(n, g, o0, nout, oy, tile)` writes one row: tile[ox * ocb
+// + o] for the group's outputs o0 + o, o < nout.
+template <typename Store>
+void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups, int64_t chans,
+              int64_t outs, int64_t ho, int64_t wo, int64_t sh, int64_t sw,
+              const std::vector<int64_t>& taps, const std::vector<float>& filter, Store store) {
+  const int64_t ocb = block_width(k, outs), blocks = div_up(outs, ocb);
+  const int64_t ntaps = static_cast<int64_t>(taps.size()), block = ntaps * chans * ocb;
+  if (wo < k.row_block && ho > 1) {
+    // Narrow planes: one item per (sample, group, block) runs the whole plane as one sequence.
+    std::vector<int64_t> pix(ho * wo);
+    for (int64_t i = 0; i < ho * wo; ++i) pix[i] = i / wo * sh * src.row + i % wo * sw * src.pix;
+    const int64_t items = count * groups * blocks;
+    at::parallel_for(
+        0, items, cpu_grain(ho * wo * ocb * chans * ntaps), [&](int64_t begin, int64_t end) {
+          std::unique_ptr<float[]> tile(new float[ho * wo * ocb]);
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t b = item % blocks, g = item / blocks % groups,
+                          n = item / (blocks * groups);
+            const int64_t nout = std::min(ocb, outs - b * ocb);
+            const ConvArgs a{
+                taps.data(), ntaps, chans, sw * src.pix, filter.data() + (g * blocks + b) * block,
+                ocb};
+            const float* x = src.data + n * src.sample + g * chans;
+            k.conv_plane[div_up(nout, k.lanes)](a, x, pix.data(), ho * wo, tile.get());
+            for (int64_t oy = 0; oy < ho; ++oy)
+              store(n, g, b * ocb, nout, oy, tile.get() + oy * wo * ocb);
+          }
+        });
+    return;
+  }
+  const int64_t items = count * groups * blocks * ho;
+  // Items run (sample, group, block, row), rows fastest: a task keeps one filter block in cache.
+  at::parallel_for(0, items, cpu_grain(wo * ocb * chans * ntaps), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> tile(new float[wo * ocb]);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t oy = item % ho, b = item / ho % blocks, g = item / (ho * blocks) % groups;
+      const int64_t n = item / (ho * blocks * groups);
+      const int64_t nout = std::min(ocb, outs - b * ocb);
+      const ConvArgs a{
+          taps.data(), ntaps, chans, sw * src.pix, filter.data() + (g * blocks + b) * block, ocb};
+      const float* x = src.data + n * src.sample + oy * sh * src.row + g * chans;
+      k.conv_row[div_up(nout, k.lanes)](a, x, wo, tile.get());
+      store(n, g, b * ocb, nout, oy, tile.get());
+    }
+  });
+}
+
+// Writes a row tile[x * ocb + o] (x < wo, o < nout) to dst[o * cstride + x * xstride] as
+// tile * scale[o] + bias[o] (null scale: 1, null bias: 0; both null: copied), then max(0, .) with
+// `relu` (std::max keeps NaN, as torch.relu does). Writes run along the output's unit stride.
+inline void store_row(const float* tile, int64_t ocb, int64_t wo, int64_t nout, float* dst,
+                      int64_t cstride, int64_t xstride, const float* scale, const float* bias,
+                      bool relu) {
+  float s[64], b[64];
+  for (int64_t o = 0; o < nout; ++o) {
+    s[o] = scale != nullptr ? scale[o] : 1.0f;
+    b[o] = bias != nullptr ? bias[o] : 0.0f;
+  }
+  const bool copy = scale == nullptr && bias == nullptr && !relu;
+  auto value = [&](int64_t x, int64_t o) {
+    const float t = tile[x * ocb + o];
+    if (copy) return t;
+    const float v = t * s[o] + b[o];
+    return relu ? std::max(v, 0.0f) : v;
+  };
+  if (xstride == 1) {
+    for (int64_t o = 0; o < nout; ++o) {
+      float* d = dst + o * cstride;
+      for (int64_t x = 0; x < wo; ++x) d[x] = value(x, o);
+    }
+  } else {
+    for (int64_t x = 0; x < wo; ++x) {
+      float* d = dst + x * xstride;
+      for (int64_t o = 0; o < nout; ++o) d[o * cstride] = value(x, o);
+    }
+  }
+}
+
+// Samples per packed chunk: packed copies stay near 32 MiB (at least one sample).
+inline int64_t chunk_samples(int64_t n, int64_t sample_floats) {
+  constexpr int64_t kWorkspaceFloats = (int64_t(32) << 20) / sizeof(float);
+  return std::clamp<int64_t>(kWorkspaceFloats / std::max<int64_t>(1, sample_floats), 1, n);
+}
+
+// Forward with the fused epilogue of cpu.cpp: acc * scale[c] + bias[c] (null scale: 1, null
+// bias: 0), then max(0, .) with `relu` (std::max keeps NaN, as torch.relu does).
+inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
+                    const at::Tensor& weight, const float* bias, const float* scale, bool relu,
+                    at::Tensor& output) {
+  const Kernels& k = *kernels_for(isa);
+  const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group(), ntaps = p.kh * p.kw;
+  const int64_t rows = (p.h_out - 1) * p.sh + (p.kh - 1) * p.dh + 1;
+  const int64_t cols = (p.w_out - 1) * p.sw + (p.kw - 1) * p.dw + 1;
+  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ws2 = weight.stride(2),
+                ws3 = weight.stride(3);
+  const float* w = weight.const_data_ptr<float>();
+  const FilterPtr filter = cached_filter(weight, p.groups, block_width(k, cout), [&] {
+    return pack_filter(
+        p.groups, cout, cin, ntaps, block_width(k, cout),
+        [&](int64_t g, int64_t o, int64_t c, int64_t t) {
+          return w[(g * cout + o) * ws0 + c * ws1 + (t / p.kw) * ws2 + (t % p.kw) * ws3];
+        });
+  });
+  const Strides os = strides_of(output);
+  float* out = output.mutable_data_ptr<float>();
+  const int64_t step = chunk_samples(p.n, rows * cols * odd_lines(p.c_in, sizeof(float)));
+  for (int64_t n0 = 0; n0 < p.n; n0 += step) {
+    const int64_t count = std::min(step, p.n - n0);
+    const Source src = make_source(input, n0, count, rows, cols, p.ph, p.pw);
+    std::vector<int64_t> taps;
+    for (int64_t t = 0; t < ntaps; ++t)
+      taps.push_back((t / p.kw) * p.dh * src.row + (t % p.kw) * p.dw * src.pix);
+    run_conv(k, src, count, p.groups, cin, cout, p.h_out, p.w_out, p.sh, p.sw, taps, *filter,
+             [&](int64_t n, int64_t g, int64_t o0, int64_t nout, int64_t oy, const float* tile) {
+               const int64_t ocb = block_width(k, cout);
+               float* dst = out + (n0 + n) * os.n + (g * cout + o0) * os.c + oy * os.h;
+               store_row(tile, ocb, p.w_out, nout, dst, os.c, os.w,
+                         scale != nullptr ? scale + g * cout + o0 : nullptr,
+                         bias != nullptr ? bias + g * cout + o0 : nullptr, relu);
+             });
+  }
+}
+
+// grad_input, split by stride phase: the inputs (iy, ix) with (iy + ph) % sh == rh and
+// (ix + pw) % sw == rw receive only the taps with ky * dh % sh == rh and kx * dw % sw == rw, so
+// per phase it is a stride-1 correlation of grad_output (bordered by the filter's reach) with
+// that subset of the filter, flipped in space and transposed in channels: no product with a
+// structural zero between strided outputs. At stride 1 there is one phase with every tap.
+inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad_output,
+                       const at::Tensor& weight, at::Tensor& grad_input) {
+  const Kernels& k = *kernels_for(isa);
+  const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group();
+  const int64_t bh = (p.kh - 1) * p.dh / p.sh, bw = (p.kw - 1) * p.dw / p.sw;
+  struct Phase {
+    int64_t rh, rw, a0, rows, c0, cols;  // iy = (a0 + a) * sh + rh - ph, a < rows; ix alike
+    std::vector<int64_t> ky, kx;         // its taps
+    std::vector<float> filter;
+  };
+  std::vector<Phase> phases;
+  int64_t rows = 0, cols = 0;  // of the bordered grad_output
+  for (int64_t rh = 0; rh < p.sh; ++rh) {
+    for (int64_t rw = 0; rw < p.sw; ++rw) {
+      Phase f{rh, rw, div_up(p.ph - rh, p.sh), 0, div_up(p.pw - rw, p.sw), 0, {}, {}, {}};
+      // First a with iy >= 0 (p.ph - rh may be negative: then a0 = 0 via the clamp below).
+      f.a0 = std::max<int64_t>(0, f.a0), f.c0 = std::max<int64_t>(0, f.c0);
+      const int64_t last_y = p.h - 1 + p.ph - rh, last_x = p.w - 1 + p.pw - rw;
+      f.rows = last_y >= 0 ? last_y / p.sh - f.a0 + 1 : 0;
+      f.cols = last_x >= 0 ? last_x / p.sw - f.c0 + 1 : 0;
+      if (f.rows <= 0 || f.cols <= 0) continue;
+      for (int64_t ky = 0; ky < p.kh; ++ky) {
+        for (int64_t kx = 0; kx < p.kw; ++kx) {
+          if (ky * p.dh % p.sh != rh || kx * p.dw % p.sw != rw) continue;
+          f.ky.push_back(ky);
+          f.kx.push_back(kx);
+        }
+      }
+      rows = std::max(rows, f.a0 + f.rows + bh);
+      cols = std::max(cols, f.c0 + f.cols + bw);
+      phases.push_back(std::move(f));
+    }
+  }
+  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ws2 = weight.stride(2),
+                ws3 = weight.stride(3);
+  const float* w = weight.const_data_ptr<float>();
+  for (Phase& f : phases) {
+    f.filter =
+        pack_filter(p.groups, cin, cout, static_cast<int64_t>(f.ky.size()), block_width(k, cin),
+                    [&](int64_t g, int64_t i, int64_t o, int64_t t) {
+                      return w[(g * cout + o) * ws0 + i * ws1 + f.ky[t] * ws2 + f.kx[t] * ws3];
+                    });
+  }
+  const Strides is = strides_of(grad_input);
+  float* gi = grad_input.mutable_data_ptr<float>();
+  const int64_t icb = block_width(k, cin);
+  const int64_t step = chunk_samples(p.n, rows * cols * odd_lines(p.c_out, sizeof(float)));
+  for (int64_t n0 = 0; n0 < p.n; n0 += step) {
+    const int64_t count = std::min(step, p.n - n0);
+    // Source pixel (ys, xs) is grad_output (ys - bh, xs - bw), zero outside it.
+    const Source src = make_source(grad_output, n0, count, rows, cols, bh, bw);
+    for (const Phase& f : phases) {
+      // Output (a, c) reads grad_output (a0 + a - ky * dh / sh, c0 + c - kx * dw / sw).
+      std::vector<int64_t> taps;
+      for (std::size_t t = 0; t < f.ky.size(); ++t) {
+        taps.push_back((f.a0 - f.ky[t] * p.dh / p.sh + bh) * src.row +
+                       (f.c0 - f.kx[t] * p.dw / p.sw + bw) * src.pix);
+      }
+      run_conv(k, src, count, p.groups, cout, cin, f.rows, f.cols, 1, 1, taps, f.filter,
+               [&](int64_t n, int64_t g, int64_t i0, int64_t nin, int64_t a, const float* tile) {
+                 float* dst = gi + (n0 + n) * is.n + (g * cin + i0) * is.c +
+                              ((f.a0 + a) * p.sh + f.rh - p.ph) * is.h +
+                              (f.c0 * p.sw + f.rw - p.pw) * is.w;
+                 store_row(tile, icb, f.cols, nin, dst, is.c, p.sw * is.w, nullptr, nullptr, false);
+               });
+    }
+  }
+}
+
+// grad_weight[o][c][t] = sum over samples and output pixels of grad_output x input at the tap.
+// A task owns (group, output block, run of input channels) for the whole batch: per group of
+// samples it sums in float registers and memory, then adds the group's sum into a double total,
+// in sample order.
+inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad_output,
+                        const at::Tensor& input, at::Tensor& grad_weight) {
+  const Kernels& k = *kernels_for(isa);
+  const int64_t cin = p.c_in_per_group(), cout = p.c_out_per_group(), ntaps = p.kh * p.kw;
+  const int64_t ocb = block_width(k, cout), blocks = div_up(cout, ocb);
+  const int64_t rows = (p.h_out - 1) * p.sh + (p.kh - 1) * p.dh + 1;
+  const int64_t cols = (p.w_out - 1) * p.sw + (p.kw - 1) * p.dw + 1;
+  const int64_t cgo = p.groups * blocks * ocb;  // packed grad_output channels, zero-padded
+  const int64_t hw = p.h_out * p.w_out;
+  // Channel runs per (group, block) so that every thread has work.
+  const int64_t threads = at::get_num_threads();
+  const int64_t runs =
+      std::clamp<int64_t>(div_up(2 * threads, p.groups * blocks), 1, div_up(cin, 16));
+  const int64_t run_chans = div_up(cin, runs);
+  const int64_t items = p.groups * blocks * runs;
+  // Rows per kernel call: a call's grad_output slice (nrows * wo * ocb floats) stays in L1.
+  const int64_t nrows = std::clamp<int64_t>(4096 / std::max<int64_t>(1, p.w_out * ocb), 1, p.h_out);
+  std::vector<double> total(items * ntaps * run_chans * ocb, 0.0);
+  // Samples summed in float before a double add: ~256 pixels' worth (small planes would
+  // otherwise spend more on the adds than on the products). Fixed by the shape alone.
+  const int64_t flush = std::max<int64_t>(1, 256 / std::max<int64_t>(1, hw));
+
+  const Strides gs = strides_of(grad_output);
+  const float* go = grad_output.const_data_ptr<float>();
+  const int64_t step =
+      chunk_samples(p.n, rows * cols * odd_lines(p.c_in, sizeof(float)) + hw * cgo);
+  std::unique_ptr<float[]> gop(new float[step * hw * cgo]);
+  for (int64_t n0 = 0; n0 < p.n; n0 += step) {
+    const int64_t count = std::min(step, p.n - n0);
+    const Source src = make_source(input, n0, count, rows, cols, p.ph, p.pw);
+    // grad_output as [n][oy][ox][group][block][ocb], zero past each group's channels.
+    at::parallel_for(0, count * p.h_out, cpu_grain(p.w_out * cgo), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / p.h_out, oy = i % p.h_out;
+        float* d = gop.get() + i * p.w_out * cgo;
+        std::fill(d, d + p.w_out * cgo, 0.0f);
+        const float* s = go + (n0 + n) * gs.n + oy * gs.h;
+        for (int64_t g = 0; g < p.groups; ++g) {
+          for (int64_t o = 0; o < cout; ++o) {
+            const float* so = s + (g * cout + o) * gs.c;
+            float* dd = d + g * blocks * ocb + o;
+            for (int64_t ox = 0; ox < p.w_out; ++ox) dd[ox * cgo] = so[ox * gs.w];
+          }
+        }
+      }
+    });
+    std::vector<int64_t> taps;
+    for (int64_t t = 0; t < ntaps; ++t)
+      taps.push_back((t / p.kw) * p.dh * src.row + (t % p.kw) * p.dw * src.pix);
+    const int64_t item_work = count * hw * ntaps * run_chans * ocb;
+    at::parallel_for(0, items, cpu_grain(item_work), [&](int64_t begin, int64_t end) {
+      std::vector<float> part(ntaps * run_chans * ocb);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t r = item % runs, b = item / runs % blocks, g = item / (runs * blocks);
+        const int64_t c0 = r * run_chans, nc = std::min(run_chans, cin - c0);
+        if (nc <= 0) continue;
+        const int64_t nv = div_up(std::min(ocb, cout - b * ocb), k.lanes);
+        double* tot = total.data() + item * ntaps * run_chans * ocb;
+        for (int64_t n = 0; n < count; ++n) {
+          if ((n0 + n) % flush == 0 || n == 0) std::fill(part.begin(), part.end(), 0.0f);
+          for (int64_t oy = 0; oy < p.h_out; oy += nrows) {
+            const GwArgs a{
+                std::min(nrows, p.h_out - oy), p.w_out, p.sh * src.row, p.sw * src.pix, cgo, ocb};
+            const float* gr =
+                gop.get() + ((n * p.h_out + oy) * p.w_out) * cgo + (g * blocks + b) * ocb;
+            const float* xr = src.data + n * src.sample + oy * p.sh * src.row + g * cin + c0;
+            for (int64_t t = 0; t < ntaps; ++t)
+              k.gw_run[nv](a, nc, xr + taps[t], gr, part.data() + t * run_chans * ocb);
+          }
+          if ((n0 + n + 1) % flush == 0 || n + 1 == count) {
+            for (std::size_t j = 0; j < part.size(); ++j) tot[j] += part[j];
+          }
+        }
+      }
+    });
+  }
+  // Unpack into the weight's shape, contiguous: [C_out][C_in / groups][kh][kw], one item's
+  // L2-sized block at a time, writing each output channel's run of (channel, tap) in order.
+  float* gw = grad_weight.mutable_data_ptr<float>();
+  const int64_t item_size = ntaps * run_chans * ocb;
+  at::parallel_for(0, items, cpu_grain(item_size), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item % runs, b = item / runs % blocks, g = item / (runs * blocks);
+      const int64_t c0 = r * run_chans, nc = std::min(run_chans, cin - c0);
+      const int64_t nout = std::min(ocb, cout - b * ocb);
+      const double* tot = total.data() + item * item_size;
+      for (int64_t o = 0; o < nout; ++o) {
+        float* dst = gw + ((g * cout + b * ocb + o) * cin + c0) * ntaps;
+        for (int64_t ci = 0; ci < nc; ++ci) {
+          for (int64_t t = 0; t < ntaps; ++t)
+            dst[ci * ntaps + t] = static_cast<float>(tot[(t * run_chans + ci) * ocb + o]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace cnnext::nhwc

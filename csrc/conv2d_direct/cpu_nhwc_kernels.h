@@ -1,0 +1,221 @@
+// Register-blocked microkernels of the NHWC direct convolution (cpu_nhwc.h), written once and
+// compiled once per ISA: cpu_nhwc.h includes this file twice, with CNNEXT_NHWC_ISA (namespace),
+// CNNEXT_NHWC_VEC (a vector struct of common/cpu_vec.h) and CNNEXT_NHWC_TARGET defined. Each
+// function carries the target attribute itself: GCC refuses to inline an intrinsic into a
+// function of another target, even one that is later inlined into the right one.
+// The kernel template has no include guard, on purpose; the argument structs have one.
+
+#include <algorithm>
+#include <cstdint>
+
+#ifndef CNNEXT_NHWC_ARGS
+#define CNNEXT_NHWC_ARGS
+namespace cnnext::nhwc {
+
+// The conv kernel reduces over channel blocks of this many channels, all taps of one block
+// before the next: a block of a 3-row window of 12-16 pixels stays in L1 (deep layers' whole
+// windows do not: ResNet layer3, 3 x 16 pixels x 256 channels, is 48 KiB).
+constexpr int64_t kChanBlock = 64;
+
+struct ConvArgs {
+  const int64_t* taps;  // offsets of the filter taps from the window origin, in floats
+  int64_t ntaps, chans;
+  int64_t xstep;  // floats from one output pixel's window to the next one's
+  // Filter value (t, c, o) of channel block cb = c / kChanBlock, holding nb channels, sits at
+  // w[(cb * kChanBlock * ntaps + t * nb + c % kChanBlock) * ocb + o].
+  const float* w;
+  int64_t ocb;
+};
+
+struct GwArgs {
+  int64_t nrows, wo;
+  int64_t xrow, xstep;  // floats between output rows' and output pixels' windows
+  int64_t gstep;        // floats between grad_output pixels
+  int64_t ocb;
+};
+
+}  // namespace cnnext::nhwc
+#endif
+
+namespace cnnext::nhwc::CNNEXT_NHWC_ISA {
+
+using V = CNNEXT_NHWC_VEC;
+using Reg = V::Reg;
+constexpr int kLanes = V::kLanes;
+
+#define CNNEXT_NHWC_FN CNNEXT_NHWC_TARGET inline __attribute__((always_inline))
+
+// out[j * ocb + o] = sum over taps t and channels c of x[j * xstep + taps[t] + c] * w(t, c, o)
+// for RB output pixels j and NV vectors of output channels o: RB * NV accumulators, one broadcast
+// input value (an FMA's memory operand) per FMA, NV filter loads per channel and tap.
+template <int NV, int RB>
+CNNEXT_NHWC_FN void conv_block(const ConvArgs& a, const float* x, float* out) {
+  Reg acc[RB][NV];
+  for (int j = 0; j < RB; ++j) {
+    for (int v = 0; v < NV; ++v) acc[j][v] = V::zero();
+  }
+  // Pixel j = 3m + r is read at base[m] + r * xstep: one base register per three pixels, the
+  // rest in the address (index * 4 or * 8), which leaves the loop enough general registers.
+  constexpr int kBases = (RB + 2) / 3;
+  const int64_t xstep = a.xstep;
+  const float* w = a.w;
+  for (int64_t c0 = 0; c0 < a.chans; c0 += kChanBlock) {
+    const int64_t nc = std::min<int64_t>(kChanBlock, a.chans - c0);
+    for (int64_t t = 0; t < a.ntaps; ++t) {
+      const float* base[kBases];
+      for (int m = 0; m < kBases; ++m) base[m] = x + a.taps[t] + c0 + 3 * m * xstep;
+      for (int64_t c = 0; c < nc; ++c, w += a.ocb) {
+        Reg wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = V::load(w + v * kLanes);
+        for (int j = 0; j < RB; ++j) {
+          const Reg b = V::broadcast(base[j / 3] + (j % 3) * xstep);
+          for (int v = 0; v < NV; ++v) acc[j][v] = V::fma(wv[v], b, acc[j][v]);
+        }
+        for (int m = 0; m < kBases; ++m) ++base[m];
+      }
+    }
+  }
+  for (int j = 0; j < RB; ++j) {
+    for (int v = 0; v < NV; ++v) V::store(out + j * a.ocb + v * kLanes, acc[j][v]);
+  }
+}
+
+template <int NV, int R>
+CNNEXT_NHWC_FN void conv_tail(int64_t rem, const ConvArgs& a, const float* x, float* out) {
+  if constexpr (R > 0) {
+    if (rem == R) return conv_block<NV, R>(a, x, out);
+    conv_tail<NV, R - 1>(rem, a, x, out);
+  }
+}
+
+// One output row of `wo` pixels in the fewest blocks of at most RB, sizes differing by at most
+// one: 14 pixels run as 7 + 7, not 12 + 2 (a 2-pixel block does 2 FMAs per filter load).
+template <int NV, int RB>
+CNNEXT_NHWC_TARGET void conv_row(const ConvArgs& a, const float* x, int64_t wo, float* out) {
+  const int64_t blocks = (wo + RB - 1) / RB, size = wo / blocks, longer = wo % blocks;
+  int64_t ox = 0;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t rb = size + (i < longer ? 1 : 0);
+    if (rb == RB) {
+      conv_block<NV, RB>(a, x + ox * a.xstep, out + ox * a.ocb);
+    } else {
+      conv_tail<NV, RB - 1>(rb, a, x + ox * a.xstep, out + ox * a.ocb);
+    }
+    ox += rb;
+  }
+}
+
+// conv_block over RB pixels anywhere in the plane, pixel j's window at x + pix[j]: planes
+// narrower than a register block (ResNet's 7x7 and 4x4) run as one sequence of pixels, not as
+// short rows. One pointer per pixel: the loop spills a register or two, still FMA-bound.
+template <int NV, int RB>
+CNNEXT_NHWC_FN void conv_gather_block(const ConvArgs& a, const float* x, const int64_t* pix,
+                                      float* out) {
+  Reg acc[RB][NV];
+  for (int j = 0; j < RB; ++j) {
+    for (int v = 0; v < NV; ++v) acc[j][v] = V::zero();
+  }
+  const float* w = a.w;
+  for (int64_t c0 = 0; c0 < a.chans; c0 += kChanBlock) {
+    const int64_t nc = std::min<int64_t>(kChanBlock, a.chans - c0);
+    for (int64_t t = 0; t < a.ntaps; ++t) {
+      const float* px[RB];
+      for (int j = 0; j < RB; ++j) px[j] = x + pix[j] + a.taps[t] + c0;
+      for (int64_t c = 0; c < nc; ++c, w += a.ocb) {
+        Reg wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = V::load(w + v * kLanes);
+        for (int j = 0; j < RB; ++j) {
+          const Reg b = V::broadcast(px[j] + c);
+          for (int v = 0; v < NV; ++v) acc[j][v] = V::fma(wv[v], b, acc[j][v]);
+        }
+      }
+    }
+  }
+  for (int j = 0; j < RB; ++j) {
+    for (int v = 0; v < NV; ++v) V::store(out + j * a.ocb + v * kLanes, acc[j][v]);
+  }
+}
+
+template <int NV, int R>
+CNNEXT_NHWC_FN void gather_tail(int64_t rem, const ConvArgs& a, const float* x, const int64_t* pix,
+                                float* out) {
+  if constexpr (R > 0) {
+    if (rem == R) return conv_gather_block<NV, R>(a, x, pix, out);
+    gather_tail<NV, R - 1>(rem, a, x, pix, out);
+  }
+}
+
+// `npix` pixels of a plane (windows at x + pix[j]) in balanced blocks, as conv_row.
+template <int NV, int RB>
+CNNEXT_NHWC_TARGET void conv_plane(const ConvArgs& a, const float* x, const int64_t* pix,
+                                   int64_t npix, float* out) {
+  const int64_t blocks = (npix + RB - 1) / RB, size = npix / blocks, longer = npix % blocks;
+  int64_t j = 0;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t rb = size + (i < longer ? 1 : 0);
+    if (rb == RB) {
+      conv_gather_block<NV, RB>(a, x, pix + j, out + j * a.ocb);
+    } else {
+      gather_tail<NV, RB - 1>(rb, a, x, pix + j, out + j * a.ocb);
+    }
+    j += rb;
+  }
+}
+
+// acc[i * ocb + o] += sum over rows r < nrows and columns q < wo of
+//   x[r * xrow + q * xstep + i] * go[(r * wo + q) * gstep + o]
+// for RC input channels i and NV vectors of output channels o (grad_weight of one tap): the
+// same register block as conv_block with the roles of pixels and channels swapped.
+template <int NV, int RC>
+CNNEXT_NHWC_FN void gw_block(const GwArgs& a, const float* x, const float* go, float* acc_mem) {
+  Reg acc[RC][NV];
+  for (int i = 0; i < RC; ++i) {
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::load(acc_mem + i * a.ocb + v * kLanes);
+  }
+  for (int64_t r = 0; r < a.nrows; ++r) {
+    const float* __restrict__ xr = x + r * a.xrow;
+    const float* __restrict__ gr = go + r * a.wo * a.gstep;
+    for (int64_t q = 0; q < a.wo; ++q) {
+      Reg gv[NV];
+      for (int v = 0; v < NV; ++v) gv[v] = V::load(gr + q * a.gstep + v * kLanes);
+      for (int i = 0; i < RC; ++i) {
+        const Reg b = V::broadcast(xr + q * a.xstep + i);
+        for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(gv[v], b, acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < RC; ++i) {
+    for (int v = 0; v < NV; ++v) V::store(acc_mem + i * a.ocb + v * kLanes, acc[i][v]);
+  }
+}
+
+template <int NV, int R>
+CNNEXT_NHWC_FN void gw_tail(int64_t rem, const GwArgs& a, const float* x, const float* go,
+                            float* acc) {
+  if constexpr (R > 0) {
+    if (rem == R) return gw_block<NV, R>(a, x, go, acc);
+    gw_tail<NV, R - 1>(rem, a, x, go, acc);
+  }
+}
+
+// `chans` input channels from x[0] on, in the fewest blocks of at most RC, balanced as in
+// conv_row.
+template <int NV, int RC>
+CNNEXT_NHWC_TARGET void gw_run(const GwArgs& a, int64_t chans, const float* x, const float* go,
+                               float* acc) {
+  const int64_t blocks = (chans + RC - 1) / RC, size = chans / blocks, longer = chans % blocks;
+  int64_t c = 0;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t rc = size + (i < longer ? 1 : 0);
+    if (rc == RC) {
+      gw_block<NV, RC>(a, x + c, go, acc + c * a.ocb);
+    } else {
+      gw_tail<NV, RC - 1>(rc, a, x + c, go, acc + c * a.ocb);
+    }
+    c += rc;
+  }
+}
+
+#undef CNNEXT_NHWC_FN
+
+}  // namespace cnnext::nhwc::CNNEXT_NHWC_ISA
