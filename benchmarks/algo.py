@@ -5,30 +5,27 @@ For each layer shape it validates cnnext's ``direct`` and ``im2col`` convolution
 ``F.conv2d`` (output and gradients), then times forward and forward+backward of both, with
 ``F.conv2d`` (oneDNN) measured in the same run as the baseline, and prints ms, GFLOP/s, the
 ratio to torch, the faster cnnext algorithm and what the heuristic picks. Cases, validation and
-timing come from ``common.py``.
+timing come from the benchmarks package.
 
-Usage::
+Usage, from the repository root (which then also provides the checkout's cnnext)::
 
-    python benchmarks/algo.py [--quick] [--threads N] [--min-time S] [--layers REGEX]
-
-Run it from the repository root with ``PYTHONPATH=.`` to time the checkout's build (the script's
-own folder comes first on ``sys.path``, so a plain run imports whichever cnnext is installed).
+    python -m benchmarks.algo [--quick] [--threads N] [--min-time S] [--layers REGEX]
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
 
 import cnnext
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import ConvLayer  # noqa: E402
+from benchmarks.cases.conv import conv_case
+from benchmarks.config import PASSES, Plan, Spec
+from benchmarks.shapes import ConvLayer
+from benchmarks.timing import time_case
+from benchmarks.validate import validate
 
 
 def _layer(name: str, c_in: int, size: int, c_out: int, k: int, stride: int = 1,
@@ -78,15 +75,15 @@ QUICK = ["lenet.conv2", "c16k3", "c64k3 resnet layer1", "c256k3 resnet layer3", 
 def measure(layer: ConvLayer, n: int, threads: int, min_run_time: float, rounds: int) -> dict:
     """Per pass, per implementation (``torch``, ``direct``, ``im2col``): median ms; and what
     ``algo="auto"`` picks."""
-    plan = common.Plan("cpu")
+    plan = Plan("cpu")
     times: dict[str, dict[str, float]] = {}
     pick = None
-    for pass_ in common.PASSES:
-        case = common.conv_case(common.Spec("conv", "conv2d", layer, n, pass_), plan,
+    for pass_ in PASSES:
+        case = conv_case(Spec("conv", "conv2d", layer, n, pass_), plan,
                                 ("direct", "im2col"))  # fmt: skip
         case.impls = [i for i in case.impls if i.name != "torch.im2col"]
-        common.validate(case)
-        timed = common.time_case(case, plan, threads, min_run_time, rounds, None)
+        validate(case)
+        timed = time_case(case, plan, threads, min_run_time, rounds, None)
         names = {"oneDNN": "torch", "cnnext.direct": "direct", "cnnext.im2col": "im2col"}
         times[pass_] = {names[k]: m.median * 1e3 for k, m in timed.items()}
         pick = case.extra.get("auto_pick")
