@@ -178,6 +178,10 @@ def emu_extension(boost: bool, sanitize: str) -> CppExtension:
     ``cnnext._C_emu_asan`` / ``_C_emu_tsan``, a separate module beside the normal one (selected
     at import time by ``CNNEXT_EMULATOR=asan|tsan``), so the normal emulator stays fast."""
     flags = ["-O2", "-fopenmp", "-DCNNEXT_CUDA_EMULATION", "-Wall", "-Wno-unused-function"]
+    # Hidden by default: the emulator defines the same cnnext:: functions as cnnext._C (the .cu
+    # sources under other bodies), and with RTLD_GLOBAL the dynamic linker would bind one
+    # module's calls to the other's. Only PyInit_* (PyMODINIT_FUNC) stays exported.
+    flags.append("-fvisibility=hidden")
     link = ["-fopenmp"]
     if boost:
         flags.append("-DCNNEXT_EMU_BOOST")
