@@ -136,18 +136,20 @@ def choose(
         that is not 4D, an input that is not 3D or 4D, a stride or dilation below 1) get
         ``("direct", "auto")``: the op then raises its own error.
     """
-    if not _plausible(input, weight, stride, dilation):
+    # Every call of an "auto" convolution runs this: shapes are read once (a few microseconds
+    # count on small layers), the emulator is asked about only while it is on.
+    wshape, ishape = weight.shape, input.shape
+    if len(wshape) != 4 or len(ishape) not in (3, 4) or min(stride) < 1 or min(dilation) < 1:
         return ("direct", "auto")  # the op refuses these arguments, naming them
-    c_out, c_per_group, kh, kw = weight.shape
-    h_out = (input.shape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (input.shape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    pixels = h_out * w_out
-    if input.device.type == "cuda" or _backend.use_emulator(input):
+    c_out, c_per_group, kh, kw = wshape
+    if input.is_cuda or (_backend._emulating and input.device.type == "cpu"):
         gemm = (
             kh == 1
             and kw == 1
-            and tuple(stride) == (1, 1)
-            and tuple(padding) == (0, 0)
+            and stride[0] == 1
+            and stride[1] == 1
+            and padding[0] == 0
+            and padding[1] == 0
             and groups == 1
             and c_per_group >= CUDA_IM2COL_MIN_CHANNELS
             and c_out >= CUDA_IM2COL_MIN_CHANNELS
@@ -155,11 +157,11 @@ def choose(
         return ("im2col", "auto") if gemm else ("direct", "auto")
     if groups > 1:
         return ("direct", "auto")
-    if (
-        (kh == 1 and kw == 1)
-        or pixels < CPU_DIRECT_MIN_PIXELS
-        or c_per_group < CPU_DIRECT_MIN_CHANNELS
-    ):
+    if (kh == 1 and kw == 1) or c_per_group < CPU_DIRECT_MIN_CHANNELS:
+        return ("im2col", "auto")
+    h_out = (ishape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (ishape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if h_out * w_out < CPU_DIRECT_MIN_PIXELS:
         return ("im2col", "auto")
     return ("direct", "auto")
 
@@ -275,7 +277,7 @@ def select(
 ) -> Choice:
     """``algo="auto"`` resolved: the autotuned choice when the autotuner is on (timing it now if
     the key is new and we are not compiling), else ``choose``."""
-    if not _autotune or not _plausible(input, weight, stride, dilation):
+    if not _autotune or not _plausible(input, weight, stride, dilation):  # (short-circuits)
         return choose(input, weight, stride, padding, dilation, groups)
     # Which gradients backward will compute: training and inference are timed separately.
     enabled = torch.is_grad_enabled()

@@ -86,6 +86,11 @@ def _ints(value: object, name: str, op: str, allow_empty: bool = False) -> tuple
 def _pair(value: object, name: str, op: str) -> tuple[int, int]:
     """torch.nn.functional's rule for a 2D argument: an int or a sequence of one or two ints.
     Other lengths raise ``ArgumentError``, other types TypeError."""
+    # Fast paths for the common forms: a call's host cost matters on small layers.
+    if type(value) is int:
+        return (value, value)
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is type(value[1]) is int:
+        return value  # type: ignore[return-value]
     ints = _ints(value, name, op)
     if len(ints) not in (1, 2):
         raise ArgumentError(f"{op}: expected {name} to be an int or a pair of ints, got {value}")
