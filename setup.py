@@ -7,7 +7,9 @@
   namespace. It needs neither nvcc nor a CUDA torch. ``CNNEXT_EMU=0`` skips it.
 - ``CNNEXT_EMU_SANITIZE=address|thread`` builds ``cnnext._C_emu_asan`` / ``_C_emu_tsan``, the
   emulator under AddressSanitizer or ThreadSanitizer, beside the normal one (tests only; load
-  it with ``CNNEXT_EMULATOR=asan|tsan`` and the sanitizer runtime preloaded).
+  it with ``CNNEXT_EMULATOR=asan|tsan`` and the sanitizer runtime preloaded). They are built in
+  build/lib-address / build/lib-thread, and a wheel or a non-editable install carries only
+  ``_C`` and ``_C_emu`` (``BuildPy`` drops other extension modules from build/lib).
 
 Install with ``pip install --no-build-isolation -e .`` so the installed torch is used.
 """
@@ -19,9 +21,11 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
@@ -179,6 +183,10 @@ def emu_extension(boost: bool, sanitize: str) -> CppExtension:
     ``cnnext._C_emu_asan`` / ``_C_emu_tsan``, a separate module beside the normal one (selected
     at import time by ``CNNEXT_EMULATOR=asan|tsan``), so the normal emulator stays fast."""
     flags = ["-O2", "-fopenmp", "-DCNNEXT_CUDA_EMULATION", "-Wall", "-Wno-unused-function"]
+    # Hidden by default: the emulator defines the same cnnext:: functions as cnnext._C (the .cu
+    # sources under other bodies), and with RTLD_GLOBAL the dynamic linker would bind one
+    # module's calls to the other's. Only PyInit_* (PyMODINIT_FUNC) stays exported.
+    flags.append("-fvisibility=hidden")
     link = ["-fopenmp"]
     if boost:
         flags.append("-DCNNEXT_EMU_BOOST")
@@ -259,15 +267,46 @@ class Build(BuildExtension):
     ninja rebuilds only what changed."""
 
     def finalize_options(self) -> None:  # noqa: D102
+        tag = os.environ.get("CNNEXT_EMU_SANITIZE", "")
         if self.build_temp is None:
-            tag = os.environ.get("CNNEXT_EMU_SANITIZE", "")
             self.build_temp = str(ROOT / "build" / (f"temp-{tag}" if tag else "temp"))
+        if tag and self.build_lib is None:
+            # Not build/lib: what is there goes into a wheel (see BuildPy).
+            self.build_lib = str(ROOT / "build" / f"lib-{tag}")
         super().finalize_options()
 
     def run(self) -> None:  # noqa: D102
         if shutil.which("ninja") is None:
             self.use_ninja = False
         super().run()
+
+
+def extension_file(name: str) -> str:
+    """``cnnext._C`` -> ``cnnext/_C.cpython-311-x86_64-linux-gnu.so``."""
+    return name.replace(".", "/") + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+
+
+class BuildPy(build_py):
+    """build_py that also removes, from the build folder a wheel is packed from, the extension
+    modules this build does not make: the sanitizer builds of the emulator (38 MB) that older
+    checkouts left in build/lib, or a _C_emu from a build with the emulator on. A wheel or a
+    non-editable ``pip install .`` then carries exactly the ext_modules of this build."""
+
+    def run(self) -> None:  # noqa: D102
+        super().run()
+        build_lib = Path(self.build_lib).resolve()
+        if getattr(self, "editable_mode", False) or build_lib == ROOT:
+            return  # the source tree itself: its sanitizer modules serve the tests
+        for stale in stale_extension_files(build_lib, self.distribution.ext_modules or []):
+            stale.unlink()
+
+
+def stale_extension_files(build_lib: Path, ext_modules: list) -> list[Path]:
+    """Extension modules under ``build_lib/cnnext`` that ``ext_modules`` does not build."""
+    keep = {build_lib / extension_file(ext.name) for ext in ext_modules}
+    suffixes = (".so", ".pyd", ".dylib")
+    found = (p for p in (build_lib / "cnnext").glob("*") if p.name.endswith(suffixes))
+    return sorted(p for p in found if p not in keep)
 
 
 setup(
@@ -277,7 +316,7 @@ setup(
     "pooling, fused Conv+BN+ReLU, on CPU and CUDA",
     packages=find_packages(include=["cnnext", "cnnext.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build.with_options(use_ninja=True), "build_py": BuildPy},
     python_requires=">=3.10",
     install_requires=["torch"],
     zip_safe=False,

@@ -12,10 +12,16 @@ The heuristic (see ``choose`` for the thresholds and the measurements behind the
   for ``groups == 1`` layers with a large output plane (>= 256 pixels) and >= 8 input
   channels; im2col (BLAS GEMMs) for 1x1 kernels, small output planes and first layers with
   1-7 input channels.
-* CUDA (measured on an H100): im2col (cuBLAS) for ``groups == 1`` with a reduction
-  C_in/groups*kH*kW and C_out both >= 32, whatever the batch or plane size; the shared-memory
-  tiled direct kernel for grouped/depthwise layers, first layers (reduction < 32) and layers
-  with fewer than 32 output channels.
+* CUDA (reasoned, not yet measured): im2col (cuBLAS) only where im2col is a plain GEMM with
+  no column buffer, a 1x1 kernel with stride 1 and no padding, ungrouped, with C_in and C_out
+  both >= 32; the direct kernel (variant ``"auto"``: the implicit-GEMM kernel) for everything
+  else.
+
+This is the one rule: ``cnnext.ops.conv2d``, ``cnnext.ops.conv_bn_relu``, ``cnnext.nn.Conv2d``
+and ``cnnext.nn.ConvBNReLU2d`` all resolve ``"auto"`` here (``select``) before calling an op.
+The fused op's C++ ``resolve_algo`` mirrors it only for direct ``torch.ops.cnnext`` calls with
+``algo="auto"`` (csrc/conv_bn_relu/cpu.cpp, cuda.cu); tests/test_algo_rule.py holds all of
+them to ``choose``.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ AUTOTUNE_REPEATS = 3
 def set_autotune(enabled: bool) -> None:
     """Time the convolution algorithms on the first call with each new shape key and reuse the
     fastest afterwards (like ``torch.backends.cudnn.benchmark``). Off by default; only
-    ``algo="auto"`` calls (``cnnext.nn.Conv2d`` and converted models) are affected."""
+    ``algo="auto"`` calls are affected (the default of ``cnnext.ops.conv2d``,
+    ``cnnext.ops.conv_bn_relu``, the modules and converted models)."""
     global _autotune
     _autotune = bool(enabled)
 
@@ -94,15 +101,18 @@ def _device_kind(input: torch.Tensor) -> str:
 # boundaries (ResNet layer1 at 28x28, LeNet conv2) the two are within the run-to-run noise.
 CPU_DIRECT_MIN_PIXELS = 256  # H_out * W_out
 CPU_DIRECT_MIN_CHANNELS = 8  # C_in / groups
-# CUDA thresholds, measured on an H100 (benchmarks/results/cuda-2026-11-22.md: fp32 and fp16,
-# batch 1 and 32, direct.tiled, direct.naive and im2col side by side). cuBLAS (im2col) wins the
-# forward of every ungrouped layer with a reduction K = C_in/groups*kH*kW of 32 or more, by 3-100x
-# on deep layers (ResNet layer4 at 4x4, batch 1: 0.034 vs 3.2 ms); the direct kernels win first
-# layers (K = 25-27: 0.012 vs 0.020-0.038 ms) and, forward+backward, layers with C_out < 32
-# (LeNet conv2 at batch 32: 0.44 vs 1.9 ms). That run predates the single-GEMM NCHW grad_weight
-# of im2col's backward (one GEMM per sample then), so the C_out bound wants re-measuring.
-CUDA_IM2COL_MIN_REDUCTION = 32
-CUDA_IM2COL_MIN_C_OUT = 32
+# CUDA: reasoned, not yet measured on a GPU. An earlier H100 run (benchmarks/results/
+# cuda-2026-11-22.md) found cuBLAS 3-100x faster than the old direct kernels on every deep layer,
+# but those kernels were plain FMA loops; the implicit-GEMM direct kernel builds no column buffer
+# and fuses the epilogue, so im2col keeps only the case where it is a plain GEMM on the input
+# itself (a 1x1 kernel, stride 1, no padding, groups 1) with both GEMM dimensions worth cuBLAS's
+# tiles. Re-measure with benchmarks/algo.py on a GPU before trusting the bound.
+CUDA_IM2COL_MIN_CHANNELS = 32  # C_in and C_out of a 1x1 layer
+
+
+def _plausible(input: torch.Tensor, weight: torch.Tensor, stride: Pair, dilation: Pair) -> bool:
+    """Whether the rule can read these shapes; the op refuses the others with its own error."""
+    return weight.dim() == 4 and input.dim() in (3, 4) and min(stride) > 0 and min(dilation) > 0
 
 
 def choose(
@@ -122,28 +132,36 @@ def choose(
         stride, padding, dilation: pairs; groups: int.
 
     Returns:
-        ``("direct", "tiled")`` / ``("direct", "auto")`` or ``("im2col", "auto")``.
+        ``("direct", "auto")`` or ``("im2col", "auto")``. Arguments the ops refuse (a weight
+        that is not 4D, an input that is not 3D or 4D, a stride or dilation below 1) get
+        ``("direct", "auto")``: the op then raises its own error.
     """
-    c_out, c_per_group, kh, kw = weight.shape
-    reduction = c_per_group * kh * kw
-    h_out = (input.shape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (input.shape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    pixels = h_out * w_out
-    if input.device.type == "cuda" or _backend.use_emulator(input):
-        if (
-            groups == 1
-            and reduction >= CUDA_IM2COL_MIN_REDUCTION
-            and c_out >= CUDA_IM2COL_MIN_C_OUT
-        ):
-            return ("im2col", "auto")
-        return ("direct", "tiled")
+    # Every call of an "auto" convolution runs this: shapes are read once (a few microseconds
+    # count on small layers), the emulator is asked about only while it is on.
+    wshape, ishape = weight.shape, input.shape
+    if len(wshape) != 4 or len(ishape) not in (3, 4) or min(stride) < 1 or min(dilation) < 1:
+        return ("direct", "auto")  # the op refuses these arguments, naming them
+    c_out, c_per_group, kh, kw = wshape
+    if input.is_cuda or (_backend._emulating and input.device.type == "cpu"):
+        gemm = (
+            kh == 1
+            and kw == 1
+            and stride[0] == 1
+            and stride[1] == 1
+            and padding[0] == 0
+            and padding[1] == 0
+            and groups == 1
+            and c_per_group >= CUDA_IM2COL_MIN_CHANNELS
+            and c_out >= CUDA_IM2COL_MIN_CHANNELS
+        )
+        return ("im2col", "auto") if gemm else ("direct", "auto")
     if groups > 1:
         return ("direct", "auto")
-    if (
-        (kh == 1 and kw == 1)
-        or pixels < CPU_DIRECT_MIN_PIXELS
-        or c_per_group < CPU_DIRECT_MIN_CHANNELS
-    ):
+    if (kh == 1 and kw == 1) or c_per_group < CPU_DIRECT_MIN_CHANNELS:
+        return ("im2col", "auto")
+    h_out = (ishape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (ishape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if h_out * w_out < CPU_DIRECT_MIN_PIXELS:
         return ("im2col", "auto")
     return ("direct", "auto")
 
@@ -259,7 +277,7 @@ def select(
 ) -> Choice:
     """``algo="auto"`` resolved: the autotuned choice when the autotuner is on (timing it now if
     the key is new and we are not compiling), else ``choose``."""
-    if not _autotune:
+    if not _autotune or not _plausible(input, weight, stride, dilation):  # (short-circuits)
         return choose(input, weight, stride, padding, dilation, groups)
     # Which gradients backward will compute: training and inference are timed separately.
     enabled = torch.is_grad_enabled()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _algo, ops
+from . import ops
 
 __all__: list[str] = ["AvgPool2d", "Conv2d", "ConvBNReLU2d", "MaxPool2d"]
 
@@ -261,21 +261,11 @@ class Conv2d(nn.Conv2d):
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
-        elif isinstance(self.padding, str):
-            # [left_w, right_w, top_h, bottom_h]; right/bottom carry the odd extra, if any.
-            left_w, right_w, top_h, bottom_h = self._reversed_padding_repeated_twice
-            if right_w != left_w or bottom_h != top_h:
-                input = F.pad(input, [0, right_w - left_w, 0, bottom_h - top_h])
-            padding = (top_h, left_w)
         else:
-            padding = self.padding
-        stride, dilation = self.stride, self.dilation
-        if self.algo == "auto":
-            algo, variant = _algo.select(input, weight, stride, padding, dilation, self.groups)
-        else:
-            algo, variant = self.algo, "auto"
+            padding = self.padding  # ints, or 'same' / 'valid' (ops.conv2d follows torch)
+        # algo "auto" is resolved by ops.conv2d with the one rule (cnnext._algo.select).
         return ops.conv2d(
-            input, weight, bias, stride, padding, dilation, self.groups, algo, variant
+            input, weight, bias, self.stride, padding, self.dilation, self.groups, self.algo
         )
 
     def extra_repr(self) -> str:  # noqa: D102
@@ -405,11 +395,7 @@ class ConvBNReLU2d(nn.Sequential):
                 factor = bn.momentum
         bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
         use_running = not bn.training or bn.track_running_stats
-        algo = self.algo
-        if algo == "auto":  # as cnnext.nn.Conv2d: the heuristic, or the autotuner when on
-            algo = _algo.select(
-                input, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups
-            )[0]
+        # algo "auto" is resolved by ops.conv_bn_relu with the one rule (cnnext._algo.select).
         return ops.conv_bn_relu(
             input,
             conv.weight,
@@ -425,7 +411,7 @@ class ConvBNReLU2d(nn.Sequential):
             conv.padding,  # type: ignore[arg-type]
             conv.dilation,
             conv.groups,
-            algo=algo,
+            algo=self.algo,
         )
 
     def extra_repr(self) -> str:

@@ -3,12 +3,14 @@ Each is differentiable through its op's C++ autograd (see ``cnnext.autograd``)."
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from . import _backend
-from ._shapes import conv_output_size, pair
+from . import _algo, _backend
+from ._shapes import conv_output_size
 from .autograd import conv2d_forward
 
 __all__ = [
@@ -52,10 +54,62 @@ def get_im2col_workspace_limit() -> int:
 IntPair = int | Sequence[int]
 
 
-def _stride(stride: IntPair | None, kernel: tuple[int, int], op: str = "cnnext") -> tuple[int, int]:
-    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+class ArgumentError(RuntimeError, ValueError):
+    """A sequence argument of the wrong length. A RuntimeError, as torch.nn.functional raises
+    for it, and a ValueError, as cnnext raised before."""
+
+
+class RankError(RuntimeError, IndexError):
+    """An input of too few dimensions for ``avg_pool2d``: torch's ``F.avg_pool2d`` raises an
+    IndexError there (its RuntimeError for other ranks); cnnext's checks raise RuntimeErrors."""
+
+
+def _int(value: object, name: str, op: str) -> int:
+    """``value`` as an int, as torch's argument parser takes it (ints, 0-d integer tensors,
+    numpy ints, SymInts; never bools or floats), else a TypeError."""
+    if isinstance(value, torch.SymInt):
+        return value  # type: ignore[return-value]
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise TypeError(f"{op}: expected {name} to be an int, got {type(value).__name__}")
+
+
+def _ints(value: object, name: str, op: str, allow_empty: bool = False) -> tuple[int, ...]:
+    """An int or a sequence of ints as a tuple (one int: a 1-tuple), else a TypeError."""
+    if isinstance(value, (list, tuple, torch.Size)):
+        return tuple(_int(v, name, op) for v in value)
+    return (_int(value, name, op),)
+
+
+def _pair(value: object, name: str, op: str) -> tuple[int, int]:
+    """torch.nn.functional's rule for a 2D argument: an int or a sequence of one or two ints.
+    Other lengths raise ``ArgumentError``, other types TypeError."""
+    # Fast paths for the common forms: a call's host cost matters on small layers.
+    if type(value) is int:
+        return (value, value)
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is type(value[1]) is int:
+        return value  # type: ignore[return-value]
+    ints = _ints(value, name, op)
+    if len(ints) not in (1, 2):
+        raise ArgumentError(f"{op}: expected {name} to be an int or a pair of ints, got {value}")
+    return (ints[0], ints[-1])
+
+
+def _pool_stride(stride: object, kernel: tuple[int, int], op: str) -> tuple[int, int]:
+    """Pooling's stride: None or an empty sequence means the kernel size."""
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
         return kernel
-    return pair(stride, "stride", op)
+    return _pair(stride, "stride", op)
+
+
+def _bool(value: object, name: str, op: str) -> bool:
+    """torch's pooling functions take only real bools for their flags (TypeError otherwise)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: expected {name} to be a bool, got {type(value).__name__}")
+    return value
 
 
 # ---- pooling ------------------------------------------------------------------------------------
@@ -84,8 +138,14 @@ def max_pool2d(
         ``Tensor[N, C, H_out, W_out]`` (in the input's memory format), and the argmax if asked.
     """
     op = "cnnext.max_pool2d"
-    k = pair(kernel_size, "kernel_size", op)
-    args = (k, _stride(stride, k, op), pair(padding, "padding", op), pair(dilation, "dilation", op))
+    k = _pair(kernel_size, "kernel_size", op)
+    args = (
+        k,
+        _pool_stride(stride, k, op),
+        _pair(padding, "padding", op),
+        _pair(dilation, "dilation", op),
+    )
+    ceil_mode = _bool(ceil_mode, "ceil_mode", op)
     ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
     output, argmax = ns.max_pool2d_with_argmax(input, *args, ceil_mode)
     return (output, argmax) if return_indices else output
@@ -113,8 +173,17 @@ def avg_pool2d(
         ``Tensor[N, C, H_out, W_out]`` in the input's memory format.
     """
     op = "cnnext.avg_pool2d"
-    k = pair(kernel_size, "kernel_size", op)
-    args = (k, _stride(stride, k, op), pair(padding, "padding", op), ceil_mode)
+    if input.dim() < 3:
+        raise RankError(
+            "cnnext::avg_pool2d: expected input to be a 3D or 4D tensor, got "
+            f"{input.dim()}D with shape {list(input.shape)}"
+        )
+    k = _pair(kernel_size, "kernel_size", op)
+    args = (k, _pool_stride(stride, k, op), _pair(padding, "padding", op))
+    args += (_bool(ceil_mode, "ceil_mode", op),)
+    count_include_pad = _bool(count_include_pad, "count_include_pad", op)
+    if divisor_override is not None:
+        divisor_override = _int(divisor_override, "divisor_override", op)
     ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
     return ns.avg_pool2d(input, *args, count_include_pad, divisor_override)
 
@@ -122,15 +191,46 @@ def avg_pool2d(
 # ---- convolution (direct and im2col) ------------------------------------------------------------
 
 
+def _conv_padding(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    padding: str | IntPair,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    op: str,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(input, padding pair)`` for the op, with ``F.conv2d``'s rules for ``'valid'`` (no
+    padding) and ``'same'`` (stride 1; a total of ``dilation * (k - 1)`` per axis, split evenly,
+    an odd extra row/column going to the bottom/right, padded here with zeros as torch does)."""
+    if not isinstance(padding, str):
+        return input, _pair(padding, "padding", op)
+    if padding == "valid":
+        return input, (0, 0)
+    if padding != "same":
+        raise RuntimeError(f"{op}: Invalid padding string: {padding!r} (expected same or valid)")
+    if stride != (1, 1):
+        raise RuntimeError(f"{op}: padding='same' is not supported for strided convolutions")
+    if weight.dim() != 4:
+        return input, (0, 0)  # the op refuses the weight, naming it
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[-2:], strict=True)]
+    extra = [t % 2 for t in totals]
+    if extra[0] or extra[1]:
+        input = F.pad(input, [0, extra[1], 0, extra[0]])
+    return input, (totals[0] // 2, totals[1] // 2)
+
+
+CONV_ALGOS = ("auto", *ALGOS)
+
+
 def conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: IntPair = 1,
-    padding: IntPair = 0,
+    padding: str | IntPair = 0,
     dilation: IntPair = 1,
     groups: int = 1,
-    algo: str = "direct",
+    algo: str = "auto",
     variant: str = "auto",
 ) -> torch.Tensor:
     """2D convolution (cross-correlation), as ``torch.nn.functional.conv2d``.
@@ -139,9 +239,13 @@ def conv2d(
         input: ``Tensor[N, C_in, H, W]`` or ``Tensor[C_in, H, W]``, contiguous or channels_last.
         weight: ``Tensor[C_out, C_in / groups, kH, kW]``.
         bias: optional ``Tensor[C_out]``.
-        stride, padding, dilation: ints or pairs (padding is zero padding).
+        stride, dilation: ints or pairs.
+        padding: an int or a pair (zero padding), or ``"valid"`` (none) or ``"same"`` (stride
+            1; an odd total puts the extra row/column at the bottom/right, as torch).
         groups: number of channel groups (``groups == C_in`` is depthwise).
-        algo: ``"direct"`` or ``"im2col"`` (im2col + GEMM: BLAS on CPU, cuBLAS on CUDA).
+        algo: ``"auto"`` (``cnnext._algo.select``: the rule of ``cnnext._algo.choose``, or the
+            autotuner when it is on), ``"direct"`` or ``"im2col"`` (im2col + GEMM: BLAS on CPU,
+            cuBLAS on CUDA).
         variant: direct CUDA kernel: ``"auto"`` / ``"implicit_gemm"`` (the implicit-GEMM
             family; ``"implicit_gemm_128x128"`` or ``"implicit_gemm_64x64"`` force its block
             tile, ``"tiled"`` is its former name) or ``"naive"`` (one thread per output);
@@ -150,21 +254,19 @@ def conv2d(
     Returns:
         ``Tensor[N, C_out, H_out, W_out]``, channels_last when the input is.
     """
-    if algo not in ALGOS:
-        raise ValueError(f"cnnext.conv2d: algo must be one of {ALGOS}, got {algo!r}")
+    op = "cnnext.conv2d"
+    if algo not in CONV_ALGOS:
+        raise ValueError(f"{op}: algo must be one of {CONV_ALGOS}, got {algo!r}")
     if variant not in VARIANTS:
-        raise ValueError(f"cnnext.conv2d: variant must be one of {VARIANTS}, got {variant!r}")
-    if isinstance(padding, str):
-        raise ValueError(
-            "cnnext.conv2d: string padding ('same'/'valid') is resolved by cnnext.nn.Conv2d; "
-            "pass explicit integers here"
-        )
-    conf = (
-        pair(stride, "stride", "cnnext.conv2d"),
-        pair(padding, "padding", "cnnext.conv2d"),
-        pair(dilation, "dilation", "cnnext.conv2d"),
-        groups,
-    )
+        raise ValueError(f"{op}: variant must be one of {VARIANTS}, got {variant!r}")
+    stride_ = _pair(stride, "stride", op)
+    dilation_ = _pair(dilation, "dilation", op)
+    input, padding_ = _conv_padding(input, weight, padding, stride_, dilation_, op)
+    groups = _int(groups, "groups", op)
+    if algo == "auto":
+        algo, chosen = _algo.select(input, weight, stride_, padding_, dilation_, groups)
+        variant = chosen if variant == "auto" else variant
+    conf = (stride_, padding_, dilation_, groups)
     ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
     return conv2d_forward(ns, input, weight, bias, conf, algo, variant, _im2col_workspace_limit)
 
@@ -210,8 +312,7 @@ def conv_bn_relu(
         stride, padding, dilation, groups: the convolution's, as ``F.conv2d`` (zero padding).
         algo: ``"auto"``, ``"direct"`` or ``"im2col"``: the convolution underneath. Eval mode
             folds BatchNorm into it and applies bias + ReLU in its output epilogue. ``"auto"``
-            is resolved by the op with ``cnnext._algo.choose``'s rule (``ConvBNReLU2d`` resolves
-            it in Python instead, so the autotuner applies there).
+            is resolved here by ``cnnext._algo.select``, as for ``conv2d`` and the modules.
 
     Returns:
         ``Tensor[N, C_out, H_out, W_out]``, channels_last when the input is.
@@ -223,11 +324,15 @@ def conv_bn_relu(
             "cnnext.conv_bn_relu: string padding ('same'/'valid') is not supported; pass "
             "explicit integers"
         )
+    op = "cnnext.conv_bn_relu"
     stride_, padding_, dilation_ = (
-        pair(stride, "stride"),
-        pair(padding, "padding"),
-        pair(dilation, "dilation"),
+        _pair(stride, "stride", op),
+        _pair(padding, "padding", op),
+        _pair(dilation, "dilation", op),
     )
+    groups = _int(groups, "groups", op)
+    if algo == "auto":  # the one rule, shared with conv2d and the modules (cnnext._algo)
+        algo = _algo.select(input, weight, stride_, padding_, dilation_, groups)[0]
     if training:
         # torch.nn.functional.batch_norm's check, with its exception type and message.
         sizes = (

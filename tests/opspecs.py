@@ -47,6 +47,8 @@ class OpSpec:
         scales: ``cfg -> (forward, backward)`` multipliers of the float32 tolerances.
         grad_names: names of the differentiable tensors, by position in ``tensors``.
         example: a small fixed configuration (determinism and leak tests).
+        conditioning: ``(cfg, tensors) -> factor >= 1`` by which the given data make the output
+            and the gradients more sensitive to rounding than ``scales`` assumes (None: 1).
     """
 
     name: str
@@ -59,6 +61,7 @@ class OpSpec:
     scales: Callable[[Config], tuple[float, float]]
     grad_names: tuple[str, ...]
     example: Config
+    conditioning: Callable[[Config, Tensors], float] | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -362,6 +365,39 @@ def _ref_fused(cfg: Config, t: Tensors) -> tuple[torch.Tensor, tuple]:
     return torch.relu(y), (mean, var)
 
 
+def _fused_conditioning(cfg: Config, t: Tensors) -> float:
+    """How much training-mode batch norm amplifies the convolution's rounding, for these tensors.
+
+    Training normalises channel c with its batch statistics: y = gamma_c * (z - mean_c) *
+    invstd_c + beta_c. The convolution output z carries an absolute rounding error of about
+    u * max(1, |z|) (u: the float32 reduction's, or half/bfloat16's when z itself is rounded),
+    which ``scales`` allows for. Batch norm multiplies it by gamma_c * invstd_c on its way into
+    the output, and the gradient of z is gamma_c * invstd_c times the incoming one, so every
+    gradient summed from it (the conv bias's is exactly 0 in training: both sides return
+    rounding noise of that size) carries the same factor. With the fuzzer's small channels
+    (few values, zero padding) the batch variance is often small, and the factor large, in
+    torch's float32 as in ours. Returns max over channels of max(1, |gamma_c| * invstd_c *
+    max(1, max|z_c|)); 1 in eval mode, where the running variance is well away from 0.
+    Checked on random training cases drawn as the fuzzer draws them, every gradient requested
+    (800 draws on the CPU in float32, 300 emulated in bfloat16): the unscaled tolerances failed
+    26 and 19 comparisons (all gradients, most the conv bias's), this factor none, and
+    max|z_c| * invstd_c / sqrt(M) alone (no gain) 2 and 5."""
+    if not cfg["training"]:
+        return 1.0
+    x, w = t[0].detach().double(), t[1].detach().double()
+    b = t[2].detach().double() if t[2] is not None else None
+    z = F.conv2d(x, w, b, **_conv_kwargs(cfg))
+    if z.dim() == 3:
+        z = z.unsqueeze(0)
+    per_channel = z.transpose(0, 1).reshape(z.shape[1], -1)
+    if per_channel.shape[1] < 2:
+        return 1.0  # no statistics (an empty batch) or refused by torch
+    invstd = (per_channel.var(dim=1, unbiased=False) + cfg["eps"]).rsqrt()
+    gamma = t[3].detach().double().abs() if t[3] is not None else torch.ones_like(invstd)
+    magnitude = per_channel.abs().amax(dim=1).clamp(min=1.0)
+    return max(1.0, float((gamma * invstd * magnitude).max()))
+
+
 FUSED_SPEC = OpSpec(
     name="conv_bn_relu",
     op="conv_bn_relu",
@@ -375,6 +411,7 @@ FUSED_SPEC = OpSpec(
     scales=_conv_scales,
     grad_names=("input", "weight", "bias", "bn_weight", "bn_bias"),
     example={**CONV_EXAMPLE, "training": True, "momentum": 0.1, "eps": 1e-5},
+    conditioning=_fused_conditioning,
 )
 
 SPECS: list[OpSpec] = [_conv_spec("direct"), _conv_spec("im2col"), MAX_SPEC, AVG_SPEC, FUSED_SPEC]
@@ -450,13 +487,16 @@ def check_against_torch(
             spec.run, cfg, leaves(spec, tensors, requires), grad.to(dtype)
         )
     forward_scale, backward_scale = spec.scales(cfg)
+    # The data's own conditioning scales what flows through it (the output and the gradients),
+    # not the extras (argmax, batch statistics), whose rounding it does not amplify.
+    cond = spec.conditioning(cfg, theirs) if spec.conditioning is not None else 1.0
     assert out.shape == expected.shape and out.dtype == dtype, (out.shape, expected.shape)
     same_layout(out, expected)
-    compare(out, expected.to(dtype), forward_scale, equal_nan, "output")
+    compare(out, expected.to(dtype), forward_scale * cond, equal_nan, "output")
     for i, (got, want) in enumerate(zip(extras, expected_extras, strict=True)):
         compare(got, want.to(got.dtype), forward_scale, equal_nan, f"extra {i}")
     for i, (got, want) in enumerate(zip(grads, expected_grads, strict=True)):
-        compare(got, want.to(dtype), backward_scale, equal_nan, f"gradient {i}")
+        compare(got, want.to(dtype), backward_scale * cond, equal_nan, f"gradient {i}")
 
 
 def same_layout(got: torch.Tensor, want: torch.Tensor) -> None:

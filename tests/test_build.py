@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
+import pytest
 import torch
 
 import cnnext
@@ -78,3 +80,65 @@ def test_every_schema_in_both_namespaces() -> None:
     for name, schema in ours.items():
         assert name in emu, f"{name} missing from cnnext_emu"
         assert emu[name].replace("cnnext_emu::", "cnnext::") == schema
+
+
+def _defined_dynamic_symbols(lib: str) -> list[str]:
+    """The demangled names a shared library exports (``nm -D --defined-only``)."""
+    out = subprocess.run(
+        ["nm", "-D", "--defined-only", "-C", lib], capture_output=True, text=True, check=True
+    ).stdout
+    return [line.split(" ", 2)[2] for line in out.splitlines() if line.count(" ") >= 2]
+
+
+def test_emulator_exports_no_cnnext_symbol() -> None:
+    """cnnext._C_emu (and its sanitizer builds) define the same cnnext:: functions as cnnext._C
+    with other bodies; exported, the dynamic linker could bind one module's calls to the other's.
+    Only the module's PyInit is exported."""
+    if shutil.which("nm") is None or not cnnext.EMULATOR_AVAILABLE:
+        pytest.skip("needs nm and the emulator build")
+    from cnnext import _C_emu
+
+    exported = _defined_dynamic_symbols(_C_emu.__file__)
+    assert "PyInit__C_emu" in exported
+    ours = [name for name in exported if "cnnext" in name]
+    assert ours == [], ours
+    for variant in ("asan", "tsan"):  # when tools/run_sanitized.py has built them
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        path = os.path.join(os.path.dirname(_C_emu.__file__), f"_C_emu_{variant}{suffix}")
+        if os.path.exists(path):
+            exported = _defined_dynamic_symbols(path)
+            assert f"PyInit__C_emu_{variant}" in exported
+            assert [name for name in exported if "cnnext" in name] == [], variant
+
+
+RTLD_GLOBAL_SCRIPT = """
+import os, sys
+sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW)
+import pytest
+import torch
+import torch.nn.functional as F
+import cnnext
+from cnnext import _C, _C_emu  # both in the global symbol scope
+x = torch.randn(2, 5, 9, 8, dtype=torch.float64)
+w = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+expected = F.conv2d(x, w, padding=1, stride=(1, 2))
+with cnnext.emulate_cuda("reverse"):
+    got = cnnext.ops.conv2d(x, w, padding=1, stride=(1, 2), algo="im2col")
+torch.testing.assert_close(got, expected)
+got = cnnext.ops.conv2d(x, w, padding=1, stride=(1, 2), algo="im2col")
+torch.testing.assert_close(got, expected)
+print("ok")
+"""
+
+
+def test_both_extensions_under_rtld_global() -> None:
+    """With RTLD_GLOBAL, the emulated im2col once resolved to cnnext._C's functions."""
+    if not cnnext.EMULATOR_AVAILABLE:
+        pytest.skip("needs the emulator build")
+    out = subprocess.run(
+        [sys.executable, "-c", RTLD_GLOBAL_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(cnnext.__file__))),
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -484,7 +484,7 @@ def test_cpu_isa_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CNNEXT_CPU_ISA", "sse9")
     x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="cnnext::conv2d_direct: expected CNNEXT_CPU_ISA"):
-        cnnext.ops.conv2d(x, w)
+        cnnext.ops.conv2d(x, w, algo="direct")
 
 
 def test_cpu_batch_chunks() -> None:

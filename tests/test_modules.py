@@ -247,17 +247,20 @@ def test_heuristic_documented_decisions() -> None:
     assert _algo.choose(*first) == ("im2col", "auto")
     big = _args(((8, 64, 32, 32), (128, 64, 3, 3), 1, 1, 1, 1))
     with cnnext.emulate_cuda():
-        assert _algo.choose(*depthwise) == ("direct", "tiled")
-        assert _algo.choose(*first) == ("direct", "tiled")  # K = 27
-        assert _algo.choose(*large_plane) == ("direct", "tiled")  # K = 144 but C_out = 16
-        assert _algo.choose(*big) == ("im2col", "auto")
-        # Batch 1 on a 4x4 plane: cuBLAS, however few the columns (H100: 0.034 vs 3.2 ms).
-        deep = _args(((1, 512, 4, 4), (512, 512, 3, 3), 1, 1, 1, 1))
-        assert _algo.choose(*deep) == ("im2col", "auto")
-        # K = 72: cuBLAS in float32 and in half alike.
+        # CUDA: im2col only where it is a plain GEMM (1x1, stride 1, no padding, ungrouped,
+        # C_in and C_out >= 32); the direct kernel's "auto" variant everywhere else.
+        assert _algo.choose(*pointwise) == ("im2col", "auto")  # 32 -> 64 channels
+        assert _algo.choose(*depthwise) == ("direct", "auto")
+        assert _algo.choose(*first) == ("direct", "auto")
+        assert _algo.choose(*large_plane) == ("direct", "auto")
+        assert _algo.choose(*big) == ("direct", "auto")  # 3x3: implicit GEMM, no columns
+        narrow = _args(((2, 16, 8, 8), (64, 16, 1, 1), 1, 0, 1, 1))
+        assert _algo.choose(*narrow) == ("direct", "auto")  # C_in 16
+        strided = _args(((2, 32, 8, 8), (64, 32, 1, 1), 2, 0, 1, 1))
+        assert _algo.choose(*strided) == ("direct", "auto")  # a strided 1x1 gathers
         for dtype in (torch.float32, torch.float16):
-            mid = _args(((8, 8, 32, 32), (64, 8, 3, 3), 1, 1, 1, 1), dtype=dtype)
-            assert _algo.choose(*mid) == ("im2col", "auto")
+            wide = _args(((1, 512, 4, 4), (512, 512, 1, 1), 1, 0, 1, 1), dtype=dtype)
+            assert _algo.choose(*wide) == ("im2col", "auto")
 
 
 # ---- algorithm selection: the autotuner ---------------------------------------------------------

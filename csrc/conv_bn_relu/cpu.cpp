@@ -69,15 +69,15 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return given(t) ? t->const_data_ptr<T>() : nullptr;
 }
 
-// "auto" on the CPU: cnnext._algo.choose's measured rule (the Python layer resolves "auto"
-// there, with the autotuner when it is on; this serves direct calls of the op): the direct
-// kernel for grouped layers and for large output planes with 8+ input channels, im2col for 1x1
-// kernels, small planes and first layers.
+// "auto" on the CPU, for direct calls of the op only: cnnext.ops and cnnext.nn resolve "auto" in
+// Python (cnnext._algo.select) before calling it. Same rule and thresholds as cnnext._algo.choose
+// (CPU_DIRECT_MIN_PIXELS, CPU_DIRECT_MIN_CHANNELS; tests/test_algo_rule.py checks they agree):
+// direct for grouped layers and large planes with 8+ input channels, im2col otherwise.
 Algo resolve_algo(Algo algo, const Conv2dParams& p) {
   if (algo != Algo::kAuto) return algo;
   if (p.groups > 1) return Algo::kDirect;
   const bool pointwise = p.kh == 1 && p.kw == 1;
-  if (pointwise || p.h_out * p.w_out < 512 || p.c_in_per_group() < 8) return Algo::kIm2col;
+  if (pointwise || p.h_out * p.w_out < 256 || p.c_in_per_group() < 8) return Algo::kIm2col;
   return Algo::kDirect;
 }
 

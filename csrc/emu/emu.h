@@ -1,4 +1,4 @@
-// CUDA execution model on the CPU (see DESIGN.md, "The CUDA emulator").
+// CUDA execution model on the CPU (see docs/design.md, "The CUDA emulator").
 //
 // A .cu file compiled by g++ with -DCNNEXT_CUDA_EMULATION sees this header instead of the CUDA
 // runtime. Each CUDA thread of a block runs as a fiber; __syncthreads() and warp shuffles yield to
