@@ -1,9 +1,11 @@
 // im2col + GEMM convolution on CUDA. im2col_kernel unfolds a chunk of samples (bounded by
 // max_col_bytes) into col[n][(c, ki, kj)][pixel] (channels_last: col[n, pixel][(g, ki, kj, c)]),
-// cuBLAS multiplies it by the weight on the current stream, and backward gathers dcol back with
-// col2im_kernel. 1D grid-stride launches of 256 threads: in im2col/col2im a thread owns one
-// (sample, channel, pixel) and its kh*kw column entries; in grad_bias_kernel a block owns one
-// output channel and reduces it in shared memory in a fixed order (deterministic, no atomics).
+// cuBLAS multiplies it by the weight on the current stream, and grad_input gathers dcol back with
+// col2im_kernel. grad_weight and grad_bias come from the implicit-GEMM wgrad of
+// conv2d_direct/implicit_gemm.cuh (one GEMM over all samples, no layout copies). 1D grid-stride
+// launches of 256 threads: in im2col/col2im a thread owns one (sample, channel, pixel) and its
+// kh*kw column entries; in grad_bias_kernel a block owns one output channel and reduces it in
+// shared memory in a fixed order (deterministic, no atomics).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,6 +19,7 @@
 #include "common/cuda_compat.cuh"
 #include "common/gemm.cuh"
 #include "common/params.h"
+#include "conv2d_direct/implicit_gemm.cuh"
 #include "conv2d_im2col/conv2d_im2col.h"
 
 namespace cnnext {
@@ -345,80 +348,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
   const at::Tensor dy = (p.batched ? grad_output : grad_output.unsqueeze(0)).contiguous(fmt);
   const Layout l = layout_of(p);
   const int64_t chunk = samples_per_chunk(p, l, max_col_bytes, input.element_size());
-  // grad_weight sums over every pixel of every sample. In NCHW a sample's pixels are the columns
-  // of its own matrix, so a chunk of nb samples takes nb dependent GEMMs (launch-bound on a GPU);
-  // in channels_last the chunk's pixels are the rows of one matrix and one GEMM does it. So with
-  // more than one sample per chunk, NCHW grad_weight runs on channels_last copies of x and dY.
-  const bool dw_cl = output_mask[1] && (cl || std::min(chunk, p.n) > 1);
-  const auto dw_fmt = dw_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor x, w, dw, dy_w;
-  if (output_mask[1]) {
-    x = (p.batched ? input : input.unsqueeze(0)).contiguous(dw_fmt);
-    dy_w = dy.contiguous(dw_fmt);
-    // channels_last accumulates dW' = grad_weight as [C_out, kh, kw, C_in/groups].
-    dw = dw_cl ? at::empty({p.c_out, p.kh, p.kw, p.c_in_per_group()}, weight.options())
-               : grad_weight;
-  }
-  if (output_mask[0]) w = cl ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
   const at::Tensor dx = output_mask[0] && !p.batched ? grad_input.unsqueeze(0) : grad_input;
-  const bool need_col = !l.pointwise && (output_mask[0] || output_mask[1]);
-  at::Tensor col_buffer = need_col ? at::empty({chunk * l.gk * l.p}, dy.options()) : at::Tensor();
+  const bool need_col = !l.pointwise && output_mask[0];
+  // A batch of one as [1, C, H, W], so grad_weight's GEMM sees the same geometry as dY.
+  Conv2dParams p4 = p;
+  p4.batched = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_im2col_backward_cuda", [&] {
         using acc_t = cuda_acc_t<scalar_t>;
         const int64_t cog = p.c_out_per_group(), in_size = p.c_in * p.h * p.w;
         const int64_t out_size = p.c_out * l.p;
-        if (output_mask[2]) {
+        // grad_weight (with grad_bias) is the implicit-GEMM wgrad: one GEMM over every pixel of
+        // every sample, split over K. In NCHW an unfolded sample's pixels are the columns of its
+        // own matrix, so im2col would need a GEMM per sample or transposed copies of x and dY.
+        // One workspace holds its partial sums, the column buffer and W' (below).
+        Workspace ws;
+        WgradPlan<scalar_t> wgrad;
+        const at::Tensor x = output_mask[1] ? (p.batched ? input : input.unsqueeze(0))
+                                                  .contiguous(is_channels_last(input)
+                                                                  ? at::MemoryFormat::ChannelsLast
+                                                                  : at::MemoryFormat::Contiguous)
+                                            : at::Tensor();
+        const bool wgrad_ok =
+            output_mask[1] &&
+            plan_wgrad<scalar_t>(p4, dy, x, grad_weight, output_mask[2] ? grad_bias : at::Tensor(),
+                                 IgemmTile::kAuto, &ws, &wgrad);
+        // channels_last multiplies by W' = weight as [C_out, kh, kw, C_in/groups]: the weight
+        // itself when it is laid out so, else a copy made by a cnnext kernel into the workspace.
+        const at::Tensor w = output_mask[0] ? dense_filter(weight) : at::Tensor();
+        const bool copy_filter = output_mask[0] && cl && filter_needs_krsc(w);
+        const int64_t filter_at = copy_filter ? ws.reserve(w.numel() * sizeof(scalar_t)) : -1;
+        const int64_t col_at = need_col ? ws.reserve(chunk * l.gk * l.p * sizeof(scalar_t)) : -1;
+        ws.allocate(dy);
+        if (wgrad_ok) {
+          run_wgrad<scalar_t>(wgrad, ws);
+        } else if (output_mask[1]) {
+          conv2d_direct_grad_weight_naive_launch<scalar_t>(
+              kBackward, weight_grad_geometry(p4, x, dy), dy.const_data_ptr<scalar_t>(),
+              x.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(), dy);
+        }
+        if (output_mask[2] && !wgrad_ok) {
           CNNEXT_LAUNCH((grad_bias_kernel<scalar_t>), dim3(static_cast<unsigned int>(p.c_out)),
                         kThreads, 0, current_stream(), dy.const_data_ptr<scalar_t>(),
                         grad_bias.mutable_data_ptr<scalar_t>(), p.n, l.p, out_size,
                         cl ? int64_t(1) : l.p, cl ? p.c_out : int64_t(1));
         }
-        if (!output_mask[0] && !output_mask[1]) return;
-        scalar_t* col = need_col ? col_buffer.mutable_data_ptr<scalar_t>() : nullptr;
+        if (!output_mask[0]) return;
+        const scalar_t* wp = w.const_data_ptr<scalar_t>();
+        if (copy_filter) {
+          scalar_t* filter = ws.at<scalar_t>(filter_at);
+          launch_filter_to_krsc<scalar_t>(w, filter);
+          wp = filter;
+        }
+        scalar_t* col = need_col ? ws.at<scalar_t>(col_at) : nullptr;
         for (int64_t n0 = 0; n0 < p.n; n0 += chunk) {
           const int64_t nb = std::min(chunk, p.n - n0);
           const scalar_t* dyc = dy.const_data_ptr<scalar_t>() + n0 * out_size;
-          // grad_weight first: it reads the columns that grad_input then overwrites.
-          if (output_mask[1]) {
-            const scalar_t* a = x.const_data_ptr<scalar_t>() + n0 * in_size;
-            const scalar_t* dyw = dy_w.const_data_ptr<scalar_t>() + n0 * out_size;
-            if (!l.pointwise) {
-              im2col<scalar_t>(p, dw_cl, a, col, nb);
-              a = col;
-            }
-            scalar_t* dwp = dw.mutable_data_ptr<scalar_t>();
-            if (dw_cl) {
-              // dW'_g[cog, K] (+)= dY_g[rows, cog]^T . col_g[rows, K]: column-major
-              // dW'_g^T = col_g^T . dY_g, batched over groups; chunks accumulate with beta = 1.
-              gemm_strided_batched<scalar_t>('n', 't', l.k, cog, nb * l.p, acc_t(1), a, l.gk, l.k,
-                                             dyw, p.c_out, cog, acc_t(n0 == 0 ? 0 : 1), dwp, l.k,
-                                             cog * l.k, p.groups);
-            } else {
-              // One sample per chunk: dW_g[cog, K] (+)= dY_g[cog, P] . col_g[K, P]^T, column-major
-              // dW_g^T = op(col_g) . dY_g^T, batched over groups.
-              gemm_strided_batched<scalar_t>('t', 'n', l.k, cog, l.p, acc_t(1), a, l.p, l.k * l.p,
-                                             dyw, l.p, cog * l.p, acc_t(n0 == 0 ? 0 : 1), dwp, l.k,
-                                             cog * l.k, p.groups);
-            }
+          scalar_t* dxc = dx.mutable_data_ptr<scalar_t>() + n0 * in_size;
+          scalar_t* target = l.pointwise ? dxc : col;
+          if (cl) {
+            // dcol_g[rows, K] = dY_g[rows, cog] . W'_g[cog, K]: column-major
+            // dcol_g^T = W'_g^T . dY_g^T with no transposes, batched over groups.
+            gemm_strided_batched<scalar_t>('n', 'n', l.k, nb * l.p, cog, acc_t(1), wp, l.k,
+                                           cog * l.k, dyc, p.c_out, cog, acc_t(0), target, l.gk,
+                                           l.k, p.groups);
+          } else {
+            gemm_nchw<scalar_t>(p, l, nb, wp, dyc, target, true);
           }
-          if (output_mask[0]) {
-            scalar_t* dxc = dx.mutable_data_ptr<scalar_t>() + n0 * in_size;
-            scalar_t* target = l.pointwise ? dxc : col;
-            if (cl) {
-              // dcol_g[rows, K] = dY_g[rows, cog] . W'_g[cog, K]: column-major
-              // dcol_g^T = W'_g^T . dY_g^T with no transposes, batched over groups.
-              gemm_strided_batched<scalar_t>('n', 'n', l.k, nb * l.p, cog, acc_t(1),
-                                             w.const_data_ptr<scalar_t>(), l.k, cog * l.k, dyc,
-                                             p.c_out, cog, acc_t(0), target, l.gk, l.k, p.groups);
-            } else {
-              gemm_nchw<scalar_t>(p, l, nb, w.const_data_ptr<scalar_t>(), dyc, target, true);
-            }
-            if (!l.pointwise) col2im<scalar_t>(p, cl, col, dxc, nb);
-          }
+          if (!l.pointwise) col2im<scalar_t>(p, cl, col, dxc, nb);
         }
       });
-  if (dw_cl) grad_weight.copy_(dw.permute({0, 3, 1, 2}));
   return {grad_input, grad_weight, grad_bias};
 }
 
