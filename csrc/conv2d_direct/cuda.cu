@@ -15,6 +15,7 @@
 #include "common/params.h"
 #include "conv2d_direct/conv2d_direct.h"
 #include "conv2d_direct/implicit_gemm.cuh"
+#include "conv2d_direct/implicit_gemm_tc.cuh"
 #include "conv2d_direct/kernels.cuh"
 
 namespace cnnext {
@@ -47,8 +48,13 @@ at::Tensor conv2d_direct_forward_cuda(const at::Tensor& input, const at::Tensor&
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_direct", [&] {
     const BiasEpilogue<scalar_t> epilogue{has_bias ? b.const_data_ptr<scalar_t>() : nullptr};
-    if (use_implicit_gemm(kind, p) &&
-        conv2d_implicit_gemm_forward<scalar_t>(p, x, w, output, epilogue, tile_of(kind))) {
+    const bool igemm = use_implicit_gemm(kind, p);
+    // Half/bfloat16 on tensor cores where supported, unless a SIMT tile was asked for.
+    if (igemm && tile_of(kind) == IgemmTile::kAuto &&
+        conv2d_implicit_gemm_tc_forward<scalar_t>(p, x, w, output, epilogue)) {
+      return;
+    }
+    if (igemm && conv2d_implicit_gemm_forward<scalar_t>(p, x, w, output, epilogue, tile_of(kind))) {
       return;
     }
     conv2d_direct_naive_launch<scalar_t, /*TRANSPOSED=*/false>(

@@ -1,0 +1,426 @@
+// Convolution as an implicit GEMM on tensor cores, for half and bfloat16 with float accumulators:
+// the GEMMs of implicit_gemm.cuh (fprop here), gathered through the same index maps and
+// multiplied by wmma m16n16k16 fragments. Launch: a block owns a 64 x 64 output tile with 4 warps
+// (2 x 2), a warp owns 32 x 32 (2 x 2 fragments). K advances 32 at a time (two k16 steps) through
+// two shared-memory stages; both operands are stored [x][k] with k contiguous (A row_major, B
+// col_major) and the next tile travels in registers while the current one is multiplied. The
+// accumulators leave through shared memory (store_matrix_sync), so the epilogue and the output
+// index maps see plain (m, n) elements, never the fragment layout, which CUDA leaves unspecified.
+// Split-K as in the SIMT family: float partials summed in a fixed order by the reduce kernel.
+#pragma once
+
+#ifdef __CUDACC__
+#include <mma.h>
+#endif
+
+#include <cstring>
+
+#include "conv2d_direct/implicit_gemm.cuh"
+
+namespace cnnext {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+template <typename scalar_t>
+constexpr bool kHasTensorCores =
+    std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+
+// The wmma element type with the bit layout of scalar_t (under the emulator, the same type).
+template <typename scalar_t>
+struct TcElement;
+template <>
+struct TcElement<at::Half> {
+  using type = __half;
+};
+template <>
+struct TcElement<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+struct TcTile {
+  static constexpr int kBM = 64, kBN = 64, kBK = 32, kThreads = 128;
+  static constexpr int kWarpsM = 2;  // warps along m; a warp owns 32 x 32
+  // Rows of a stage are kBK + 8 elements (80 bytes) apart: fragment pointers stay 32-byte
+  // aligned and the 16-byte rows a fragment load reads fall in distinct banks.
+  static constexpr int kPitch = kBK + 8;
+  static constexpr int kStage = (kBM + kBN) * kPitch;  // elements of one stage, A then B
+  static constexpr int kPitchC = kBN + 4;              // floats per row of the staged output
+  static constexpr int kSmemBytes =
+      2 * kStage * 2 > kBM * kPitchC * 4 ? 2 * kStage * 2 : kBM * kPitchC * 4;
+};
+
+// 16 bytes: 8 half/bfloat16 values as raw bits.
+struct alignas(16) TcVec {
+  uint32_t w[4];
+};
+
+// Raw 16-bit copies: half and bfloat16 move between memories without conversions.
+template <typename scalar_t>
+__device__ __forceinline__ uint16_t tc_bits(const scalar_t* p) {
+#ifdef __CUDACC__
+  return *reinterpret_cast<const uint16_t*>(p);
+#else
+  uint16_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#endif
+}
+__device__ __forceinline__ void tc_put(void* p, uint16_t v) {
+#ifdef __CUDACC__
+  *static_cast<uint16_t*>(p) = v;
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
+__device__ __forceinline__ void tc_load16(TcVec& v, const void* p) {
+#ifdef __CUDACC__
+  const uint4 t = *static_cast<const uint4*>(p);
+  v.w[0] = t.x, v.w[1] = t.y, v.w[2] = t.z, v.w[3] = t.w;
+#else
+  std::memcpy(&v, p, sizeof v);
+#endif
+}
+__device__ __forceinline__ void tc_store16(void* p, const TcVec& v) {
+#ifdef __CUDACC__
+  *static_cast<uint4*>(p) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
+
+// Loads the [X x kBK] tile of one operand (see Operand) and stores it to shared memory as
+// [x][kPitch], k contiguous. KRUN: the operand is contiguous along k (NHWC channels, filter rows):
+// a thread reads 8 consecutive k of X / 32 x's, one 16-byte vector each when op.vec (8 consecutive
+// k from a multiple of 8 are then 8 consecutive elements at a 16-byte aligned address). Otherwise
+// it is contiguous along x (NCHW pixels): a thread reads 4 consecutive x of 4 k rows, coalesced.
+template <typename scalar_t, int X, bool KRUN, class Op>
+struct TcLoader {
+  static constexpr int kBK = TcTile::kBK, kThreads = TcTile::kThreads;
+  static constexpr int kXs = KRUN ? X * kBK / 8 / kThreads : 4;
+  static constexpr int kKs = KRUN ? 8 : X * kBK / 4 / kThreads;
+  static constexpr int kXLanes = X / 4;  // !KRUN: threads along one k row
+  static_assert(kXs >= 1 && kKs >= 1 && (KRUN || kThreads % kXLanes == 0), "tile does not fit");
+
+  const Op& op;
+  Coord xc[kXs];
+  TcVec v[KRUN ? kXs : 1];        // KRUN: the 8 k of each x
+  uint16_t s[KRUN ? 1 : 4][kKs];  // !KRUN: [x][k]
+  int32_t lane_k, lane_x;
+
+  __device__ __forceinline__ TcLoader(const Op& o, int32_t x0, int tid) : op(o) {
+    if (KRUN) {
+      lane_k = (tid % 4) * 8, lane_x = tid / 4;
+      CNNEXT_IGEMM_UNROLL
+      for (int q = 0; q < kXs; ++q) xc[q] = op.x.at(x0 + lane_x + q * (kThreads / 4));
+    } else {
+      lane_k = tid / kXLanes, lane_x = (tid % kXLanes) * 4;
+      CNNEXT_IGEMM_UNROLL
+      for (int i = 0; i < 4; ++i) xc[i] = op.x.at(x0 + lane_x + i);
+    }
+  }
+
+  __device__ __forceinline__ uint16_t fetch(const Coord& kc, const Coord& xc_) const {
+    return op.valid(kc, xc_) ? tc_bits(op.ptr + kc.ofs + xc_.ofs) : uint16_t(0);
+  }
+
+  __device__ __forceinline__ void load(int32_t k0) {
+    if constexpr (KRUN) {
+      if (op.vec) {
+        const Coord kc = op.k.at(k0 + lane_k);
+        CNNEXT_IGEMM_UNROLL
+        for (int q = 0; q < kXs; ++q) {
+          if (op.valid(kc, xc[q])) {
+            tc_load16(v[q], op.ptr + kc.ofs + xc[q].ofs);
+          } else {
+            v[q] = TcVec{{0, 0, 0, 0}};
+          }
+        }
+      } else {
+        Coord kc[8];
+        CNNEXT_IGEMM_UNROLL
+        for (int j = 0; j < 8; ++j) kc[j] = op.k.at(k0 + lane_k + j);
+        CNNEXT_IGEMM_UNROLL
+        for (int q = 0; q < kXs; ++q) {
+          CNNEXT_IGEMM_UNROLL
+          for (int j = 0; j < 4; ++j) {
+            v[q].w[j] = static_cast<uint32_t>(fetch(kc[2 * j], xc[q])) |
+                        static_cast<uint32_t>(fetch(kc[2 * j + 1], xc[q])) << 16;
+          }
+        }
+      }
+    } else {
+      CNNEXT_IGEMM_UNROLL
+      for (int j = 0; j < kKs; ++j) {
+        const Coord kc = op.k.at(k0 + lane_k + j * (kThreads / kXLanes));
+        CNNEXT_IGEMM_UNROLL
+        for (int i = 0; i < 4; ++i) s[i][j] = fetch(kc, xc[i]);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(scalar_t* tile) const {
+    constexpr int P = TcTile::kPitch;
+    if constexpr (KRUN) {
+      CNNEXT_IGEMM_UNROLL
+      for (int q = 0; q < kXs; ++q) {
+        tc_store16(tile + (lane_x + q * (kThreads / 4)) * P + lane_k, v[q]);
+      }
+    } else {
+      CNNEXT_IGEMM_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        CNNEXT_IGEMM_UNROLL
+        for (int j = 0; j < kKs; ++j) {
+          tc_put(tile + (lane_x + i) * P + lane_k + j * (kThreads / kXLanes), s[i][j]);
+        }
+      }
+    }
+  }
+};
+
+using TcAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// acc += A[k0:k1] * B[k0:k1] through two shared stages; warp (wm, wn) owns rows wm * 32 + {0, 16}
+// and columns wn * 32 + {0, 16} of fragments.
+template <typename scalar_t, class LA, class LB>
+__device__ __forceinline__ void tc_mainloop(LA& la, LB& lb, int32_t k0, int32_t k1, scalar_t* smem,
+                                            int wm, int wn, TcAcc (&acc)[2][2]) {
+  using elem_t = typename TcElement<scalar_t>::type;
+  constexpr int P = TcTile::kPitch, BK = TcTile::kBK, ST = TcTile::kStage;
+  constexpr int B0 = TcTile::kBM * P;  // B after A within a stage
+  if (k0 >= k1) return;                // uniform over the block
+  la.load(k0);
+  lb.load(k0);
+  la.store(smem);
+  lb.store(smem + B0);
+  __syncthreads();
+  int stage = 0;
+  for (int32_t k = k0; k < k1; k += BK) {
+    const bool more = k + BK < k1;
+    if (more) {  // the next tile travels while this one is multiplied
+      la.load(k + BK);
+      lb.load(k + BK);
+    }
+    const elem_t* ta = reinterpret_cast<const elem_t*>(smem + stage * ST);
+    const elem_t* tb = ta + B0;
+    CNNEXT_IGEMM_UNROLL
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, elem_t, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, elem_t, wmma::col_major> fb[2];
+      CNNEXT_IGEMM_UNROLL
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(fa[i], ta + (wm * 32 + i * 16) * P + kk, P);
+      CNNEXT_IGEMM_UNROLL
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(fb[j], tb + (wn * 32 + j * 16) * P + kk, P);
+      CNNEXT_IGEMM_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        CNNEXT_IGEMM_UNROLL
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
+    }
+    if (more) {  // the other stage was last read before the previous barrier
+      la.store(smem + (stage ^ 1) * ST);
+      lb.store(smem + (stage ^ 1) * ST + B0);
+    }
+    __syncthreads();
+    stage ^= 1;
+  }
+}
+
+// Stages the accumulators in shared memory (the stages are free: the main loop ended on a
+// barrier) and writes out[rows(m0 + r).ofs + cols(n0 + c).ofs] = epilogue(value, epi_base + n0
+// + c). ROWS_FAST: consecutive threads take consecutive rows (pixels of an NCHW output), else
+// consecutive columns (channels of NHWC, rows of a partial).
+template <bool ROWS_FAST, typename out_t, class RowMap, class ColMap, class Epilogue>
+__device__ __forceinline__ void tc_store(out_t* out, const RowMap& rows, const ColMap& cols,
+                                         int32_t m0, int32_t n0, int wm, int wn,
+                                         const TcAcc (&acc)[2][2], float* staged,
+                                         const Epilogue& epilogue, int64_t epi_base, int tid) {
+  constexpr int PC = TcTile::kPitchC, T = TcTile::kThreads;
+  CNNEXT_IGEMM_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    CNNEXT_IGEMM_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(staged + (wm * 32 + i * 16) * PC + wn * 32 + j * 16, acc[i][j], PC,
+                              wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  constexpr int kFixed = ROWS_FAST ? TcTile::kBM : TcTile::kBN;  // threads along the fast axis
+  const int fast = tid % kFixed;
+  const Coord fc = ROWS_FAST ? rows.at(m0 + fast) : cols.at(n0 + fast);
+  if (fc.h == kOutside) return;
+  CNNEXT_IGEMM_UNROLL
+  for (int s = tid / kFixed; s < (ROWS_FAST ? TcTile::kBN : TcTile::kBM); s += T / kFixed) {
+    const int r = ROWS_FAST ? fast : s, c = ROWS_FAST ? s : fast;
+    const Coord sc = ROWS_FAST ? cols.at(n0 + c) : rows.at(m0 + r);
+    if (sc.h == kOutside) continue;
+    out[fc.ofs + sc.ofs] = static_cast<out_t>(epilogue(staged[r * PC + c], epi_base + n0 + c));
+  }
+}
+
+// ---- fprop -------------------------------------------------------------------------------------
+
+// args as for the SIMT fprop; a.vec and b.vec mean 8-element (16-byte) runs along k.
+template <typename scalar_t, bool NHWC, class Epilogue>
+__global__ void __launch_bounds__(TcTile::kThreads)
+    conv2d_implicit_gemm_tc_fprop_kernel(const FpropArgs<scalar_t> args, Epilogue epilogue) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  __align__(128) __shared__ unsigned char smem_raw[TcTile::kSmemBytes];
+  scalar_t* const smem = reinterpret_cast<scalar_t*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int wm = warp % TcTile::kWarpsM, wn = warp / TcTile::kWarpsM;
+  const int32_t grp = blockIdx.y / args.n_tiles, nt = blockIdx.y % args.n_tiles;
+  const int32_t m0 = blockIdx.x * TcTile::kBM, n0 = nt * TcTile::kBN;
+  const int32_t k0 = blockIdx.z * args.split.slice_len;
+  const int32_t k1 = args.split.slices > 1 ? imin(args.k, k0 + args.split.slice_len) : args.k;
+
+  auto a = args.a;
+  a.k.base += grp * args.a_group;
+  auto b = args.b;
+  b.x.base += grp * args.b_group;
+  TcLoader<scalar_t, TcTile::kBM, NHWC, decltype(a)> la(a, m0, tid);
+  TcLoader<scalar_t, TcTile::kBN, true, decltype(b)> lb(b, n0, tid);
+  TcAcc acc[2][2];
+  CNNEXT_IGEMM_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    CNNEXT_IGEMM_UNROLL
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  }
+  tc_mainloop<scalar_t>(la, lb, k0, k1, smem, wm, wn, acc);
+
+  float* const staged = reinterpret_cast<float*>(smem_raw);
+  if (args.split.slices > 1) {
+    const int64_t width = static_cast<int64_t>(args.out_cols.count);  // groups * N
+    const LinearMap rows{0, width, args.m};
+    const LinearMap cols{static_cast<int64_t>(grp) * args.n, 1, args.n};
+    tc_store<false>(args.partial + blockIdx.z * args.m * width, rows, cols, m0, n0, wm, wn, acc,
+                    staged, IdentityEpilogue{}, 0, tid);
+  } else {
+    LinearMap cols = args.out_cols;
+    cols.base += grp * args.n * cols.ld;
+    cols.count = args.n;
+    tc_store<!NHWC>(args.out, args.out_rows, cols, m0, n0, wm, wn, acc, staged, epilogue,
+                    static_cast<int64_t>(grp) * args.n, tid);
+  }
+#else
+  __trap();  // no bfloat16 wmma before sm_80; the host never launches it there
+#endif
+}
+
+}  // namespace
+}  // namespace cnnext
+
+// ---- host side ---------------------------------------------------------------------------------
+namespace cnnext {
+namespace {
+
+// The tensor-core path needs half/bfloat16, channels reduced per group a multiple of 8 (whole
+// 16-byte vectors along channels and filter rows) and, on a GPU, sm_80 or newer.
+inline bool tc_supported(const Conv2dParams& p) {
+#ifndef CNNEXT_CUDA_EMULATION
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+#endif
+  return p.c_in_per_group() % 8 == 0;
+}
+
+// 64 x 64 tiles; K split over slices (multiples of kBK) until about two waves of blocks exist.
+inline IgemmShape plan_tc_shape(int64_t m, int64_t n, int64_t k, int64_t groups, bool allow_split,
+                                int64_t words_per_slice) {
+  constexpr int64_t BK = TcTile::kBK;
+  const int64_t sms = igemm_sm_count();
+  IgemmShape s;
+  s.m_tiles = (m + TcTile::kBM - 1) / TcTile::kBM;
+  s.n_tiles = (n + TcTile::kBN - 1) / TcTile::kBN;
+  const int64_t blocks = s.m_tiles * s.n_tiles * groups;
+  int64_t slices = 1;
+  if (allow_split && blocks < sms) {
+    slices = std::min({(2 * sms + blocks - 1) / blocks, k / kMinSliceK, kMaxSlices,
+                       kMaxPartialWords / std::max<int64_t>(words_per_slice, 1)});
+  }
+  s.split = SplitK{1, static_cast<int32_t>(round_up(k, BK))};
+  if (slices > 1) {
+    const int64_t len = round_up((k + slices - 1) / slices, BK);
+    if ((k + len - 1) / len > 1) {
+      s.split = SplitK{static_cast<int32_t>((k + len - 1) / len), static_cast<int32_t>(len)};
+    }
+  }
+  return s;
+}
+
+// The SIMT plan's index maps with the tensor-core tile, split and 16-byte vector rules.
+template <typename scalar_t>
+bool plan_tc_fprop(const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
+                   const at::Tensor& out, Workspace* ws, FpropPlan<scalar_t>* plan) {
+  using acc_t = cuda_acc_t<scalar_t>;
+  Workspace scratch;  // the SIMT plan's own reservations are not used
+  if (!plan_fprop<scalar_t>(p, x, w, out, IgemmTile::kAuto, &scratch, plan)) return false;
+  const int64_t cg = p.c_in_per_group(), k = cg * p.kh * p.kw, m = p.n * p.h_out * p.w_out;
+  plan->shape = plan_tc_shape(m, p.c_out_per_group(), k, p.groups, !plan->transform, m * p.c_out);
+  if (plan->shape.n_tiles * p.groups > 65535 || plan->shape.m_tiles > kInt32Max) return false;
+  FpropArgs<scalar_t>& a = plan->args;
+  const Strides4 xs = strides4(x);
+  a.a.vec = plan->nhwc && cg % 8 == 0 && xs.c == 1 && xs.w % 8 == 0 && xs.h % 8 == 0 &&
+            xs.n % 8 == 0 && aligned16(a.a.ptr);
+  a.b.vec = k % 8 == 0 && (plan->transform || aligned16(a.b.ptr));
+  a.n_tiles = static_cast<int32_t>(plan->shape.n_tiles);
+  a.split = plan->shape.split;
+  plan->filter_at = plan->transform ? ws->reserve(w.numel() * sizeof(scalar_t)) : -1;
+  plan->partial_at =
+      a.split.slices > 1 ? ws->reserve(a.split.slices * m * p.c_out * sizeof(acc_t)) : -1;
+  return true;
+}
+
+template <typename scalar_t, class Epilogue>
+void run_tc_fprop(FpropPlan<scalar_t>& plan, const at::Tensor& w, const Workspace& ws,
+                  const Epilogue& epilogue) {
+  using acc_t = cuda_acc_t<scalar_t>;
+  FpropArgs<scalar_t>& a = plan.args;
+  const cudaStream_t stream = current_stream();
+  if (plan.transform) {
+    scalar_t* filter = ws.at<scalar_t>(plan.filter_at);
+    launch_filter_to_krsc<scalar_t>(w, filter);
+    a.b.ptr = filter;
+  }
+  if (a.split.slices > 1) a.partial = ws.at<acc_t>(plan.partial_at);
+  const dim3 grid(static_cast<unsigned>(plan.shape.m_tiles),
+                  static_cast<unsigned>(plan.shape.n_tiles * (a.out_cols.count / a.n)),
+                  static_cast<unsigned>(a.split.slices));
+  if (plan.nhwc) {
+    CNNEXT_LAUNCH((conv2d_implicit_gemm_tc_fprop_kernel<scalar_t, true, Epilogue>), grid,
+                  dim3(TcTile::kThreads), 0, stream, a, epilogue);
+  } else {
+    CNNEXT_LAUNCH((conv2d_implicit_gemm_tc_fprop_kernel<scalar_t, false, Epilogue>), grid,
+                  dim3(TcTile::kThreads), 0, stream, a, epilogue);
+  }
+  if (a.split.slices > 1) {
+    const int64_t numel = static_cast<int64_t>(a.m) * a.out_cols.count;
+    CNNEXT_LAUNCH((conv2d_splitk_reduce_kernel<scalar_t, PixelMap, LinearMap, Epilogue>),
+                  dim3(ceil_div(numel, 256)), dim3(256), 0, stream, a.partial, a.split.slices, a.m,
+                  FastDivmod(a.out_cols.count), a.out_rows, a.out_cols, a.out,
+                  static_cast<const acc_t*>(nullptr), static_cast<scalar_t*>(nullptr), 0, epilogue);
+  }
+}
+
+// out = epilogue(conv(x, w)) on tensor cores; false when the dtype or geometry is not supported
+// (the caller runs the SIMT family).
+template <typename scalar_t, class Epilogue>
+bool conv2d_implicit_gemm_tc_forward(const Conv2dParams& p, const at::Tensor& x,
+                                     const at::Tensor& w, const at::Tensor& out,
+                                     const Epilogue& epilogue) {
+  if constexpr (!kHasTensorCores<scalar_t>) {
+    return false;
+  } else {
+    if (!tc_supported(p)) return false;
+    Workspace ws;
+    FpropPlan<scalar_t> plan;
+    if (!plan_tc_fprop<scalar_t>(p, x, w, out, &ws, &plan)) return false;
+    ws.allocate(x);
+    run_tc_fprop<scalar_t>(plan, w, ws, epilogue);
+    return true;
+  }
+}
+
+}  // namespace
+}  // namespace cnnext
