@@ -46,13 +46,14 @@ DIV64 = re.compile(r"__cuda_sm\d+_(?:div|rem)_[su]64")
 NOT_FP32 = re.compile(r"\b(?:double|c10::Half|c10::BFloat16|__half|__nv_bfloat16|half)\b")
 FP32 = re.compile(r"\bfloat\b")
 REDUCED = re.compile(r"\b(?:c10::Half|c10::BFloat16|__half|__nv_bfloat16)\b")
-# Half/bfloat16 implicit-GEMM kernels that run on CUDA cores, and why (issue 17): the fprop for
-# reduced channels not a multiple of 8 (and the SIMT tiles asked for by name), dgrad and wgrad
-# until they have tensor-core kernels.
+# Half/bfloat16 implicit-GEMM kernels that run on CUDA cores, and why (issue 17): the SIMT family
+# is the fallback of the tensor-core kernels (conv2d_implicit_gemm_tc_*) where C_in / groups is
+# not a multiple of 8, or where a SIMT tile is asked for by name.
+_FALLBACK = "SIMT fallback: C_in/groups not a multiple of 8, or a SIMT tile named"
 SIMT_REDUCED = {
-    "conv2d_implicit_gemm_fprop_kernel": "fallback: channels not a multiple of 8, SIMT tile asked",
-    "conv2d_implicit_gemm_dgrad_kernel": "no tensor-core dgrad yet",
-    "conv2d_implicit_gemm_wgrad_kernel": "no tensor-core wgrad yet",
+    "conv2d_implicit_gemm_fprop_kernel": _FALLBACK,
+    "conv2d_implicit_gemm_dgrad_kernel": _FALLBACK,
+    "conv2d_implicit_gemm_wgrad_kernel": _FALLBACK,
 }
 
 
@@ -367,9 +368,10 @@ def test_tensor_core_kernels(build_kernels: list[Kernel]) -> None:
     for k in reduced:
         if k.hmma == 0 and simt_reason(k):
             print(f"CUDA cores ({simt_reason(k)}): {k.arch} {k.name}")
-    tc = [k for k in reduced if "implicit_gemm_tc_fprop" in k.name]
-    assert {k.arch for k in tc} == {k.arch for k in build_kernels}, "no tensor-core fprop"
-    assert all(k.hmma > 0 for k in tc)
+    for part in ("tc_fprop", "tc_dgrad", "tc_wgrad"):
+        tc = [k for k in reduced if f"implicit_gemm_{part}" in k.name]
+        assert {k.arch for k in tc} == {k.arch for k in build_kernels}, f"no {part} kernel"
+        assert all(k.hmma > 0 for k in tc)
     assert not tensor_core_failures(reduced), "\n".join(tensor_core_failures(reduced))
 
 
