@@ -244,3 +244,27 @@ def test_grad_input_non_finite_filter(emu_device: str, value: float) -> None:
     assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
     finite = ref.isfinite()
     assert torch.allclose(got[finite], ref[finite], rtol=2e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("input_cl", [False, True], ids=["nchw", "nhwc"])
+def test_launch_budget_on_tensor_cores(input_cl: bool) -> None:
+    """Issue 16's budgets hold on the tensor-core path: forward <= 2 launches for channels_last
+    input and <= 3 for NCHW, backward <= 4 and <= 5; from batch 1 to 8 a count may only gain
+    split-K's reduction (grad_weight's K is the batch's pixel count)."""
+    counts = []
+    for n in (1, 8):
+        case = Case(n, 16, 24, (6, 6), (3, 3), padding=(1, 1), input_cl=input_cl)
+        x, w, b = _tensors(case, torch.float16)
+        leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+        with cnnext.emulate_cuda(record=True) as fwd:
+            y = cnnext.ops.conv2d(*leaves, case.stride, case.padding, algo="direct")
+        with cnnext.emulate_cuda(record=True) as bwd:
+            y.sum().backward()
+        assert fwd is not None and bwd is not None
+        assert any("tc_fprop" in r.name for r in fwd.kernels)
+        assert any("tc_dgrad" in r.name for r in bwd.kernels)
+        assert len(fwd.kernels) <= (2 if input_cl else 3), fwd.names()
+        assert len(bwd.kernels) <= (4 if input_cl else 5), bwd.names()
+        counts.append((len(fwd.kernels), len(bwd.kernels)))
+    for i in (0, 1):
+        assert max(c[i] for c in counts) - min(c[i] for c in counts) <= 1, counts
