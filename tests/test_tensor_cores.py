@@ -51,6 +51,8 @@ CASES = {
     "nhwc_groups": Case(
         2, 16, 18, (6, 10), (1, 3), (2, 1), (0, 2), groups=2, input_cl=True, bias=False
     ),
+    # NCHW groups: 8 reduced and 9 output channels each (fewer than 8 go to the naive kernel).
+    "nchw_groups": Case(2, 16, 18, (7, 5), (3, 3), padding=(1, 1), groups=2),
     # long K (576) over 9 split-K slices, one output tile.
     "nchw_long_k": Case(1, 64, 16, (5, 5), (3, 3), padding=(1, 1)),
 }
@@ -155,6 +157,7 @@ GRAD_CASES = {
     "nhwc_3x3_splitk": CASES["nhwc_3x3_splitk"],
     "nchw_strided_dilated": CASES["nchw_strided_dilated"],
     "nhwc_groups": CASES["nhwc_groups"],
+    "nchw_groups": CASES["nchw_groups"],
     # stride 2 with a 1x1 filter: the odd phases get no tap at all (zeros).
     "nchw_1x1_stride2": Case(2, 8, 16, (7, 8), (1, 1), (2, 2)),
     # K = 2 * 15 * 15 = 450 pixels for grad_weight: split over slices, c_out 16 (vector runs).
