@@ -40,6 +40,9 @@ ASAN_RUNS: list[list[str]] = [["tests/test_gemm.py", "-k", "emu"]] + [
 TSAN_RUNS: list[list[str]] = [["tests/test_gemm.py", "-k", "emu"]] + [
     [f"tests/{name}.py", "-k", "emu-random and not gradcheck"] for name in OP_TESTS
 ]
+# The tensor-core (wmma) kernels: every test of the file is emulated.
+ASAN_RUNS.append(["tests/test_tensor_cores.py"])
+TSAN_RUNS.append(["tests/test_tensor_cores.py", "-k", "emu-random"])
 
 
 def _driver():

@@ -10,7 +10,11 @@ memory, ``-elf`` its symbol table (the subroutines nvcc placed in each kernel's 
   bfloat16 or double): no call to a 64-bit integer division or remainder routine (nvcc emits
   ``__cuda_sm20_{div,rem}_{s,u}64`` subroutines for them; 32-bit division is inlined), at least
   one 128-bit shared load (``LDS.128``), no ``LDL``/``STL``, and a static FFMA : LDS instruction
-  ratio of at least 8 (register blocking: each shared value feeds many multiply-adds).
+  ratio of at least 8 (register blocking: each shared value feeds many multiply-adds);
+- every half or bfloat16 kernel whose name contains ``implicit_gemm``: at least one tensor-core
+  multiply (``HMMA``), no 64-bit division and no spills, except the SIMT kernels named in
+  ``SIMT_REDUCED`` (what the tensor-core path does not cover yet, or falls back to), which the
+  test lists as such.
 
 Each arch of the fat binary (sm_80, sm_90, ...) is checked on its own. The tests skip with a
 reason when ``cnnext._C`` has no device code (built without nvcc) or a tool is missing. Planted
@@ -41,6 +45,16 @@ MIN_FFMA_PER_LDS = 8.0
 DIV64 = re.compile(r"__cuda_sm\d+_(?:div|rem)_[su]64")
 NOT_FP32 = re.compile(r"\b(?:double|c10::Half|c10::BFloat16|__half|__nv_bfloat16|half)\b")
 FP32 = re.compile(r"\bfloat\b")
+REDUCED = re.compile(r"\b(?:c10::Half|c10::BFloat16|__half|__nv_bfloat16)\b")
+# Half/bfloat16 implicit-GEMM kernels that run on CUDA cores, and why (issue 17): the SIMT family
+# is the fallback of the tensor-core kernels (conv2d_implicit_gemm_tc_*) where C_in / groups is
+# not a multiple of 8, or where a SIMT tile is asked for by name.
+_FALLBACK = "SIMT fallback: C_in/groups not a multiple of 8, or a SIMT tile named"
+SIMT_REDUCED = {
+    "conv2d_implicit_gemm_fprop_kernel": _FALLBACK,
+    "conv2d_implicit_gemm_dgrad_kernel": _FALLBACK,
+    "conv2d_implicit_gemm_wgrad_kernel": _FALLBACK,
+}
 
 
 def _tool(name: str) -> str | None:
@@ -84,10 +98,15 @@ class Kernel:
     lds: int = 0
     lds128: int = 0
     local_ops: int = 0  # LDL + STL
+    hmma: int = 0
 
     @property
     def fp32(self) -> bool:
         return bool(FP32.search(self.name)) and not NOT_FP32.search(self.name)
+
+    @property
+    def reduced(self) -> bool:
+        return bool(REDUCED.search(self.name))
 
     @property
     def gemm(self) -> bool:
@@ -169,7 +188,7 @@ def parse_sass(text: str) -> dict[tuple[str, str], dict]:
             if head:
                 current = out.setdefault(
                     (arch, head.group(1)),
-                    {"ffma": 0, "lds": 0, "lds128": 0, "local_ops": 0, "calls": []},
+                    {"ffma": 0, "lds": 0, "lds128": 0, "local_ops": 0, "hmma": 0, "calls": []},
                 )
                 continue
             row = SASS_ROW.search(line) if current is not None else None
@@ -184,6 +203,8 @@ def parse_sass(text: str) -> dict[tuple[str, str], dict]:
                 current["lds128"] += "128" in mods
             elif base in ("LDL", "STL"):
                 current["local_ops"] += 1
+            elif base == "HMMA":
+                current["hmma"] += 1
             elif base == "CALL":
                 target = re.search(r"0x([0-9a-f]+)", operands)
                 if target:
@@ -233,6 +254,7 @@ def inspect(path: str, sass_pattern: str = GEMM_MARK, fp32_only: bool = True) ->
                 continue
             kernel.ffma, kernel.lds = facts["ffma"], facts["lds"]
             kernel.lds128, kernel.local_ops = facts["lds128"], facts["local_ops"]
+            kernel.hmma = facts["hmma"]
             routines = div64.get(key, {})
             kernel.div64_calls = sum(target in routines for target in facts["calls"])
     return sorted(kernels.values(), key=lambda k: (k.arch, k.name))
@@ -263,15 +285,35 @@ def gemm_failures(kernels: Iterable[Kernel]) -> list[str]:
     return failures
 
 
+def simt_reason(kernel: Kernel) -> str | None:
+    """Why a half/bfloat16 implicit-GEMM kernel may run on CUDA cores, or None."""
+    found = (why for name, why in SIMT_REDUCED.items() if re.search(rf"\b{name}<", kernel.name))
+    return next(found, None)
+
+
+def tensor_core_failures(kernels: Iterable[Kernel]) -> list[str]:
+    """The tensor-core gates on half/bfloat16 implicit-GEMM kernels whose instructions were read."""
+    failures = []
+    for k in kernels:
+        where = f"{k.arch} {k.name}"
+        if k.hmma == 0 and simt_reason(k) is None:
+            failures.append(f"{where}: no tensor-core multiply (HMMA)")
+        if k.div64_calls != 0 or k.div64_routines:
+            failures.append(f"{where}: {k.div64_calls} call(s) to 64-bit division")
+        if k.local_ops:
+            failures.append(f"{where}: {k.local_ops} local loads/stores (spills)")
+    return failures
+
+
 def table(kernels: Iterable[Kernel]) -> str:
     lines = [
         f"{'arch':<6} {'regs':>4} {'shared':>6} {'FFMA':>5} {'LDS':>4} {'.128':>4} "
-        f"{'ratio':>6} {'div64':>5}  kernel"
+        f"{'ratio':>6} {'div64':>5} {'HMMA':>5}  kernel"
     ]
     for k in kernels:
         lines.append(
             f"{k.arch:<6} {k.registers:>4} {k.shared:>6} {k.ffma:>5} {k.lds:>4} {k.lds128:>4} "
-            f"{k.ratio:>6.1f} {k.div64_calls:>5}  {k.name}"
+            f"{k.ratio:>6.1f} {k.div64_calls:>5} {k.hmma:>5}  {k.name}"
         )
     return "\n".join(lines)
 
@@ -314,6 +356,23 @@ def test_implicit_gemm_kernels(build_kernels: list[Kernel]) -> None:
     assert gemm, f"no fp32 kernel named *{GEMM_MARK}* in the nvcc build of cnnext._C"
     print("\n" + table(gemm))
     assert not gemm_failures(gemm), "\n".join(gemm_failures(gemm))
+
+
+def test_tensor_core_kernels(build_kernels: list[Kernel]) -> None:
+    """Half/bfloat16 implicit-GEMM kernels multiply on tensor cores (HMMA), apart from the SIMT
+    kernels of SIMT_REDUCED, which are listed; a tensor-core fprop exists in every arch."""
+    library = _library()
+    reduced = [k for k in inspect(library, GEMM_MARK, fp32_only=False) if k.gemm and k.reduced]
+    assert reduced, f"no half/bfloat16 kernel named *{GEMM_MARK}* in the nvcc build"
+    print("\n" + table(reduced))
+    for k in reduced:
+        if k.hmma == 0 and simt_reason(k):
+            print(f"CUDA cores ({simt_reason(k)}): {k.arch} {k.name}")
+    for part in ("tc_fprop", "tc_dgrad", "tc_wgrad"):
+        tc = [k for k in reduced if f"implicit_gemm_{part}" in k.name]
+        assert {k.arch for k in tc} == {k.arch for k in build_kernels}, f"no {part} kernel"
+        assert all(k.hmma > 0 for k in tc)
+    assert not tensor_core_failures(reduced), "\n".join(tensor_core_failures(reduced))
 
 
 # ---- planted kernels: the gates flag what they should -------------------------------------------
@@ -417,6 +476,15 @@ def test_planted_spill_is_flagged(planted: dict[str, list[Kernel]]) -> None:
     assert all((k.stack > 0 or k.local > 0) and k.local_ops > 0 for k in capped)
     assert len(local_memory_failures(capped)) == len(capped)
     assert all(any("spills" in f for f in gemm_failures([k])) for k in capped)
+
+
+def test_tensor_core_gate_flags_a_reduced_kernel_without_hmma() -> None:
+    half = "void cnnext::(anonymous namespace)::conv2d_implicit_gemm_tc_fprop_kernel<c10::Half>()"
+    simt = "void cnnext::(anonymous namespace)::conv2d_implicit_gemm_dgrad_kernel<c10::Half>()"
+    assert Kernel("sm_90", "", half).reduced and not Kernel("sm_90", "", half).fp32
+    assert tensor_core_failures([Kernel("sm_90", "", half, div64_calls=0)])
+    assert not tensor_core_failures([Kernel("sm_90", "", half, div64_calls=0, hmma=8)])
+    assert not tensor_core_failures([Kernel("sm_90", "", simt, div64_calls=0)])
 
 
 def test_is_fp32() -> None:

@@ -2,7 +2,8 @@
 // grad_input and grad_weight, or, with variant "naive" and where a geometry does not fit 32-bit
 // GEMM indices or a stride above 8 on the grad_input side, the one-thread-per-output kernels of
 // kernels.cuh. grad_bias rides on grad_weight's GEMM (it sums the grad_output tile already in
-// shared memory) and has its own tree reduction when grad_weight is not wanted.
+// shared memory) and has its own tree reduction when grad_weight is not wanted. Half and bfloat16
+// run the same GEMMs on tensor cores (implicit_gemm_tc.cuh) where the channels allow.
 // Deterministic, no atomics on values.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +16,7 @@
 #include "common/params.h"
 #include "conv2d_direct/conv2d_direct.h"
 #include "conv2d_direct/implicit_gemm.cuh"
+#include "conv2d_direct/implicit_gemm_tc.cuh"
 #include "conv2d_direct/kernels.cuh"
 
 namespace cnnext {
@@ -47,8 +49,13 @@ at::Tensor conv2d_direct_forward_cuda(const at::Tensor& input, const at::Tensor&
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_direct", [&] {
     const BiasEpilogue<scalar_t> epilogue{has_bias ? b.const_data_ptr<scalar_t>() : nullptr};
-    if (use_implicit_gemm(kind, p) &&
-        conv2d_implicit_gemm_forward<scalar_t>(p, x, w, output, epilogue, tile_of(kind))) {
+    const bool igemm = use_implicit_gemm(kind, p);
+    // Half/bfloat16 on tensor cores where supported, unless a SIMT tile was asked for.
+    if (igemm && tile_of(kind) == IgemmTile::kAuto &&
+        conv2d_implicit_gemm_tc_forward<scalar_t>(p, x, w, output, epilogue)) {
+      return;
+    }
+    if (igemm && conv2d_implicit_gemm_forward<scalar_t>(p, x, w, output, epilogue, tile_of(kind))) {
       return;
     }
     conv2d_direct_naive_launch<scalar_t, /*TRANSPOSED=*/false>(
@@ -94,16 +101,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cuda(
         WgradPlan<scalar_t> wgrad;
         const at::Tensor w = output_mask[0] ? dense_filter(weight) : at::Tensor();
         const at::Tensor x = output_mask[1] ? input.contiguous(format_of(input)) : at::Tensor();
+        // Half/bfloat16 on tensor cores where supported, unless a SIMT tile was asked for.
+        const bool tc = igemm && tile_of(kind) == IgemmTile::kAuto && tc_supported<scalar_t>(p);
+        const at::Tensor db = output_mask[2] ? grad_bias : at::Tensor();
         const bool dgrad_ok =
             output_mask[0] && igemm &&
-            plan_dgrad<scalar_t>(p, go, w, grad_input, tile_of(kind), &ws, &dgrad);
-        const bool wgrad_ok = output_mask[1] && igemm &&
-                              plan_wgrad<scalar_t>(p, go, x, grad_weight,
-                                                   output_mask[2] ? grad_bias : at::Tensor(),
-                                                   tile_of(kind), &ws, &wgrad);
+            (tc ? plan_tc_dgrad<scalar_t>(p, go, w, grad_input, &ws, &dgrad)
+                : plan_dgrad<scalar_t>(p, go, w, grad_input, tile_of(kind), &ws, &dgrad));
+        const bool wgrad_ok =
+            output_mask[1] && igemm &&
+            (tc ? plan_tc_wgrad<scalar_t>(p, go, x, grad_weight, db, &ws, &wgrad)
+                : plan_wgrad<scalar_t>(p, go, x, grad_weight, db, tile_of(kind), &ws, &wgrad));
         ws.allocate(go);
         if (dgrad_ok) {
-          run_dgrad<scalar_t>(dgrad, w, ws);
+          tc ? run_tc_dgrad<scalar_t>(dgrad, w, ws) : run_dgrad<scalar_t>(dgrad, w, ws);
         } else if (output_mask[0]) {
           const at::Tensor wc = w.contiguous();
           conv2d_direct_naive_launch<scalar_t, /*TRANSPOSED=*/true>(
@@ -112,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cuda(
               BiasEpilogue<scalar_t>{});
         }
         if (wgrad_ok) {
-          run_wgrad<scalar_t>(wgrad, ws);
+          tc ? run_tc_wgrad<scalar_t>(wgrad, ws) : run_wgrad<scalar_t>(wgrad, ws);
         } else if (output_mask[1]) {
           conv2d_direct_grad_weight_naive_launch<scalar_t>(
               kBackwardOp, weight_grad_geometry(p, x, go), go.const_data_ptr<scalar_t>(),
