@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     conv2d_implicit_gemm_dgrad_kernel(const DgradArgs<scalar_t> args) {
   using acc_t = cuda_acc_t<scalar_t>;
   __align__(16) __shared__ acc_t smem[Cfg::kSmemWords];
-  __shared__ int nonfinite;
+  __shared__ int nonfinite_warps[Cfg::kThreads / 32];
   const int tid = threadIdx.x;
   int32_t ph, pw;
   args.div_sw.divmod(blockIdx.z, ph, pw);
@@ -523,11 +523,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     CNNEXT_IGEMM_UNROLL
     for (int j = 0; j < 8; ++j) acc[i][j] = acc_t(0);
   }
-  if (tid == 0) nonfinite = 0;
   acc_t unused = 0;
   igemm_mainloop<Cfg, false>(la, lb, 0, taps_k, smem, tt, acc, unused, tid);
-  if (lb.nonfinite) atomicExch(&nonfinite, 1);
+  // Block-wide "any non-finite filter value": a warp vote, then one flag per warp (no atomics).
+  const unsigned vote = __ballot_sync(0xffffffffu, lb.nonfinite);
+  if (tid % 32 == 0) nonfinite_warps[tid / 32] = vote != 0;
   __syncthreads();
+  bool nonfinite = false;
+  for (int w = 0; w < Cfg::kThreads / 32; ++w) nonfinite |= nonfinite_warps[w] != 0;
 
   PixelMap rows;
   rows.div_cols = ca.extent, rows.div_rows = ra.extent;

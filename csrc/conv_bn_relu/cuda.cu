@@ -20,6 +20,7 @@
 #include "common/params.h"
 #include "conv2d_direct/conv2d_direct.h"
 #include "conv2d_direct/implicit_gemm.cuh"
+#include "conv2d_direct/implicit_gemm_tc.cuh"
 #include "conv2d_direct/kernels.cuh"
 #include "conv2d_im2col/conv2d_im2col.h"
 #include "conv_bn_relu/conv_bn_relu.h"
@@ -531,14 +532,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
 
 unsigned int channel_blocks(int64_t c) { return ceil_div(c, kThreads); }
 
-// conv(x, w) with `epilogue` in the store: the implicit GEMM, or the naive kernel where it does
-// not fit. allow_split: split-K (a second launch) may be used.
+// conv(x, w) with `epilogue` in the store: the implicit GEMM (on tensor cores for half/bfloat16
+// where it applies), or the naive kernel where it does not fit. allow_split: split-K (a second
+// launch) may be used by the CUDA-core kernels.
 template <typename scalar_t, class Epilogue>
 void run_direct(const char* op, const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
                 const at::Tensor& out, const Epilogue& epilogue, bool allow_split) {
   if (use_implicit_gemm(DirectVariant::kAuto, p) &&
-      conv2d_implicit_gemm_forward<scalar_t>(p, x, w, out, epilogue, IgemmTile::kAuto,
-                                             allow_split)) {
+      (conv2d_implicit_gemm_tc_forward<scalar_t>(p, x, w, out, epilogue) ||
+       conv2d_implicit_gemm_forward<scalar_t>(p, x, w, out, epilogue, IgemmTile::kAuto,
+                                              allow_split))) {
     return;
   }
   const at::Tensor wc = w.contiguous();
