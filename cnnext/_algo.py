@@ -199,10 +199,16 @@ def _key(
 
 
 def candidates(device_kind: str) -> list[Choice]:
-    """What the autotuner times: the CUDA direct kernel comes in two variants."""
+    """What the autotuner times: on CUDA the implicit GEMM's two block tiles, the naive kernel
+    and im2col."""
     if device_kind == "cpu":
         return [("direct", "auto"), ("im2col", "auto")]
-    return [("direct", "tiled"), ("direct", "naive"), ("im2col", "auto")]
+    return [
+        ("direct", "implicit_gemm_128x128"),
+        ("direct", "implicit_gemm_64x64"),
+        ("direct", "naive"),
+        ("im2col", "auto"),
+    ]
 
 
 def _timer(input: torch.Tensor) -> Callable[[Callable[[], object]], float]:

@@ -65,9 +65,9 @@ def default_schedule() -> str:
 class LaunchRecord:
     """One kernel launch or one cuBLAS call, as the emulator saw it.
 
-    ``name`` is the kernel's short name (``conv2d_direct_tiled_kernel``); ``full_name`` is the
-    kernel expression as launched (``(conv2d_direct_tiled_kernel<scalar_t, 4, ...>)``). GEMM
-    records (``kind == "gemm"``) carry cuBLAS's column-major ``transa, transb, m, n, k, batch``
+    ``name`` is the kernel's short name (``conv2d_implicit_gemm_fprop_kernel``); ``full_name``
+    is the kernel expression as launched
+    (``(conv2d_implicit_gemm_fprop_kernel<scalar_t, Cfg, NHWC, Epilogue>)``). GEMM records (``kind == "gemm"``) carry cuBLAS's column-major ``transa, transb, m, n, k, batch``
     and no grid; kernel records carry ``grid``, ``block`` and dynamic shared memory ``smem``.
     """
 

@@ -117,7 +117,9 @@ def _draw_conv(draw: Callable, emulated: bool) -> Config:
         h=_size_for(draw, dh * (kh - 1) + 1, ph, 6 if emulated else 9),
         w=_size_for(draw, dw * (kw - 1) + 1, pw, 6 if emulated else 9),
         bias=draw(st.booleans()),
-        variant=draw(st.sampled_from(("auto", "naive", "tiled"))),
+        variant=draw(
+            st.sampled_from(("auto", "naive", "implicit_gemm_64x64", "implicit_gemm_128x128"))
+        ),
         # im2col column buffer: the default, one output row, or one byte (smallest chunks).
         col_limit=draw(st.sampled_from((None, 700, 1))),
     )

@@ -48,6 +48,14 @@ GRID = [("cpu", *row) for row in CPU_GRID] + [("emu", *row) for row in CUDA_GRID
 IDS = [f"{g[0]}-{g[1]}" for g in GRID]
 
 
+# Where conv_bn_relu's schema puts `algo`, read from the schema rather than counted by hand.
+_FUSED_ALGO = next(
+    i
+    for i, a in enumerate(torch.ops.cnnext.conv_bn_relu.default._schema.arguments)
+    if a.name == "algo"
+)
+
+
 class Recorder(TorchDispatchMode):
     """Records ``(op name, args)`` of every cnnext forward op that reaches the dispatcher."""
 
@@ -68,7 +76,7 @@ class Recorder(TorchDispatchMode):
             if op in ("conv2d_direct", "conv2d_im2col"):
                 found.append(op[len("conv2d_") :])
             elif op == "conv_bn_relu":
-                found.append(args[13])
+                found.append(args[_FUSED_ALGO])
         return found
 
 

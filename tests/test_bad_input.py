@@ -181,7 +181,7 @@ GEOMETRIES = {  # stride gaps, padding larger than the tap span, dilation with g
 
 
 @pytest.mark.parametrize("where", ["input", "weight"])
-@pytest.mark.parametrize("variant", ["naive", "tiled"])
+@pytest.mark.parametrize("variant", ["naive", "implicit_gemm_64x64", "implicit_gemm_128x128"])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize("mode", ["cpu", "emu-random"])
 def test_direct_backward_skips_structural_taps(

@@ -84,7 +84,11 @@ def test_cpu_thread_count_independent(
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_emulated_schedule_independent(spec: OpSpec) -> None:
-    variants = ["auto", "naive", "tiled"] if spec.name == "conv2d_direct" else [None]
+    variants = (
+        ["auto", "naive", "implicit_gemm_64x64", "implicit_gemm_128x128"]
+        if spec.name == "conv2d_direct"
+        else [None]
+    )
     for variant in variants:
         cfg = {**spec.example, **({"variant": variant} if variant else {})}
         first, grad = _results(spec, cfg, "forward")
