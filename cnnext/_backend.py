@@ -67,8 +67,9 @@ class LaunchRecord:
 
     ``name`` is the kernel's short name (``conv2d_implicit_gemm_fprop_kernel``); ``full_name``
     is the kernel expression as launched
-    (``(conv2d_implicit_gemm_fprop_kernel<scalar_t, Cfg, NHWC, Epilogue>)``). GEMM records (``kind == "gemm"``) carry cuBLAS's column-major ``transa, transb, m, n, k, batch``
-    and no grid; kernel records carry ``grid``, ``block`` and dynamic shared memory ``smem``.
+    (``(conv2d_implicit_gemm_fprop_kernel<scalar_t, Cfg, NHWC, Epilogue>)``). GEMM records
+    (``kind == "gemm"``) carry cuBLAS's column-major ``transa, transb, m, n, k, batch`` and no
+    grid; kernel records carry ``grid``, ``block`` and dynamic shared memory ``smem``.
     """
 
     kind: str  # "kernel" | "gemm"
