@@ -71,8 +71,7 @@ void check_variant(const char* op, c10::string_view variant) {
                op,
                "expected variant to be 'auto', 'implicit_gemm', 'implicit_gemm_128x128', "
                "'implicit_gemm_64x64', 'tiled' or 'naive', got '",
-               std::string(variant),
-               "'");
+               std::string(variant), "'");
 }
 
 // Scratch memory, left uninitialised (every element read is written first).

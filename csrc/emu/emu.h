@@ -224,8 +224,9 @@ inline int __float_as_int(float f) {
   return v;
 }
 
-// ---- vector types and integer intrinsics of the implicit-GEMM kernels ----------------------------
-// 16-byte aligned like CUDA's, so a misaligned 128-bit access is as wrong here as on the GPU.
+// ---- vector types and integer intrinsics of the implicit-GEMM kernels
+// ---------------------------- 16-byte aligned like CUDA's, so a misaligned 128-bit access is as
+// wrong here as on the GPU.
 struct alignas(16) float4 {
   float x, y, z, w;
 };
