@@ -135,6 +135,7 @@ struct LinearMap {
 // of 4 are 4 consecutive elements at a 16-byte aligned address with the same position.
 template <typename scalar_t, class KMap, class XMap>
 struct Operand {
+  using scalar_type = scalar_t;
   const scalar_t* ptr = nullptr;
   KMap k;
   XMap x;
@@ -468,6 +469,97 @@ struct DgradArgs {
   bool vec_a = false, vec_b = false;
 };
 
+// Stride phase z of a dgrad launch (blockIdx.z): its pixel count, its K (taps that reach it x
+// C_out per group), and the maps of its operands and output. Shared by the CUDA-core and the
+// tensor-core dgrad kernels.
+template <typename scalar_t>
+struct DgradPhase {
+  int32_t ph = 0, pw = 0, z = 0, m = 0, taps_k = 0;
+  bool taps_fastest = false;
+  const DgradAxis* ra = nullptr;
+  const DgradAxis* ca = nullptr;
+
+  __device__ __forceinline__ DgradPhase(const DgradArgs<scalar_t>& args, int32_t phase,
+                                        bool taps_fastest_)
+      : z(phase), taps_fastest(taps_fastest_) {
+    args.div_sw.divmod(phase, ph, pw);
+    ra = &args.rows[ph], ca = &args.cols[pw];
+    m = args.batch * ra->pixels * ca->pixels;
+    taps_k = ra->count * ca->count * args.c_out;
+  }
+
+  // The phase's taps of one (co, tap) index: tap-major (c_out fastest) or taps fastest.
+  __device__ __forceinline__ TapMap taps(const DgradArgs<scalar_t>& args, int64_t base, int64_t sc,
+                                         int64_t sr, int64_t ss) const {
+    TapMap t;
+    t.div_c = args.div_c_out, t.div_s = ca->taps, t.div_taps = args.div_taps[z];
+    t.tap_major = !taps_fastest;
+    t.base = base, t.sc = sc, t.sr = sr, t.ss = ss, t.count = taps_k;
+    return t;
+  }
+
+  // A: grad_output at row i + off0 - dstep * tr (and likewise for columns).
+  __device__ __forceinline__ Operand<scalar_t, TapMap, PixelMap> a(const DgradArgs<scalar_t>& args,
+                                                                   int32_t grp) const {
+    Operand<scalar_t, TapMap, PixelMap> op;
+    op.ptr = args.dy;
+    op.x.div_cols = ca->extent, op.x.div_rows = ra->extent;
+    op.x.sn = args.dy_sn, op.x.sh = args.dy_sh, op.x.sw = args.dy_sw;
+    op.x.org_h = ra->off0, op.x.org_w = ca->off0, op.x.count = m;
+    op.k = taps(args, static_cast<int64_t>(grp) * args.c_out * args.dy_sc, args.dy_sc,
+                -static_cast<int64_t>(ra->dstep) * args.dy_sh,
+                -static_cast<int64_t>(ca->dstep) * args.dy_sw);
+    op.k.dh = -ra->dstep, op.k.dw = -ca->dstep;
+    op.h_lim = args.p, op.w_lim = args.q, op.vec = args.vec_a;
+    return op;
+  }
+
+  // B: filter rows (co, r, s) of the phase's taps; c_in contiguous when w_sc == 1.
+  __device__ __forceinline__ Operand<scalar_t, TapMap, LinearMap> b(const DgradArgs<scalar_t>& args,
+                                                                    int32_t grp) const {
+    Operand<scalar_t, TapMap, LinearMap> op;
+    op.ptr = args.w;
+    op.k = taps(args,
+                static_cast<int64_t>(grp) * args.c_out * args.w_sk + ra->t0 * args.w_sr +
+                    ca->t0 * args.w_ss,
+                args.w_sk, ra->step * args.w_sr, ca->step * args.w_ss);
+    op.x = LinearMap{0, args.w_sc, args.c_in};
+    op.vec = args.vec_b;
+    return op;
+  }
+
+  // grad_input pixels (ph + sh * i, pw + sw * j) and channels of group grp.
+  __device__ __forceinline__ PixelMap rows(const DgradArgs<scalar_t>& args) const {
+    PixelMap r;
+    r.div_cols = ca->extent, r.div_rows = ra->extent;
+    r.sn = args.dx_sn, r.sh = args.dx_sh, r.sw = args.dx_sw;
+    r.st_h = args.sh, r.st_w = args.sw, r.org_h = ph, r.org_w = pw, r.count = m;
+    return r;
+  }
+  __device__ __forceinline__ LinearMap cols(const DgradArgs<scalar_t>& args, int32_t grp) const {
+    return LinearMap{static_cast<int64_t>(grp) * args.c_in * args.dx_sc, args.dx_sc, args.c_in};
+  }
+};
+
+// Output (m, n) of a dgrad GEMM summed over real taps only. A block that loaded a non-finite
+// filter value redoes its tile so: the zeros that stand for padding would otherwise turn
+// 0 * Inf into NaN where torch's col2im, which skips padding, gives a finite value or Inf.
+template <class A, class B>
+__device__ cuda_acc_t<typename A::scalar_type> dgrad_exact_sum(const A& a, const B& b, int32_t m,
+                                                               int32_t n, int32_t taps_k) {
+  using acc_t = cuda_acc_t<typename A::scalar_type>;
+  const Coord xa = a.x.at(m), xb = b.x.at(n);
+  acc_t sum = 0;
+  if (xa.h == kOutside || xb.h == kOutside) return sum;
+  for (int32_t kk = 0; kk < taps_k; ++kk) {
+    const Coord ka = a.k.at(kk);
+    if (!a.valid(ka, xa)) continue;
+    const Coord kb = b.k.at(kk);
+    sum += static_cast<acc_t>(a.ptr[ka.ofs + xa.ofs]) * static_cast<acc_t>(b.ptr[kb.ofs + xb.ofs]);
+  }
+  return sum;
+}
+
 // K order: (tap, co) with co fastest (NHWC grad_output and a channels_last filter: both read
 // along channels), or with TAPS_FASTEST (co, tap) (NCHW grad_output and a [C_out][C_in/g][R][S]
 // filter, whose taps of one (co, ci) are contiguous: read in place, no filter copy).
@@ -478,42 +570,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   __align__(16) __shared__ acc_t smem[Cfg::kSmemWords];
   __shared__ int nonfinite_warps[Cfg::kThreads / 32];
   const int tid = threadIdx.x;
-  int32_t ph, pw;
-  args.div_sw.divmod(blockIdx.z, ph, pw);
-  const DgradAxis& ra = args.rows[ph];
-  const DgradAxis& ca = args.cols[pw];
-  const int32_t m = args.batch * ra.pixels * ca.pixels;
+  const DgradPhase<scalar_t> ph(args, blockIdx.z, TAPS_FASTEST);
   const int32_t m0 = blockIdx.x * Cfg::kBM;
-  if (m0 >= m) return;  // this phase has fewer pixels than the largest one
+  if (m0 >= ph.m) return;  // this phase has fewer pixels than the largest one
   const int32_t grp = blockIdx.y / args.n_tiles, nt = blockIdx.y % args.n_tiles;
   const int32_t n0 = nt * Cfg::kBN;
-  const int32_t taps_k = ra.count * ca.count * args.c_out;
-
-  // A: grad_output at row i + off0 - dstep * tr (tap-major, c_out fastest).
-  Operand<scalar_t, TapMap, PixelMap> a;
-  a.ptr = args.dy;
-  a.x.div_cols = ca.extent, a.x.div_rows = ra.extent;
-  a.x.sn = args.dy_sn, a.x.sh = args.dy_sh, a.x.sw = args.dy_sw;
-  a.x.org_h = ra.off0, a.x.org_w = ca.off0, a.x.count = m;
-  a.k.div_c = args.div_c_out, a.k.div_s = ca.taps, a.k.tap_major = !TAPS_FASTEST;
-  a.k.div_taps = args.div_taps[blockIdx.z];
-  a.k.base = static_cast<int64_t>(grp) * args.c_out * args.dy_sc, a.k.sc = args.dy_sc;
-  a.k.sr = -static_cast<int64_t>(ra.dstep) * args.dy_sh;
-  a.k.ss = -static_cast<int64_t>(ca.dstep) * args.dy_sw;
-  a.k.dh = -ra.dstep, a.k.dw = -ca.dstep, a.k.count = taps_k;
-  a.h_lim = args.p, a.w_lim = args.q, a.vec = args.vec_a;
-  // B: filter rows (co, r, s), c_in contiguous when w_sc == 1.
-  Operand<scalar_t, TapMap, LinearMap> b;
-  b.ptr = args.w;
-  b.k.div_c = args.div_c_out, b.k.div_s = ca.taps, b.k.tap_major = !TAPS_FASTEST;
-  b.k.div_taps = args.div_taps[blockIdx.z];
-  b.k.base =
-      static_cast<int64_t>(grp) * args.c_out * args.w_sk + ra.t0 * args.w_sr + ca.t0 * args.w_ss;
-  b.k.sc = args.w_sk, b.k.sr = ra.step * args.w_sr, b.k.ss = ca.step * args.w_ss;
-  b.k.count = taps_k;
-  b.x.base = 0, b.x.ld = args.w_sc, b.x.count = args.c_in;
-  b.vec = args.vec_b;
-
+  const auto a = ph.a(args, grp);
+  const auto b = ph.b(args, grp);
   TileLoader<scalar_t, Cfg::kBM, Cfg::kThreads, NHWC, false, decltype(a)> la(a, m0, tid);
   TileLoader<scalar_t, Cfg::kBN, Cfg::kThreads, TAPS_FASTEST, true, decltype(b)> lb(b, n0, tid);
   const ThreadTile<Cfg> tt(tid);
@@ -524,43 +587,25 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     for (int j = 0; j < 8; ++j) acc[i][j] = acc_t(0);
   }
   acc_t unused = 0;
-  igemm_mainloop<Cfg, false>(la, lb, 0, taps_k, smem, tt, acc, unused, tid);
+  igemm_mainloop<Cfg, false>(la, lb, 0, ph.taps_k, smem, tt, acc, unused, tid);
   // Block-wide "any non-finite filter value": a warp vote, then one flag per warp (no atomics).
   const unsigned vote = __ballot_sync(0xffffffffu, lb.nonfinite);
   if (tid % 32 == 0) nonfinite_warps[tid / 32] = vote != 0;
   __syncthreads();
   bool nonfinite = false;
   for (int w = 0; w < Cfg::kThreads / 32; ++w) nonfinite |= nonfinite_warps[w] != 0;
-
-  PixelMap rows;
-  rows.div_cols = ca.extent, rows.div_rows = ra.extent;
-  rows.sn = args.dx_sn, rows.sh = args.dx_sh, rows.sw = args.dx_sw;
-  rows.st_h = args.sh, rows.st_w = args.sw, rows.org_h = ph, rows.org_w = pw, rows.count = m;
-  const LinearMap cols{static_cast<int64_t>(grp) * args.c_in * args.dx_sc, args.dx_sc, args.c_in};
-
   if (nonfinite) {
-    // A non-finite filter value met the zeros that stand for padding: redo this tile summing
-    // only real taps, so Inf/NaN reach exactly the gradients torch's col2im gives them.
     CNNEXT_IGEMM_UNROLL
     for (int i = 0; i < 8; ++i) {
-      const Coord xa = a.x.at(m0 + tt.am + ThreadTile<Cfg>::row(i));
       CNNEXT_IGEMM_UNROLL
       for (int j = 0; j < 8; ++j) {
-        const Coord xb = b.x.at(n0 + tt.bn + ThreadTile<Cfg>::col(j));
-        acc_t sum = 0;
-        if (xa.h != kOutside && xb.h != kOutside) {
-          for (int32_t kk = 0; kk < taps_k; ++kk) {
-            const Coord ka = a.k.at(kk);
-            if (!a.valid(ka, xa)) continue;
-            const Coord kb = b.k.at(kk);
-            sum += static_cast<acc_t>(a.ptr[ka.ofs + xa.ofs]) *
-                   static_cast<acc_t>(b.ptr[kb.ofs + xb.ofs]);
-          }
-        }
-        acc[i][j] = sum;
+        acc[i][j] = dgrad_exact_sum(a, b, m0 + tt.am + ThreadTile<Cfg>::row(i),
+                                    n0 + tt.bn + ThreadTile<Cfg>::col(j), ph.taps_k);
       }
     }
   }
+  const PixelMap rows = ph.rows(args);
+  const LinearMap cols = ph.cols(args, grp);
   igemm_store<Cfg>(args.dx, rows, cols, m0, n0, tt, acc, IdentityEpilogue{}, 0);
 }
 
