@@ -19,7 +19,7 @@ help:
 	@echo "make demo   set up, build and run the demo (examples/train_digits.py)"
 	@echo "make test   set up, build and run the whole test suite"
 	@echo "make lint   ruff + clang-format checks;  make format: apply them"
-	@echo "make bench  run the benchmark suite (benchmarks/run.py --quick)"
+	@echo "make bench  run the benchmark suite (python -m benchmarks.run --quick)"
 
 $(VENV)/.deps-stamp: requirements-dev.txt
 	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
@@ -75,7 +75,7 @@ format: setup
 	git ls-files 'csrc/*' 'tests/*.cu' | grep -E '\.(cpp|h|cu|cuh)$$' | xargs $(VENV)/bin/clang-format -i
 
 bench: build
-	$(PY) benchmarks/run.py --quick
+	$(PY) -m benchmarks.run --quick
 
 clean:
 	rm -rf build dist *.egg-info cnnext/*.so cnnext/_build_info.py
