@@ -476,23 +476,24 @@ template <typename scalar_t>
 struct DgradPhase {
   int32_t ph = 0, pw = 0, z = 0, m = 0, taps_k = 0;
   bool taps_fastest = false;
-  const DgradAxis* ra = nullptr;
-  const DgradAxis* ca = nullptr;
+  // Copies, not pointers into the kernel's parameters: taking a parameter's address makes nvcc
+  // copy the parameter block to local memory.
+  DgradAxis ra, ca;
 
   __device__ __forceinline__ DgradPhase(const DgradArgs<scalar_t>& args, int32_t phase,
                                         bool taps_fastest_)
       : z(phase), taps_fastest(taps_fastest_) {
     args.div_sw.divmod(phase, ph, pw);
-    ra = &args.rows[ph], ca = &args.cols[pw];
-    m = args.batch * ra->pixels * ca->pixels;
-    taps_k = ra->count * ca->count * args.c_out;
+    ra = args.rows[ph], ca = args.cols[pw];
+    m = args.batch * ra.pixels * ca.pixels;
+    taps_k = ra.count * ca.count * args.c_out;
   }
 
   // The phase's taps of one (co, tap) index: tap-major (c_out fastest) or taps fastest.
   __device__ __forceinline__ TapMap taps(const DgradArgs<scalar_t>& args, int64_t base, int64_t sc,
                                          int64_t sr, int64_t ss) const {
     TapMap t;
-    t.div_c = args.div_c_out, t.div_s = ca->taps, t.div_taps = args.div_taps[z];
+    t.div_c = args.div_c_out, t.div_s = ca.taps, t.div_taps = args.div_taps[z];
     t.tap_major = !taps_fastest;
     t.base = base, t.sc = sc, t.sr = sr, t.ss = ss, t.count = taps_k;
     return t;
@@ -503,13 +504,13 @@ struct DgradPhase {
                                                                    int32_t grp) const {
     Operand<scalar_t, TapMap, PixelMap> op;
     op.ptr = args.dy;
-    op.x.div_cols = ca->extent, op.x.div_rows = ra->extent;
+    op.x.div_cols = ca.extent, op.x.div_rows = ra.extent;
     op.x.sn = args.dy_sn, op.x.sh = args.dy_sh, op.x.sw = args.dy_sw;
-    op.x.org_h = ra->off0, op.x.org_w = ca->off0, op.x.count = m;
+    op.x.org_h = ra.off0, op.x.org_w = ca.off0, op.x.count = m;
     op.k = taps(args, static_cast<int64_t>(grp) * args.c_out * args.dy_sc, args.dy_sc,
-                -static_cast<int64_t>(ra->dstep) * args.dy_sh,
-                -static_cast<int64_t>(ca->dstep) * args.dy_sw);
-    op.k.dh = -ra->dstep, op.k.dw = -ca->dstep;
+                -static_cast<int64_t>(ra.dstep) * args.dy_sh,
+                -static_cast<int64_t>(ca.dstep) * args.dy_sw);
+    op.k.dh = -ra.dstep, op.k.dw = -ca.dstep;
     op.h_lim = args.p, op.w_lim = args.q, op.vec = args.vec_a;
     return op;
   }
@@ -519,10 +520,10 @@ struct DgradPhase {
                                                                     int32_t grp) const {
     Operand<scalar_t, TapMap, LinearMap> op;
     op.ptr = args.w;
-    op.k = taps(args,
-                static_cast<int64_t>(grp) * args.c_out * args.w_sk + ra->t0 * args.w_sr +
-                    ca->t0 * args.w_ss,
-                args.w_sk, ra->step * args.w_sr, ca->step * args.w_ss);
+    op.k = taps(
+        args,
+        static_cast<int64_t>(grp) * args.c_out * args.w_sk + ra.t0 * args.w_sr + ca.t0 * args.w_ss,
+        args.w_sk, ra.step * args.w_sr, ca.step * args.w_ss);
     op.x = LinearMap{0, args.w_sc, args.c_in};
     op.vec = args.vec_b;
     return op;
@@ -531,7 +532,7 @@ struct DgradPhase {
   // grad_input pixels (ph + sh * i, pw + sw * j) and channels of group grp.
   __device__ __forceinline__ PixelMap rows(const DgradArgs<scalar_t>& args) const {
     PixelMap r;
-    r.div_cols = ca->extent, r.div_rows = ra->extent;
+    r.div_cols = ca.extent, r.div_rows = ra.extent;
     r.sn = args.dx_sn, r.sh = args.dx_sh, r.sw = args.dx_sw;
     r.st_h = args.sh, r.st_w = args.sw, r.org_h = ph, r.org_w = pw, r.count = m;
     return r;
@@ -545,8 +546,10 @@ struct DgradPhase {
 // filter value redoes its tile so: the zeros that stand for padding would otherwise turn
 // 0 * Inf into NaN where torch's col2im, which skips padding, gives a finite value or Inf.
 template <class A, class B>
-__device__ cuda_acc_t<typename A::scalar_type> dgrad_exact_sum(const A& a, const B& b, int32_t m,
-                                                               int32_t n, int32_t taps_k) {
+__device__ __forceinline__ cuda_acc_t<typename A::scalar_type> dgrad_exact_sum(const A& a,
+                                                                               const B& b,
+                                                                               int32_t m, int32_t n,
+                                                                               int32_t taps_k) {
   using acc_t = cuda_acc_t<typename A::scalar_type>;
   const Coord xa = a.x.at(m), xb = b.x.at(n);
   acc_t sum = 0;

@@ -360,14 +360,41 @@ __global__ void __launch_bounds__(TcTile::kThreads)
   scalar_t* const smem = reinterpret_cast<scalar_t*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32;
   const int wm = warp % TcTile::kWarpsM, wn = warp / TcTile::kWarpsM;
-  const DgradPhase<scalar_t> ph(args, blockIdx.z, TAPS_FASTEST);
+  int32_t ph, pw;
+  args.div_sw.divmod(blockIdx.z, ph, pw);
+  const DgradAxis& ra = args.rows[ph];
+  const DgradAxis& ca = args.cols[pw];
+  const int32_t m = args.batch * ra.pixels * ca.pixels;
   const int32_t m0 = blockIdx.x * TcTile::kBM;
-  if (m0 >= ph.m) return;  // this phase has fewer pixels than the largest one
+  if (m0 >= m) return;  // this phase has fewer pixels than the largest one
   const int32_t grp = blockIdx.y / args.n_tiles, nt = blockIdx.y % args.n_tiles;
   const int32_t n0 = nt * TcTile::kBN;
-  const auto a = ph.a(args, grp);
-  auto b = ph.b(args, grp);
-  b.vec = false;  // k-contiguous only with TAPS_FASTEST, and then never in 8-element runs
+  const int32_t taps_k = ra.count * ca.count * args.c_out;
+
+  // A: grad_output at row i + off0 - dstep * tr.
+  Operand<scalar_t, TapMap, PixelMap> a;
+  a.ptr = args.dy;
+  a.x.div_cols = ca.extent, a.x.div_rows = ra.extent;
+  a.x.sn = args.dy_sn, a.x.sh = args.dy_sh, a.x.sw = args.dy_sw;
+  a.x.org_h = ra.off0, a.x.org_w = ca.off0, a.x.count = m;
+  a.k.div_c = args.div_c_out, a.k.div_s = ca.taps, a.k.tap_major = !TAPS_FASTEST;
+  a.k.div_taps = args.div_taps[blockIdx.z];
+  a.k.base = static_cast<int64_t>(grp) * args.c_out * args.dy_sc, a.k.sc = args.dy_sc;
+  a.k.sr = -static_cast<int64_t>(ra.dstep) * args.dy_sh;
+  a.k.ss = -static_cast<int64_t>(ca.dstep) * args.dy_sw;
+  a.k.dh = -ra.dstep, a.k.dw = -ca.dstep, a.k.count = taps_k;
+  a.h_lim = args.p, a.w_lim = args.q, a.vec = args.vec_a;
+  // B: filter rows (co, r, s); k-contiguous only with TAPS_FASTEST (then never in 8-runs).
+  Operand<scalar_t, TapMap, LinearMap> b;
+  b.ptr = args.w;
+  b.k.div_c = args.div_c_out, b.k.div_s = ca.taps, b.k.tap_major = !TAPS_FASTEST;
+  b.k.div_taps = args.div_taps[blockIdx.z];
+  b.k.base =
+      static_cast<int64_t>(grp) * args.c_out * args.w_sk + ra.t0 * args.w_sr + ca.t0 * args.w_ss;
+  b.k.sc = args.w_sk, b.k.sr = ra.step * args.w_sr, b.k.ss = ca.step * args.w_ss;
+  b.k.count = taps_k;
+  b.x.base = 0, b.x.ld = args.w_sc, b.x.count = args.c_in;
+  b.vec = false;
 
   TcLoader<scalar_t, TcTile::kBM, NHWC, decltype(a)> la(a, m0, tid);
   TcLoader<scalar_t, TcTile::kBN, TAPS_FASTEST, decltype(b), true> lb(b, n0, tid);
@@ -377,7 +404,7 @@ __global__ void __launch_bounds__(TcTile::kThreads)
     CNNEXT_IGEMM_UNROLL
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   }
-  tc_mainloop<scalar_t>(la, lb, 0, ph.taps_k, smem, wm, wn, acc);
+  tc_mainloop<scalar_t>(la, lb, 0, taps_k, smem, wm, wn, acc);
   // Block-wide "any non-finite filter value": a warp vote, then one flag per warp (no atomics).
   const unsigned vote = __ballot_sync(0xffffffffu, lb.nonfinite);
   if (tid % 32 == 0) nonfinite_warps[warp] = vote != 0;
@@ -386,17 +413,32 @@ __global__ void __launch_bounds__(TcTile::kThreads)
   bool nonfinite = false;
   CNNEXT_IGEMM_UNROLL
   for (int w = 0; w < TcTile::kThreads / 32; ++w) nonfinite |= nonfinite_warps[w] != 0;
-  if (nonfinite) {  // uniform over the block: redo the tile over real taps only
+  if (nonfinite) {  // uniform over the block
+    // A non-finite filter value met the zeros that stand for padding: redo this tile summing
+    // only real taps, so Inf/NaN reach exactly the gradients torch's col2im gives them.
     for (int e = tid; e < TcTile::kBM * TcTile::kBN; e += TcTile::kThreads) {
       const int r = e / TcTile::kBN, c = e % TcTile::kBN;
-      const float sum = dgrad_exact_sum(a, b, m0 + r, n0 + c, ph.taps_k);
+      const Coord xa = a.x.at(m0 + r), xb = b.x.at(n0 + c);
+      float sum = 0.f;
+      if (xa.h != kOutside && xb.h != kOutside) {
+        for (int32_t kk = 0; kk < taps_k; ++kk) {
+          const Coord ka = a.k.at(kk);
+          if (!a.valid(ka, xa)) continue;
+          const Coord kb = b.k.at(kk);
+          sum += static_cast<float>(a.ptr[ka.ofs + xa.ofs]) *
+                 static_cast<float>(b.ptr[kb.ofs + xb.ofs]);
+        }
+      }
       staged[r * TcTile::kPitchC + c] = sum;
     }
     __syncthreads();
   }
 
-  const PixelMap rows = ph.rows(args);
-  const LinearMap cols = ph.cols(args, grp);
+  PixelMap rows;
+  rows.div_cols = ca.extent, rows.div_rows = ra.extent;
+  rows.sn = args.dx_sn, rows.sh = args.dx_sh, rows.sw = args.dx_sw;
+  rows.st_h = args.sh, rows.st_w = args.sw, rows.org_h = ph, rows.org_w = pw, rows.count = m;
+  const LinearMap cols{static_cast<int64_t>(grp) * args.c_in * args.dx_sc, args.dx_sc, args.c_in};
   tc_write<!NHWC>(args.dx, rows, cols, m0, n0, staged, IdentityEpilogue{}, 0, tid);
 #else
   __trap();
