@@ -21,11 +21,10 @@ faults the second does not.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/direct_cpu_kernel.py [--isa avx512|avx2] [--threads 1,2]
+    python -m benchmarks.direct_cpu_kernel [--isa avx512|avx2] [--threads 1,2]
         [--rounds 3] [--kernel-rounds 40] [--layers SUBSTRING] [--no-op]
 
-(``PYTHONPATH=.`` from the repository root: the script's folder comes first on ``sys.path``, so
-without it the installed cnnext is timed, not this checkout's build.)
+(From the repository root, so that this checkout's cnnext is the one timed.)
 """
 
 from __future__ import annotations

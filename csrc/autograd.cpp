@@ -375,7 +375,7 @@ class ConvBNReLU2dFunction : public torch::autograd::Function<ConvBNReLU2dFuncti
     std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), false, false,
                                 false};
     size_t edge = 2;
-    for (int i = 0; i < 3; ++i) {
+    for (int64_t i = 0; i < 3; ++i) {
       if (t[5 + i].defined()) mask[2 + i] = ctx->needs_input_grad(edge++);
     }
     const at::Tensor input =
@@ -390,7 +390,7 @@ class ConvBNReLU2dFunction : public torch::autograd::Function<ConvBNReLU2dFuncti
     const std::array<at::Tensor, 5> all = {std::get<0>(grads_out), std::get<1>(grads_out),
                                            std::get<2>(grads_out), std::get<3>(grads_out),
                                            std::get<4>(grads_out)};
-    for (int i = 0; i < 5; ++i) {
+    for (int64_t i = 0; i < 5; ++i) {
       if (mask[i]) result[i] = all[i];
     }
     return result;

@@ -168,7 +168,7 @@ def _fused_raw(ns: Any, x, w, algo: str, training: bool, stride: int, padding: i
     c = w.shape[0]
     ones, zeros = torch.ones(c), torch.zeros(c)
     return ns.conv_bn_relu(
-        x, w, None, ones * 1.5, zeros + 0.25, zeros.clone(), ones.clone(), training, 1e-5,
+        x, w, None, ones * 1.5, zeros + 0.25, zeros.clone(), ones.clone(), training, 0.1, 1e-5,
         [stride] * 2, [padding] * 2, [1, 1], groups, algo, 64 << 20,
     )[0]  # fmt: skip
 

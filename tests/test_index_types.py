@@ -29,3 +29,13 @@ def test_checker_catches_planted_indices(tmp_path: Path) -> None:
     )
     bad = check_index_types.findings(tmp_path)
     assert [b.split(":")[1] for b in bad] == ["2", "3"], bad
+
+
+def test_file_opt_out_needs_a_reason(tmp_path: Path) -> None:
+    """A file opts out as a whole only with a stated reason."""
+    (tmp_path / "csrc" / "op").mkdir(parents=True)
+    body = "__global__ void k(float* y, int n) {\n  for (int j = 0; j < n; ++j) y[j] = 0;\n}\n"
+    (tmp_path / "csrc" / "op" / "a.cuh").write_text("// int-ok-file: bounds checked\n" + body)
+    (tmp_path / "csrc" / "op" / "b.cuh").write_text("// int-ok-file:\n" + body)
+    bad = check_index_types.findings(tmp_path)
+    assert [b.split(":")[0] for b in bad] == ["csrc/op/b.cuh"], bad

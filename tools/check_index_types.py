@@ -4,7 +4,9 @@
 Flags, in csrc/ (the emulator itself excepted):
   - loop counters declared `int`, `unsigned` or `int32_t` (`for (int i = ...`);
   - `int`/`unsigned` variables initialised from threadIdx/blockIdx/blockDim/gridDim.
-A line may opt out with a trailing `// int-ok: <reason>` (e.g. a warp lane in [0, 32)).
+A line may opt out with a trailing `// int-ok: <reason>` (e.g. a warp lane in [0, 32)); a file
+whose kernels index in 32 bits by design (bounds checked on the host) opts out as a whole with a
+line `// int-ok-file: <reason>` (the reason is required).
 Usage: tools/check_index_types.py [ROOT]; exit 1 and one line per finding when any.
 """
 
@@ -20,6 +22,7 @@ FROM_THREAD = re.compile(
     rf"(?:^|[;{{(]\s*)(?:const\s+)?{NARROW}\s+\w+\s*=[^;]*\b(?:threadIdx|blockIdx|blockDim|gridDim)\b"
 )
 SUFFIXES = {".cu", ".cuh", ".cpp", ".h"}
+FILE_OPT_OUT = re.compile(r"^// int-ok-file: \S.*$", re.MULTILINE)
 
 
 def findings(root: Path) -> list[str]:
@@ -27,7 +30,10 @@ def findings(root: Path) -> list[str]:
     for path in sorted((root / "csrc").rglob("*")):
         if path.suffix not in SUFFIXES or "emu" in path.relative_to(root / "csrc").parts[:1]:
             continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        text = path.read_text()
+        if FILE_OPT_OUT.search(text):
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
             code = line.split("//")[0]
             if "int-ok:" in line:
                 continue

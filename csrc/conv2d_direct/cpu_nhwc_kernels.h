@@ -1,3 +1,4 @@
+// int-ok-file: loop counters over register-block template constants (RB, NV, kBases)
 // Register-blocked microkernels of the NHWC direct convolution (cpu_nhwc.h), written once and
 // compiled once per ISA: cpu_nhwc.h includes this file twice, with CNNEXT_NHWC_ISA (namespace),
 // CNNEXT_NHWC_VEC (a vector struct of common/cpu_vec.h) and CNNEXT_NHWC_TARGET defined. Each

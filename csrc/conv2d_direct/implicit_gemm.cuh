@@ -13,6 +13,8 @@
 // precomputed fast division (no 64-bit division anywhere in the kernels). grid = (m tiles,
 // groups * n tiles, split-K slices or dgrad phases); split-K partials are summed in a fixed
 // order by a second kernel, so results are bitwise reproducible.
+// int-ok-file: 32-bit GEMM indices and fast division by design; plan_* refuse (igemm_fits) any
+// extent at or above 2^30 and the naive kernels take those
 #pragma once
 
 #include <ATen/core/Tensor.h>

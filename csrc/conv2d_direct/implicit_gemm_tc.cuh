@@ -8,6 +8,7 @@
 // so the epilogue and the output index maps see plain (m, n) elements, never the fragment layout,
 // which CUDA leaves unspecified. Split-K as in the SIMT family: float partials summed in a fixed
 // order by the reduce kernel. grid = (m tiles, groups * n tiles, split-K slices or dgrad phases).
+// int-ok-file: as implicit_gemm.cuh: 32-bit GEMM indices, extents bounded on the host
 #pragma once
 
 #ifdef __CUDACC__

@@ -463,7 +463,7 @@ __global__ void finalize_grad_kernel(const GradStats<scalar_t> f, const scalar_t
   for (int64_t c = threadIdx.x; c < g.c; c += blockDim.x) {
     acc_t k[5];
     grad_channel(f, g, c, blockIdx.x == 0, k);
-    for (int j = 0; j < 5; ++j) coef[j * g.c + c] = k[j];
+    for (int64_t j = 0; j < 5; ++j) coef[j * g.c + c] = k[j];
   }
   __syncthreads();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
@@ -484,7 +484,7 @@ __global__ void backward_finalize_kernel(const GradStats<scalar_t> f,
   if (c >= g.c) return;
   acc_t k[5];
   grad_channel(f, g, c, true, k);
-  for (int j = 0; j < 5; ++j) coef[j * g.c + c] = k[j];
+  for (int64_t j = 0; j < 5; ++j) coef[j * g.c + c] = k[j];
 }
 
 template <typename scalar_t>
