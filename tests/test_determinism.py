@@ -71,10 +71,10 @@ def test_cpu_thread_count_independent(
 ) -> None:
     if spec.name == "conv2d_im2col":
         # By design, reproducible only for a fixed thread count (held to that by
-        # test_cpu_repeatable_with_two_threads): the batch is split into one sample range per thread and
-        # grad_weight/grad_bias add the per-range partial sums. Whether 1 and 2 threads then
-        # differ in the last bit depends on the BLAS's own blocking on the machine (they coincide
-        # on some CPUs), so there is nothing to assert either way.
+        # test_cpu_repeatable_with_two_threads): the batch is split into one sample range per
+        # thread and grad_weight/grad_bias add the per-range partial sums. Whether 1 and 2
+        # threads then differ in the last bit depends on the BLAS's own blocking on the machine
+        # (they coincide on some CPUs), so there is nothing to assert either way.
         pytest.skip("im2col sums one partial per thread: reproducible per thread count only")
     runs = []
     grad = None
