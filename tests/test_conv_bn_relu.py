@@ -685,3 +685,23 @@ def test_python_argument_errors() -> None:
         ConvBNReLU2d(3, 4, 3, algo="fast")
     with pytest.raises(ValueError, match="string padding"):
         ConvBNReLU2d(3, 4, 3, padding="same")
+
+
+def test_train_many_channels_two_pass(emu_device: str) -> None:
+    """A layer whose per-channel coefficients exceed the fused kernels' shared memory (double,
+    2600 channels): CUDA training takes the two-launch finalize (stats_finalize_kernel +
+    normalize_kernel, backward_finalize_kernel + grad_conv_output_kernel), against torch."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 2600, 1, dtype=torch.float64)
+    bn = nn.BatchNorm2d(2600, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    ref = nn.Sequential(conv, bn, nn.ReLU())
+    fused = ConvBNReLU2d.from_modules(copy.deepcopy(conv), copy.deepcopy(bn), algo="direct")
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    with cnnext.emulate_cuda(record=True) as log:
+        check_step(ref, fused, x, scale=1.0)
+    names = set(log.names())
+    assert {"stats_finalize_kernel", "normalize_kernel"} <= names, names
+    assert {"backward_finalize_kernel", "grad_conv_output_kernel"} <= names, names
