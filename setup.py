@@ -225,6 +225,8 @@ def extensions() -> list:
     }
     ops = op_dirs()
     cpu_sources = [f"{CSRC}/cnnext.cpp", f"{CSRC}/autograd.cpp", f"{CSRC}/common/params.cpp"]
+    # The CPU side of the convolution dispatch (its CUDA side is inline in conv_dispatch.h).
+    cpu_sources.append(f"{CSRC}/common/conv_dispatch.cpp")
     cpu_sources += [f"{CSRC}/{op}/cpu.cpp" for op in ops if os.path.exists(f"{CSRC}/{op}/cpu.cpp")]
     exts = []
     cuda = want_cuda()

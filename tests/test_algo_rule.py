@@ -213,8 +213,9 @@ def _mirror_picks(device: str) -> tuple[set[str], list[str]]:
 
 
 def test_fused_op_cpu_auto_mirrors_the_rule() -> None:
-    """csrc/conv_bn_relu/cpu.cpp's resolve_algo picks what ``choose`` picks (it once used 512
-    output pixels where the rule uses 256)."""
+    """The convolution dispatch's resolve_conv_algo (csrc/common/conv_dispatch.h), which the
+    fused op's algo="auto" takes, picks what ``choose`` picks (the fused op's own copy once used
+    512 output pixels where the rule uses 256)."""
     told, wrong = _mirror_picks("cpu")
     # Not vacuous: the cases between the old and the new threshold are among those told apart.
     assert {"256 px", "484 px", "225 px", "529 px"} <= told, told

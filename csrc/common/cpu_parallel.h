@@ -6,11 +6,20 @@
 
 namespace cnnext {
 
-// Items per at::parallel_for task so that a task does at least ~2^17 multiply-adds or copies:
-// small problems run on the calling thread without opening a parallel region.
+// The one grain-size policy of the CPU kernels: items per at::parallel_for task so that a task
+// does at least ~2^17 multiply-adds, so that small problems run on the calling thread without
+// opening a parallel region.
 inline int64_t cpu_grain(int64_t work_per_item) {
   constexpr int64_t kTaskWork = int64_t(1) << 17;
   return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
+}
+
+// The same for memory-bound passes (copies, comparisons, elementwise updates), whose work is
+// counted in elements read or written: one costs about four multiply-adds, so a task moves at
+// least ~2^15 elements.
+inline int64_t cpu_grain_elements(int64_t elements_per_item) {
+  constexpr int64_t kMultiplyAddsPerElement = 4;
+  return cpu_grain(kMultiplyAddsPerElement * std::max<int64_t>(1, elements_per_item));
 }
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -1,7 +1,8 @@
-// Host entry points of the direct convolution, for fused ops (csrc/conv_bn_relu) that reuse it
-// rather than copy it. The CUDA functions live in cuda.cu: in the real build they take CUDA
-// tensors, in the emulator build (its own extension) CPU tensors. Fused CUDA forwards with their
-// own epilogue launch the kernels of kernels.cuh directly.
+// The direct convolution's ops (registered kernels). Each plans a call (validates it, parses the
+// variant) and runs it through the convolution dispatch (common/conv_dispatch.h); cpu.cpp and
+// cuda.cu also define the dispatch's direct engine (conv2d_direct_run_*), which other families
+// reach only through the dispatch. The CUDA functions live in cuda.cu: in the real build they take
+// CUDA tensors, in the emulator build (its own extension) CPU tensors.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,13 +14,10 @@
 
 namespace cnnext {
 
-// Fused epilogue in the output store: acc * scale[c] + bias[c] (undefined `scale`: 1), then
-// max(0, .) with `relu`. `scale`: the input's dtype, length C_out.
 at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, c10::string_view variant,
-                                     const at::Tensor& scale, bool relu);
+                                     int64_t groups, c10::string_view variant);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

@@ -7,13 +7,13 @@
 // stride phase of the input (the transposed convolution in gather form), grad_weight a blocked
 // dot product over positions. Work is split with at::parallel_for; every sum has a fixed order.
 // Backward multiplies structural zeros (padding, dropped columns) by real values, which is exact
-// only for finite values: a NaN/Inf weight (grad_input) or input (grad_weight) takes the im2col
-// backward instead, which touches real taps only, as torch does.
+// only for finite values: the convolution dispatch (common/conv_dispatch.h) sends the gradient of a
+// NaN/Inf weight (grad_input) or input (grad_weight) to the im2col backward instead, which touches
+// real taps only, as torch does.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
 
 #include <algorithm>
 #include <array>
@@ -28,13 +28,13 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/conv_dispatch.h"
 #include "common/cpu_isa.h"
 #include "common/cpu_parallel.h"
 #include "common/library.h"
 #include "common/params.h"
 #include "conv2d_direct/conv2d_direct.h"
 #include "conv2d_direct/cpu_nhwc.h"
-#include "conv2d_im2col/conv2d_im2col.h"
 
 #if defined(__GNUC__)
 #define CNNEXT_INLINE inline __attribute__((always_inline))
@@ -574,35 +574,25 @@ void forward_typed(const Conv2dParams& p, const at::Tensor& input, const at::Ten
 
 }  // namespace
 
-at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                     at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, c10::string_view variant,
-                                     const at::Tensor& scale, bool relu) {
-  const Conv2dParams p = conv2d_params(kForwardOp, input, weight, bias, stride, padding, dilation,
-                                       groups, /*allow_reduced=*/false);
-  check_variant(kForwardOp, variant);
+at::Tensor conv2d_direct_run_forward_cpu(const Conv2dParams& p, const at::Tensor& input,
+                                         const at::Tensor& weight, const ConvEpilogue& epilogue) {
   const at::MemoryFormat fmt =
       is_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
   if (output.numel() == 0) return output;
   // Any strides: packing reads the input (channels_last included) in place, once per sample.
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  if (scale.defined()) {
-    check_same(kForwardOp, "scale", scale, "input", input);
-    check_vector(kForwardOp, "scale", scale, p.c_out);
-  }
-  const at::Tensor s = scale.defined() ? scale.contiguous() : at::Tensor();
+  const at::Tensor& b = epilogue.shift;
+  const at::Tensor& s = epilogue.scale;
   const CpuIsa isa = cpu_isa(kForwardOp);
   if (nhwc::eligible(p, input.scalar_type(), isa)) {
-    nhwc::forward(p, isa, input, weight, has_bias ? b.const_data_ptr<float>() : nullptr,
-                  s.defined() ? s.const_data_ptr<float>() : nullptr, relu, output);
+    nhwc::forward(p, isa, input, weight, b.defined() ? b.const_data_ptr<float>() : nullptr,
+                  s.defined() ? s.const_data_ptr<float>() : nullptr, epilogue.relu, output);
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_direct", [&] {
-    forward_typed<scalar_t>(p, input, weight, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                            s.defined() ? s.const_data_ptr<scalar_t>() : nullptr, relu, output);
+    forward_typed<scalar_t>(p, input, weight, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                            s.defined() ? s.const_data_ptr<scalar_t>() : nullptr, epilogue.relu,
+                            output);
   });
   return output;
 }
@@ -943,47 +933,14 @@ void grad_bias_typed(const Conv2dParams& p, const at::Tensor& grad_output, at::T
   });
 }
 
-// Whether every element is finite: one pass, no allocation for dense tensors (any memory format).
-bool all_finite(const at::Tensor& t) {
-  if (!t.is_non_overlapping_and_dense()) return at::isfinite(t).all().item<bool>();
-  bool finite = true;
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "all_finite", [&] {
-    const scalar_t* data = t.const_data_ptr<scalar_t>();
-    finite = at::parallel_reduce(
-        0, t.numel(), int64_t(1) << 16, true,
-        [&](int64_t begin, int64_t end, bool ok) {
-          // v * 0 is 0 for finite v and NaN otherwise; 16 running sums vectorise.
-          scalar_t lanes[16] = {};
-          int64_t i = begin;
-          for (; i + 16 <= end; i += 16) {
-            for (int64_t j = 0; j < 16; ++j) lanes[j] += data[i + j] * scalar_t(0);
-          }
-          for (; i < end; ++i) lanes[0] += data[i] * scalar_t(0);
-          scalar_t zero = 0;
-          for (const scalar_t v : lanes) zero += v;
-          return ok && zero == scalar_t(0);
-        },
-        [](bool a, bool b) { return a && b; });
-  });
-  return finite;
-}
-
 }  // namespace
 
 // `input` is read only for grad_weight and `weight` only for grad_input: otherwise they may be
-// one-element placeholders expanded to the right shape (see cnnext.autograd.Conv2dFunction).
-// Both are read through their strides, never copied.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, c10::string_view variant) {
-  const Conv2dParams p = conv2d_params(kBackwardOp, input, weight, std::nullopt, stride, padding,
-                                       dilation, groups, /*allow_reduced=*/false);
-  check_variant(kBackwardOp, variant);
-  check_same(kBackwardOp, "grad_output", grad_output, "input", input);
-  CNNEXT_CHECK(grad_output.sizes() == at::IntArrayRef(p.output_sizes()), kBackwardOp,
-               "expected grad_output of shape ", at::IntArrayRef(p.output_sizes()), ", got ",
-               grad_output.sizes());
+// one-element placeholders expanded to the right shape. Both are read through their strides,
+// never copied.
+ConvGrads conv2d_direct_run_backward_cpu(const Conv2dParams& p, const at::Tensor& grad_output,
+                                         const at::Tensor& input, const at::Tensor& weight,
+                                         std::array<bool, 3> output_mask) {
   const at::MemoryFormat go_fmt =
       is_channels_last(grad_output) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto options = grad_output.options();
@@ -997,20 +954,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
     grad_bias.zero_();
     return {grad_input, grad_weight, grad_bias};
   }
-  // Non-finite operands: the exact (real taps only) im2col backward for the affected gradient.
-  const bool exact_input = output_mask[0] && !all_finite(weight);
-  const bool exact_weight = output_mask[1] && !all_finite(input);
-  if (exact_input || exact_weight) {
-    constexpr int64_t kColBytes = int64_t(64) << 20;
-    auto exact = conv2d_im2col_backward_cpu(grad_output, input, weight, stride, padding, dilation,
-                                            groups, {exact_input, exact_weight, false}, kColBytes);
-    if (exact_input) grad_input = std::get<0>(exact);
-    if (exact_weight) grad_weight = std::get<1>(exact);
-  }
   // Many channels, float32: the register-blocked NHWC kernel (cpu_nhwc.h).
   const CpuIsa isa = cpu_isa(kBackwardOp);
   const bool blocked = nhwc::eligible(p, grad_output.scalar_type(), isa);
-  bool input_done = exact_input || !output_mask[0], weight_done = exact_weight || !output_mask[1];
+  bool input_done = !output_mask[0], weight_done = !output_mask[1];
   if (blocked && !input_done) {
     nhwc::grad_input(p, isa, grad_output, weight, grad_input);
     input_done = true;
@@ -1027,20 +974,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
-namespace {
+// ---- the ops: plan (validate, parse), then run through the convolution dispatch --------------
 
-at::Tensor conv2d_direct_op_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                c10::string_view variant) {
-  return conv2d_direct_forward_cpu(input, weight, bias, stride, padding, dilation, groups, variant,
-                                   /*scale=*/at::Tensor(), /*relu=*/false);
+at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups, c10::string_view variant) {
+  const Conv2dParams p = conv2d_params(kForwardOp, input, weight, bias, stride, padding, dilation,
+                                       groups, /*allow_reduced=*/false);
+  check_variant(kForwardOp, variant);
+  return conv_forward_cpu(p, input, weight, {ConvAlgo::kDirect, variant}, ConvEpilogue::bias(bias));
 }
 
-}  // namespace
+// (see cnnext.autograd.Conv2dFunction for the placeholders). The op has no max_col_bytes: the
+// non-finite fallback's column buffers take the default bound.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask, c10::string_view variant) {
+  const Conv2dParams p = conv2d_params(kBackwardOp, input, weight, std::nullopt, stride, padding,
+                                       dilation, groups, /*allow_reduced=*/false);
+  check_variant(kBackwardOp, variant);
+  check_conv_grad_output(kBackwardOp, p, grad_output, input);
+  return conv_backward_cpu(p, grad_output, input, weight, output_mask,
+                           {ConvAlgo::kDirect, variant});
+}
+
 }  // namespace cnnext
 
 TORCH_LIBRARY_IMPL(cnnext, CPU, m) {
-  m.impl("conv2d_direct", &cnnext::conv2d_direct_op_cpu);
+  m.impl("conv2d_direct", &cnnext::conv2d_direct_forward_cpu);
   m.impl("conv2d_direct_backward", &cnnext::conv2d_direct_backward_cpu);
 }

@@ -1,5 +1,7 @@
-// Host entry points of the im2col + GEMM convolution, for fused ops (csrc/conv_bn_relu) that reuse
-// it rather than copy it. The CUDA functions live in cuda.cu: in the real build they take CUDA
+// The im2col + GEMM convolution's ops (registered kernels). Each plans a call (validates it)
+// and runs it through the convolution dispatch (common/conv_dispatch.h); cpu.cpp and cuda.cu also
+// define the dispatch's im2col engine (conv2d_im2col_run_*), which other families reach only
+// through the dispatch. The CUDA functions live in cuda.cu: in the real build they take CUDA
 // tensors, in the emulator build (its own extension) CPU tensors.
 #pragma once
 
@@ -12,14 +14,10 @@
 
 namespace cnnext {
 
-// Fused epilogue: acc * scale[c] + bias[c] (undefined `scale`: 1), then max(0, .) with `relu`;
-// `scale`: the input's dtype, length C_out. CPU: applied to each output tile right after its
-// GEMM, while it is in cache. CUDA: in the one elementwise pass that also adds the bias.
 at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, int64_t max_col_bytes, const at::Tensor& scale,
-                                     bool relu);
+                                     int64_t groups, int64_t max_col_bytes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -28,8 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
 at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups, int64_t max_col_bytes,
-                                      const at::Tensor& scale, bool relu);
+                                      int64_t groups, int64_t max_col_bytes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

@@ -27,6 +27,8 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/conv_dispatch.h"
+#include "common/cpu_parallel.h"
 #include "common/params.h"
 #include "conv2d_im2col/conv2d_im2col.h"
 
@@ -46,7 +48,6 @@ namespace {
 
 constexpr const char* kForward = "conv2d_im2col";
 constexpr const char* kBackward = "conv2d_im2col_backward";
-constexpr int64_t kGrain = 16384;  // elements per parallel task
 
 template <typename scalar_t>
 at::Tensor scratch(int64_t numel) {
@@ -178,46 +179,45 @@ void im2col_nchw(const Conv2dParams& p, const scalar_t* x, scalar_t* col, int64_
     const int64_t phase = ((off % p.sw) + p.sw) % p.sw;
     from[kj] = phased ? phase * phase_len + (off - phase) / p.sw : off;
   }
-  at::parallel_for(
-      0, p.c_in * p.kh, std::max<int64_t>(1, kGrain / (p.kw * cols)), [&](int64_t b, int64_t e) {
-        std::vector<scalar_t> phases(phased ? p.sw * phase_len : 0);
-        for (int64_t r = b; r < e; ++r) {
-          const int64_t c = r / p.kh, ki = r % p.kh;
-          const scalar_t* src_plane = x + c * plane;
-          scalar_t* dst_row = col + r * p.kw * ld;
-          for (int64_t oh = oh0; oh < oh1; ++oh, dst_row += p.w_out) {
-            const int64_t ih = oh * p.sh - p.ph + ki * p.dh;
-            if (ih < 0 || ih >= p.h) {
-              for (int64_t kj = 0; kj < p.kw; ++kj) {
-                std::fill(dst_row + kj * ld, dst_row + kj * ld + p.w_out, scalar_t(0));
-              }
-              continue;
-            }
-            const scalar_t* src_row = src_plane + ih * p.w;
-            if (phased) {
-              for (int64_t ph = 0; ph < p.sw; ++ph) {
-                for (int64_t j = 0; j * p.sw + ph < p.w; ++j) {
-                  phases[ph * phase_len + j] = src_row[j * p.sw + ph];
-                }
-              }
-            }
-            for (int64_t kj = 0; kj < p.kw; ++kj) {
-              scalar_t* dst = dst_row + kj * ld;
-              const int64_t l0 = lo[kj], h0 = hi[kj];
-              std::fill(dst, dst + l0, scalar_t(0));
-              if (p.sw == 1) {
-                std::memcpy(dst + l0, src_row + from[kj] + l0, (h0 - l0) * sizeof(scalar_t));
-              } else if (phased) {
-                std::memcpy(dst + l0, phases.data() + from[kj] + l0, (h0 - l0) * sizeof(scalar_t));
-              } else {
-                const scalar_t* src = src_row + from[kj];
-                for (int64_t ow = l0; ow < h0; ++ow) dst[ow] = src[ow * p.sw];
-              }
-              std::fill(dst + h0, dst + p.w_out, scalar_t(0));
+  at::parallel_for(0, p.c_in * p.kh, cpu_grain_elements(p.kw * cols), [&](int64_t b, int64_t e) {
+    std::vector<scalar_t> phases(phased ? p.sw * phase_len : 0);
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t c = r / p.kh, ki = r % p.kh;
+      const scalar_t* src_plane = x + c * plane;
+      scalar_t* dst_row = col + r * p.kw * ld;
+      for (int64_t oh = oh0; oh < oh1; ++oh, dst_row += p.w_out) {
+        const int64_t ih = oh * p.sh - p.ph + ki * p.dh;
+        if (ih < 0 || ih >= p.h) {
+          for (int64_t kj = 0; kj < p.kw; ++kj) {
+            std::fill(dst_row + kj * ld, dst_row + kj * ld + p.w_out, scalar_t(0));
+          }
+          continue;
+        }
+        const scalar_t* src_row = src_plane + ih * p.w;
+        if (phased) {
+          for (int64_t ph = 0; ph < p.sw; ++ph) {
+            for (int64_t j = 0; j * p.sw + ph < p.w; ++j) {
+              phases[ph * phase_len + j] = src_row[j * p.sw + ph];
             }
           }
         }
-      });
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          scalar_t* dst = dst_row + kj * ld;
+          const int64_t l0 = lo[kj], h0 = hi[kj];
+          std::fill(dst, dst + l0, scalar_t(0));
+          if (p.sw == 1) {
+            std::memcpy(dst + l0, src_row + from[kj] + l0, (h0 - l0) * sizeof(scalar_t));
+          } else if (phased) {
+            std::memcpy(dst + l0, phases.data() + from[kj] + l0, (h0 - l0) * sizeof(scalar_t));
+          } else {
+            const scalar_t* src = src_row + from[kj];
+            for (int64_t ow = l0; ow < h0; ++ow) dst[ow] = src[ow * p.sw];
+          }
+          std::fill(dst + h0, dst + p.w_out, scalar_t(0));
+        }
+      }
+    }
+  });
 }
 
 // Adds the columns of output rows [oh0, oh1) back into one sample's input gradient (zeroed first
@@ -226,31 +226,30 @@ template <typename scalar_t>
 void col2im_nchw(const Conv2dParams& p, const scalar_t* col, int64_t ld, int64_t oh0, int64_t oh1,
                  scalar_t* dx, bool first) {
   const int64_t kk = p.kh * p.kw, plane = p.h * p.w, cols = (oh1 - oh0) * p.w_out;
-  at::parallel_for(0, p.c_in, std::max<int64_t>(1, kGrain / (kk * cols)),
-                   [&](int64_t b, int64_t e) {
-                     for (int64_t c = b; c < e; ++c) {
-                       scalar_t* dst_plane = dx + c * plane;
-                       if (first) std::fill(dst_plane, dst_plane + plane, scalar_t(0));
-                       for (int64_t ki = 0; ki < p.kh; ++ki) {
-                         for (int64_t kj = 0; kj < p.kw; ++kj) {
-                           const scalar_t* src = col + (c * kk + ki * p.kw + kj) * ld;
-                           const int64_t off = kj * p.dw - p.pw;
-                           int64_t lo, hi;
-                           valid_range(off, p.sw, p.w, p.w_out, lo, hi);
-                           for (int64_t oh = oh0; oh < oh1; ++oh, src += p.w_out) {
-                             const int64_t ih = oh * p.sh - p.ph + ki * p.dh;
-                             if (ih < 0 || ih >= p.h) continue;
-                             scalar_t* dst = dst_plane + ih * p.w + off;
-                             if (p.sw == 1) {
-                               for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += src[ow];
-                             } else {
-                               for (int64_t ow = lo; ow < hi; ++ow) dst[ow * p.sw] += src[ow];
-                             }
-                           }
-                         }
-                       }
-                     }
-                   });
+  at::parallel_for(0, p.c_in, cpu_grain_elements(kk * cols), [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      scalar_t* dst_plane = dx + c * plane;
+      if (first) std::fill(dst_plane, dst_plane + plane, scalar_t(0));
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          const scalar_t* src = col + (c * kk + ki * p.kw + kj) * ld;
+          const int64_t off = kj * p.dw - p.pw;
+          int64_t lo, hi;
+          valid_range(off, p.sw, p.w, p.w_out, lo, hi);
+          for (int64_t oh = oh0; oh < oh1; ++oh, src += p.w_out) {
+            const int64_t ih = oh * p.sh - p.ph + ki * p.dh;
+            if (ih < 0 || ih >= p.h) continue;
+            scalar_t* dst = dst_plane + ih * p.w + off;
+            if (p.sw == 1) {
+              for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += src[ow];
+            } else {
+              for (int64_t ow = lo; ow < hi; ++ow) dst[ow * p.sw] += src[ow];
+            }
+          }
+        }
+      }
+    }
+  });
 }
 
 // ---- channels_last (NHWC) im2col / col2im: col[(n, oh, ow), (g, ki, kj, c)] -----------------
@@ -261,7 +260,7 @@ void im2col_nhwc(const Conv2dParams& p, const scalar_t* x, scalar_t* col, int64_
   const int64_t cg = p.c_in_per_group(), pix = p.h_out * p.w_out, gk = p.c_in * p.kh * p.kw;
   // With one group and no dilation a kernel row's kw taps are kw*C contiguous input values.
   const bool rows = p.groups == 1 && p.dw == 1;
-  at::parallel_for(q0, q1, std::max<int64_t>(1, kGrain / gk), [&](int64_t b, int64_t e) {
+  at::parallel_for(q0, q1, cpu_grain_elements(gk), [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) {
       const int64_t n = q / pix, oh = (q % pix) / p.w_out, ow = q % p.w_out;
       const scalar_t* xs = x + n * p.h * p.w * p.c_in;
@@ -301,29 +300,28 @@ template <typename scalar_t>
 void col2im_nhwc(const Conv2dParams& p, const scalar_t* col, scalar_t* x, int64_t samples) {
   const int64_t cg = p.c_in_per_group(), pix = p.h_out * p.w_out, gk = p.c_in * p.kh * p.kw;
   const int64_t in_pix = p.h * p.w;
-  at::parallel_for(
-      0, samples * in_pix, std::max<int64_t>(1, kGrain / gk), [&](int64_t b, int64_t e) {
-        for (int64_t q = b; q < e; ++q) {
-          const int64_t n = q / in_pix, ih = (q % in_pix) / p.w, iw = q % p.w;
-          scalar_t* dst = x + q * p.c_in;
-          std::fill(dst, dst + p.c_in, scalar_t(0));
-          for (int64_t ki = 0; ki < p.kh; ++ki) {
-            const int64_t oh_s = ih + p.ph - ki * p.dh;
-            if (oh_s < 0 || oh_s % p.sh != 0 || oh_s / p.sh >= p.h_out) continue;
-            for (int64_t kj = 0; kj < p.kw; ++kj) {
-              const int64_t ow_s = iw + p.pw - kj * p.dw;
-              if (ow_s < 0 || ow_s % p.sw != 0 || ow_s / p.sw >= p.w_out) continue;
-              const scalar_t* src = col + (n * pix + (oh_s / p.sh) * p.w_out + ow_s / p.sw) * gk +
-                                    (ki * p.kw + kj) * cg;
-              for (int64_t g = 0; g < p.groups; ++g) {
-                const scalar_t* s = src + g * p.kh * p.kw * cg;
-                scalar_t* d = dst + g * cg;
-                for (int64_t c = 0; c < cg; ++c) d[c] += s[c];
-              }
-            }
+  at::parallel_for(0, samples * in_pix, cpu_grain_elements(gk), [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      const int64_t n = q / in_pix, ih = (q % in_pix) / p.w, iw = q % p.w;
+      scalar_t* dst = x + q * p.c_in;
+      std::fill(dst, dst + p.c_in, scalar_t(0));
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const int64_t oh_s = ih + p.ph - ki * p.dh;
+        if (oh_s < 0 || oh_s % p.sh != 0 || oh_s / p.sh >= p.h_out) continue;
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          const int64_t ow_s = iw + p.pw - kj * p.dw;
+          if (ow_s < 0 || ow_s % p.sw != 0 || ow_s / p.sw >= p.w_out) continue;
+          const scalar_t* src =
+              col + (n * pix + (oh_s / p.sh) * p.w_out + ow_s / p.sw) * gk + (ki * p.kw + kj) * cg;
+          for (int64_t g = 0; g < p.groups; ++g) {
+            const scalar_t* s = src + g * p.kh * p.kw * cg;
+            scalar_t* d = dst + g * cg;
+            for (int64_t c = 0; c < cg; ++c) d[c] += s[c];
           }
         }
-      });
+      }
+    }
+  });
 }
 
 // ---- work split -----------------------------------------------------------------------------
@@ -457,6 +455,78 @@ int64_t samples_per_chunk(const Conv2dParams& p, const Layout& l, int64_t max_co
   return std::clamp<int64_t>(max_col_bytes / per_sample, 1, std::max<int64_t>(p.n, 1));
 }
 
+// ---- plan -----------------------------------------------------------------------------------
+
+// What a call decides before it computes: its path, the split of its work over parallel slots
+// and the scratch each slot needs, in elements (a column buffer; on the NCHW path also the GEMM
+// output of a multi-sample tile, or its gathered grad_output). It depends on the shapes, the
+// thread count and max_col_bytes only; the run functions below only follow it.
+struct Plan {
+  Layout l;
+  bool nhwc = false;        // the channels_last path
+  int64_t slots = 1;        // parallel tasks, each with its own scratch
+  int64_t budget = 0;       // NCHW: column entries per tile
+  std::vector<Tile> tiles;  // NCHW forward: every tile, in order
+  int64_t rows = 0;      // NHWC forward: output pixels per tile; NHWC backward: samples per chunk
+  int64_t col_size = 0;  // column buffer per slot
+  int64_t tmp_size = 0;  // NCHW: multi-sample GEMM output (forward) or grad_output (backward)
+};
+
+// The NHWC GEMM reads the weight transposed, W'^T[K, C_out], formed once per call; with few
+// output pixels that transpose costs more than converting the activations, so small maps take
+// the contiguous path and come back channels_last.
+Plan plan_forward(const Conv2dParams& p, bool channels_last, int64_t max_col_bytes,
+                  int64_t elem_size) {
+  Plan plan;
+  plan.l = layout_of(p);
+  const Layout& l = plan.l;
+  plan.nhwc = channels_last && p.n * l.p >= kMinNhwcPixels;
+  if (plan.nhwc) {
+    // Tiles of output pixels (any range of q = n * P + pixel is a contiguous block of NHWC rows),
+    // cache-sized and within the budget; slots are parallel tasks over contiguous tile ranges.
+    const int64_t total = p.n * l.p;
+    plan.slots = std::clamp<int64_t>(at::get_num_threads(), 1, total);
+    plan.rows =
+        l.pointwise
+            ? total
+            : std::clamp<int64_t>(
+                  std::min(max_col_bytes / elem_size / plan.slots, kTileEntries) / l.gk, 1, total);
+    plan.col_size = l.pointwise ? 0 : plan.rows * l.gk;
+    return plan;
+  }
+  plan.slots = std::max<int64_t>(at::get_num_threads(), 1);
+  plan.budget = tile_budget(p, l, plan.slots, max_col_bytes, elem_size);
+  plan.tiles = split_for_threads(plan_tiles(p, l, 0, p.n, plan.budget), plan.slots);
+  bool grouped;
+  const int64_t max_cols = max_tile_cols(plan.tiles, p.w_out, grouped);
+  plan.col_size = l.pointwise ? 0 : l.gk * max_cols;
+  plan.tmp_size = grouped ? p.c_out * max_cols : 0;
+  return plan;
+}
+
+// Backward takes the layout of grad_output.
+Plan plan_backward(const Conv2dParams& p, bool channels_last, int64_t max_col_bytes,
+                   int64_t elem_size) {
+  Plan plan;
+  plan.l = layout_of(p);
+  const Layout& l = plan.l;
+  plan.nhwc = channels_last;
+  if (plan.nhwc) {
+    plan.rows = samples_per_chunk(p, l, max_col_bytes, elem_size);
+    plan.col_size = l.pointwise ? 0 : plan.rows * l.p * l.gk;
+    return plan;
+  }
+  plan.slots = sample_slots(p);
+  plan.budget = tile_budget(p, l, plan.slots, max_col_bytes, elem_size);
+  bool grouped;
+  // The largest tile any slot sees: the first slot's share of samples is the largest.
+  const int64_t max_cols = max_tile_cols(
+      plan_tiles(p, l, 0, (p.n + plan.slots - 1) / plan.slots, plan.budget), p.w_out, grouped);
+  plan.col_size = l.pointwise ? 0 : l.gk * max_cols;
+  plan.tmp_size = grouped ? p.c_out * max_cols : 0;
+  return plan;
+}
+
 // ---- forward --------------------------------------------------------------------------------
 
 // The fused epilogue of conv_bn_relu on `count` values of one channel: v * scale + shift, then
@@ -475,22 +545,16 @@ void epilogue_run(scalar_t* v, int64_t count, scalar_t scale, scalar_t shift, bo
 // in cache, so there is no separate pass over the output. Without a scale the bias is written
 // before the GEMM accumulates onto it, as in the plain convolution.
 template <typename scalar_t>
-void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* w,
-                  const scalar_t* bias, const scalar_t* scale, bool relu, scalar_t* y,
-                  int64_t max_col_bytes) {
+void forward_nchw(const Conv2dParams& p, const Plan& plan, const scalar_t* x, const scalar_t* w,
+                  const scalar_t* bias, const scalar_t* scale, bool relu, scalar_t* y) {
+  const Layout& l = plan.l;
   const int64_t cog = p.c_out_per_group(), in_size = p.c_in * p.h * p.w;
   const int64_t out_size = p.c_out * l.p;
-  const int64_t slots = std::max<int64_t>(at::get_num_threads(), 1);
-  const int64_t budget = tile_budget(p, l, slots, max_col_bytes, sizeof(scalar_t));
-  const std::vector<Tile> tiles = split_for_threads(plan_tiles(p, l, 0, p.n, budget), slots);
-  bool grouped;
-  const int64_t max_cols = max_tile_cols(tiles, p.w_out, grouped);
   // Per slot: a column tile and, for multi-sample tiles, the GEMM output before it is scattered.
-  const int64_t col_size = l.pointwise ? 0 : l.gk * max_cols;
-  const int64_t tmp_size = grouped ? p.c_out * max_cols : 0;
-  at::Tensor col_buffer = scratch<scalar_t>(slots * col_size);
-  at::Tensor tmp_buffer = scratch<scalar_t>(slots * tmp_size);
-  for_each_forward_tile(tiles, slots, [&](const Tile& t, int64_t slot) {
+  const int64_t col_size = plan.col_size, tmp_size = plan.tmp_size;
+  at::Tensor col_buffer = scratch<scalar_t>(plan.slots * col_size);
+  at::Tensor tmp_buffer = scratch<scalar_t>(plan.slots * tmp_size);
+  for_each_forward_tile(plan.tiles, plan.slots, [&](const Tile& t, int64_t slot) {
     const int64_t rows = (t.oh1 - t.oh0) * p.w_out, cols = t.nb * rows;
     const scalar_t* a = x + t.n0 * in_size + t.oh0 * p.w_out;  // pointwise: a block of rows
     if (!l.pointwise) {
@@ -543,21 +607,13 @@ void forward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
 
 // `wt` is W'^T per group: [G][K = (ki, kj, c)][cog].
 template <typename scalar_t>
-void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, const scalar_t* wt,
-                  const scalar_t* bias, const scalar_t* scale, bool relu, scalar_t* y,
-                  int64_t max_col_bytes) {
+void forward_nhwc(const Conv2dParams& p, const Plan& plan, const scalar_t* x, const scalar_t* wt,
+                  const scalar_t* bias, const scalar_t* scale, bool relu, scalar_t* y) {
+  const Layout& l = plan.l;
   const int64_t cog = p.c_out_per_group(), total = p.n * l.p;
-  // Tiles of output pixels (any range of q = n * P + pixel is a contiguous block of NHWC rows),
-  // cache-sized and within the budget; slots are parallel tasks over contiguous tile ranges.
-  const int64_t slots = std::clamp<int64_t>(at::get_num_threads(), 1, total);
-  const int64_t tile =
-      l.pointwise
-          ? total
-          : std::clamp<int64_t>(
-                std::min(max_col_bytes / int64_t(sizeof(scalar_t)) / slots, kTileEntries) / l.gk, 1,
-                total);
+  const int64_t slots = plan.slots, tile = plan.rows;
   const int64_t tiles = (total + tile - 1) / tile;
-  at::Tensor col_buffer = scratch<scalar_t>(l.pointwise ? 0 : slots * tile * l.gk);
+  at::Tensor col_buffer = scratch<scalar_t>(slots * plan.col_size);
   auto run_tile = [&](int64_t i, int64_t slot) {
     const int64_t q0 = i * tile, rows = std::min(tile, total - q0);
     const scalar_t* a = x + q0 * p.c_in;  // pointwise: the input rows themselves
@@ -602,24 +658,15 @@ void forward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* x, con
 
 }  // namespace
 
-at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                     at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, int64_t max_col_bytes, const at::Tensor& scale,
-                                     bool relu) {
-  const Conv2dParams p =
-      conv2d_params(kForward, input, weight, bias, stride, padding, dilation, groups, false);
-  CNNEXT_CHECK(max_col_bytes > 0, kForward, "expected max_col_bytes to be positive, got ",
-               max_col_bytes);
+at::Tensor conv2d_im2col_run_forward_cpu(const Conv2dParams& p, const at::Tensor& input,
+                                         const at::Tensor& weight, const ConvEpilogue& epilogue,
+                                         int64_t max_col_bytes) {
   const bool cl = is_channels_last(input);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
   if (p.n == 0) return output;
-  const Layout l = layout_of(p);
-  // The NHWC GEMM reads the weight transposed, W'^T[K, C_out], formed once per call; with few
-  // output pixels that transpose costs more than converting the activations, so small maps go
-  // through the contiguous path and come back channels_last.
-  const bool nhwc = cl && p.n * l.p >= kMinNhwcPixels;
+  const Plan plan = plan_forward(p, cl, max_col_bytes, input.element_size());
+  const bool nhwc = plan.nhwc;
   const auto run_fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = (p.batched ? input : input.unsqueeze(0)).contiguous(run_fmt);
   // W'^T per group, [G][kh, kw, C_in/groups][C_out/groups], matching col's (g, ki, kj, c) order.
@@ -628,20 +675,15 @@ at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& 
                  .permute({0, 3, 4, 2, 1})
                  .contiguous()
            : weight.contiguous();
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  if (scale.defined()) {
-    check_same(kForward, "scale", scale, "input", input);
-    check_vector(kForward, "scale", scale, p.c_out);
-  }
-  const at::Tensor s = scale.defined() ? scale.contiguous() : at::Tensor();
+  const at::Tensor& b = epilogue.shift;
+  const at::Tensor& s = epilogue.scale;
   at::Tensor y = cl && !nhwc ? at::empty(p.output_sizes(), output.options()) : output;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_im2col_forward_cpu", [&] {
-    const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
     auto* run = nhwc ? &forward_nhwc<scalar_t> : &forward_nchw<scalar_t>;
-    run(p, l, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
-        s.defined() ? s.const_data_ptr<scalar_t>() : nullptr, relu, y.mutable_data_ptr<scalar_t>(),
-        max_col_bytes);
+    run(p, plan, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+        b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+        s.defined() ? s.const_data_ptr<scalar_t>() : nullptr, epilogue.relu,
+        y.mutable_data_ptr<scalar_t>());
   });
   if (!y.is_same(output)) output.copy_(y);
   return output;
@@ -652,18 +694,13 @@ namespace {
 // ---- backward -------------------------------------------------------------------------------
 
 template <typename scalar_t>
-void backward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* dy, const scalar_t* x,
-                   const scalar_t* w, scalar_t* dx, scalar_t* dw, int64_t max_col_bytes) {
+void backward_nchw(const Conv2dParams& p, const Plan& plan, const scalar_t* dy, const scalar_t* x,
+                   const scalar_t* w, scalar_t* dx, scalar_t* dw) {
+  const Layout& l = plan.l;
   const int64_t cog = p.c_out_per_group(), in_size = p.c_in * p.h * p.w;
   const int64_t out_size = p.c_out * l.p, w_size = p.c_out * l.k;
-  const int64_t slots = sample_slots(p);
-  const int64_t budget = tile_budget(p, l, slots, max_col_bytes, sizeof(scalar_t));
-  bool grouped;
-  // The largest tile any slot sees: the first slot's share of samples is the largest.
-  const int64_t max_cols =
-      max_tile_cols(plan_tiles(p, l, 0, (p.n + slots - 1) / slots, budget), p.w_out, grouped);
-  const int64_t col_size = l.pointwise ? 0 : l.gk * max_cols;
-  const int64_t tmp_size = grouped ? p.c_out * max_cols : 0;
+  const int64_t slots = plan.slots, budget = plan.budget;
+  const int64_t col_size = plan.col_size, tmp_size = plan.tmp_size;
   at::Tensor col_buffer = scratch<scalar_t>(slots * col_size);
   at::Tensor tmp_buffer = scratch<scalar_t>(slots * tmp_size);
   // grad_weight: slot 0 accumulates in place, the others into partials summed in slot order
@@ -734,11 +771,12 @@ void backward_nchw(const Conv2dParams& p, const Layout& l, const scalar_t* dy, c
 }
 
 template <typename scalar_t>
-void backward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* dy, const scalar_t* x,
-                   const scalar_t* w, scalar_t* dx, scalar_t* dw, int64_t max_col_bytes) {
+void backward_nhwc(const Conv2dParams& p, const Plan& plan, const scalar_t* dy, const scalar_t* x,
+                   const scalar_t* w, scalar_t* dx, scalar_t* dw) {
+  const Layout& l = plan.l;
   const int64_t cog = p.c_out_per_group();
-  const int64_t chunk = samples_per_chunk(p, l, max_col_bytes, sizeof(scalar_t));
-  at::Tensor col_buffer = scratch<scalar_t>(l.pointwise ? 0 : chunk * l.p * l.gk);
+  const int64_t chunk = plan.rows;
+  at::Tensor col_buffer = scratch<scalar_t>(plan.col_size);
   for (int64_t n0 = 0; n0 < p.n; n0 += chunk) {
     const int64_t nb = std::min(chunk, p.n - n0), rows = nb * l.p;
     const scalar_t* dyc = dy + n0 * l.p * p.c_out;
@@ -770,20 +808,11 @@ void backward_nhwc(const Conv2dParams& p, const Layout& l, const scalar_t* dy, c
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, int64_t max_col_bytes) {
-  // `input` is read only for grad_weight and `weight` only for grad_input: the other may be a
-  // stride-0 placeholder of the right shape, used here for its metadata alone.
-  const Conv2dParams p = conv2d_params(kBackward, input, weight, std::nullopt, stride, padding,
-                                       dilation, groups, false);
-  CNNEXT_CHECK(max_col_bytes > 0, kBackward, "expected max_col_bytes to be positive, got ",
-               max_col_bytes);
-  check_same(kBackward, "grad_output", grad_output, "input", input);
-  CNNEXT_CHECK(grad_output.sizes() == at::IntArrayRef(p.output_sizes()), kBackward,
-               "expected grad_output of shape ", at::IntArrayRef(p.output_sizes()), ", got ",
-               grad_output.sizes());
+// `input` is read only for grad_weight and `weight` only for grad_input: the other may be a
+// stride-0 placeholder of the right shape, used here for its metadata alone.
+ConvGrads conv2d_im2col_run_backward_cpu(const Conv2dParams& p, const at::Tensor& grad_output,
+                                         const at::Tensor& input, const at::Tensor& weight,
+                                         std::array<bool, 3> output_mask, int64_t max_col_bytes) {
   const bool cl = is_channels_last(grad_output);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   // Masked-off gradients are empty tensors of shape [0]; grad_input follows grad_output's format.
@@ -809,33 +838,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
   }
   if (output_mask[0]) w = cl ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
   const at::Tensor dx = output_mask[0] && !p.batched ? grad_input.unsqueeze(0) : grad_input;
-  const Layout l = layout_of(p);
+  const Plan plan = plan_backward(p, cl, max_col_bytes, grad_output.element_size());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_im2col_backward_cpu", [&] {
     auto* run = cl ? &backward_nhwc<scalar_t> : &backward_nchw<scalar_t>;
-    run(p, l, dy.const_data_ptr<scalar_t>(),
+    run(p, plan, dy.const_data_ptr<scalar_t>(),
         output_mask[1] ? x.const_data_ptr<scalar_t>() : nullptr,
         output_mask[0] ? w.const_data_ptr<scalar_t>() : nullptr,
         output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr,
-        output_mask[1] ? dw.mutable_data_ptr<scalar_t>() : nullptr, max_col_bytes);
+        output_mask[1] ? dw.mutable_data_ptr<scalar_t>() : nullptr);
   });
   if (output_mask[1] && cl) grad_weight.copy_(dw.permute({0, 3, 1, 2}));
   return {grad_input, grad_weight, grad_bias};
 }
 
-namespace {
+// ---- the ops: plan (validate), then run through the convolution dispatch ----------------------
 
-at::Tensor conv2d_im2col_op_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                int64_t max_col_bytes) {
-  return conv2d_im2col_forward_cpu(input, weight, bias, stride, padding, dilation, groups,
-                                   max_col_bytes, /*scale=*/at::Tensor(), /*relu=*/false);
+at::Tensor conv2d_im2col_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups, int64_t max_col_bytes) {
+  const Conv2dParams p =
+      conv2d_params(kForward, input, weight, bias, stride, padding, dilation, groups, false);
+  check_max_col_bytes(kForward, max_col_bytes);
+  ConvAlgorithm algo{ConvAlgo::kIm2col};
+  algo.max_col_bytes = max_col_bytes;
+  return conv_forward_cpu(p, input, weight, algo, ConvEpilogue::bias(bias));
 }
 
-}  // namespace
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask, int64_t max_col_bytes) {
+  const Conv2dParams p = conv2d_params(kBackward, input, weight, std::nullopt, stride, padding,
+                                       dilation, groups, false);
+  check_max_col_bytes(kBackward, max_col_bytes);
+  check_conv_grad_output(kBackward, p, grad_output, input);
+  ConvAlgorithm algo{ConvAlgo::kIm2col};
+  algo.max_col_bytes = max_col_bytes;
+  return conv_backward_cpu(p, grad_output, input, weight, output_mask, algo);
+}
+
 }  // namespace cnnext
 
 TORCH_LIBRARY_IMPL(cnnext, CPU, m) {
-  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_op_cpu);
+  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_forward_cpu);
   m.impl("conv2d_im2col_backward", &cnnext::conv2d_im2col_backward_cpu);
 }

@@ -1,8 +1,9 @@
 // im2col + GEMM convolution on CUDA. im2col_kernel unfolds a chunk of samples (bounded by
 // max_col_bytes) into col[n][(c, ki, kj)][pixel] (channels_last: col[n, pixel][(g, ki, kj, c)]),
 // cuBLAS multiplies it by the weight on the current stream, and grad_input gathers dcol back with
-// col2im_kernel. grad_weight and grad_bias come from the implicit-GEMM wgrad of
-// conv2d_direct/implicit_gemm.cuh (one GEMM over all samples, no layout copies). 1D grid-stride
+// col2im_kernel. grad_weight and grad_bias come from the direct engine's implicit-GEMM wgrad (one
+// GEMM over all samples, no layout copies), which the convolution dispatch runs beside this
+// engine's grad_input (common/conv_dispatch.h). 1D grid-stride
 // launches of 256 threads: in im2col/col2im a thread owns one (sample, channel, pixel) and its
 // kh*kw column entries; in grad_bias_kernel a block owns one output channel and reduces it in
 // shared memory in a fixed order (deterministic, no atomics).
@@ -16,10 +17,10 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/conv_dispatch.h"
 #include "common/cuda_compat.cuh"
 #include "common/gemm.cuh"
 #include "common/params.h"
-#include "conv2d_direct/implicit_gemm.cuh"
 #include "conv2d_im2col/conv2d_im2col.h"
 
 namespace cnnext {
@@ -39,6 +40,8 @@ ConvGeom geom_of(const Conv2dParams& p) {
   return {p.c_in, p.h,  p.w,  p.kh, p.kw,     p.sh,    p.sw,
           p.ph,   p.pw, p.dh, p.dw, p.groups, p.h_out, p.w_out};
 }
+
+int64_t round_up_16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 dim3 grid_for(int64_t work) {
   return dim3(
@@ -145,6 +148,18 @@ __global__ void bias_act_kernel(scalar_t* __restrict__ y, const scalar_t* __rest
   }
 }
 
+// W' = the filter as [C_out, kh, kw, C_in/groups] (what the channels_last GEMMs multiply by),
+// from a contiguous one; thread = element of W'.
+template <typename scalar_t>
+__global__ void filter_to_krsc_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ out,
+                                      int64_t numel, int64_t channels, int64_t taps) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
+       i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t c = i % channels, tap = (i / channels) % taps, o = i / (channels * taps);
+    out[i] = w[(o * channels + c) * taps + tap];
+  }
+}
+
 // grad_bias[c] = sum over (n, pixel) of dy: block c, a fixed per-thread stride and a fixed tree,
 // so the sum is the same on every run.
 template <typename scalar_t>
@@ -248,15 +263,9 @@ void gemm_nchw(const Conv2dParams& p, const Layout& l, int64_t nb, const scalar_
 
 }  // namespace
 
-at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups, int64_t max_col_bytes,
-                                      const at::Tensor& scale, bool relu) {
-  const Conv2dParams p =
-      conv2d_params(kForward, input, weight, bias, stride, padding, dilation, groups, true);
-  CNNEXT_CHECK(max_col_bytes > 0, kForward, "expected max_col_bytes to be positive, got ",
-               max_col_bytes);
+at::Tensor conv2d_im2col_run_forward_cuda(const Conv2dParams& p, const at::Tensor& input,
+                                          const at::Tensor& weight, const ConvEpilogue& epilogue,
+                                          int64_t max_col_bytes) {
   CNNEXT_DEVICE_GUARD(input);
   const bool cl = is_channels_last(input);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -265,13 +274,9 @@ at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor&
   const at::Tensor x = (p.batched ? input : input.unsqueeze(0)).contiguous(fmt);
   // channels_last multiplies by W' = weight as [C_out, kh, kw, C_in/groups].
   const at::Tensor w = cl ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  if (scale.defined()) {
-    check_same(kForward, "scale", scale, "input", input);
-    check_vector(kForward, "scale", scale, p.c_out);
-  }
-  const at::Tensor s = scale.defined() ? scale.contiguous() : at::Tensor();
+  const at::Tensor& b = epilogue.shift;
+  const at::Tensor& s = epilogue.scale;
+  const bool has_bias = b.defined();
   const Layout l = layout_of(p);
   const int64_t chunk = samples_per_chunk(p, l, max_col_bytes, input.element_size());
   at::Tensor col_buffer = l.pointwise ? at::Tensor() : at::empty({chunk * l.gk * l.p}, x.options());
@@ -305,7 +310,7 @@ at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor&
         const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
         const int64_t c_stride = cl ? int64_t(1) : l.p;
-        if (relu) {
+        if (epilogue.relu) {
           CNNEXT_LAUNCH((bias_act_kernel<scalar_t, true>), grid_for(total), kThreads, 0,
                         current_stream(), y, bp, sp, total, p.c_out, c_stride);
         } else if (has_bias || sp != nullptr) {
@@ -316,20 +321,14 @@ at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor&
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, int64_t max_col_bytes) {
-  // `input` is read only for grad_weight and `weight` only for grad_input: the other may be a
-  // stride-0 placeholder of the right shape, used here for its metadata alone.
-  const Conv2dParams p = conv2d_params(kBackward, input, weight, std::nullopt, stride, padding,
-                                       dilation, groups, true);
-  CNNEXT_CHECK(max_col_bytes > 0, kBackward, "expected max_col_bytes to be positive, got ",
-               max_col_bytes);
-  check_same(kBackward, "grad_output", grad_output, "input", input);
-  CNNEXT_CHECK(grad_output.sizes() == at::IntArrayRef(p.output_sizes()), kBackward,
-               "expected grad_output of shape ", at::IntArrayRef(p.output_sizes()), ", got ",
-               grad_output.sizes());
+// grad_input, and grad_bias when grad_weight is not wanted (conv_backward_cuda takes grad_weight
+// and grad_bias from the direct engine's wgrad). `weight` is read only for grad_input: otherwise
+// it may be a stride-0 placeholder of the right shape, used here for its metadata alone.
+ConvGrads conv2d_im2col_run_backward_cuda(const char* op, const Conv2dParams& p,
+                                          const at::Tensor& grad_output, const at::Tensor& input,
+                                          const at::Tensor& weight, std::array<bool, 3> output_mask,
+                                          int64_t max_col_bytes) {
+  TORCH_INTERNAL_ASSERT(!output_mask[1], op, ": grad_weight is the direct engine's");
   CNNEXT_DEVICE_GUARD(grad_output);
   const bool cl = is_channels_last(grad_output);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -350,57 +349,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
   const int64_t chunk = samples_per_chunk(p, l, max_col_bytes, input.element_size());
   const at::Tensor dx = output_mask[0] && !p.batched ? grad_input.unsqueeze(0) : grad_input;
   const bool need_col = !l.pointwise && output_mask[0];
-  // A batch of one as [1, C, H, W], so grad_weight's GEMM sees the same geometry as dY.
-  Conv2dParams p4 = p;
-  p4.batched = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_im2col_backward_cuda", [&] {
         using acc_t = cuda_acc_t<scalar_t>;
         const int64_t cog = p.c_out_per_group(), in_size = p.c_in * p.h * p.w;
         const int64_t out_size = p.c_out * l.p;
-        // grad_weight (with grad_bias) is the implicit-GEMM wgrad: one GEMM over every pixel of
-        // every sample, split over K. In NCHW an unfolded sample's pixels are the columns of its
-        // own matrix, so im2col would need a GEMM per sample or transposed copies of x and dY.
-        // One workspace holds its partial sums, the column buffer and W' (below).
-        Workspace ws;
-        WgradPlan<scalar_t> wgrad;
-        const at::Tensor x = output_mask[1] ? (p.batched ? input : input.unsqueeze(0))
-                                                  .contiguous(is_channels_last(input)
-                                                                  ? at::MemoryFormat::ChannelsLast
-                                                                  : at::MemoryFormat::Contiguous)
-                                            : at::Tensor();
-        const bool wgrad_ok =
-            output_mask[1] &&
-            plan_wgrad<scalar_t>(p4, dy, x, grad_weight, output_mask[2] ? grad_bias : at::Tensor(),
-                                 IgemmTile::kAuto, &ws, &wgrad);
-        // channels_last multiplies by W' = weight as [C_out, kh, kw, C_in/groups]: the weight
-        // itself when it is laid out so, else a copy made by a cnnext kernel into the workspace.
-        const at::Tensor w = output_mask[0] ? dense_filter(weight) : at::Tensor();
-        const bool copy_filter = output_mask[0] && cl && filter_needs_krsc(w);
-        const int64_t filter_at = copy_filter ? ws.reserve(w.numel() * sizeof(scalar_t)) : -1;
-        const int64_t col_at = need_col ? ws.reserve(chunk * l.gk * l.p * sizeof(scalar_t)) : -1;
-        ws.allocate(dy);
-        if (wgrad_ok) {
-          run_wgrad<scalar_t>(wgrad, ws);
-        } else if (output_mask[1]) {
-          conv2d_direct_grad_weight_naive_launch<scalar_t>(
-              kBackward, weight_grad_geometry(p4, x, dy), dy.const_data_ptr<scalar_t>(),
-              x.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(), dy);
-        }
-        if (output_mask[2] && !wgrad_ok) {
+        if (output_mask[2]) {
           CNNEXT_LAUNCH((grad_bias_kernel<scalar_t>), dim3(static_cast<unsigned int>(p.c_out)),
                         kThreads, 0, current_stream(), dy.const_data_ptr<scalar_t>(),
                         grad_bias.mutable_data_ptr<scalar_t>(), p.n, l.p, out_size,
                         cl ? int64_t(1) : l.p, cl ? p.c_out : int64_t(1));
         }
         if (!output_mask[0]) return;
+        // channels_last multiplies by W' = weight as [C_out, kh, kw, C_in/groups]: the weight
+        // itself when it is laid out so, else a copy made by a cnnext kernel into the workspace,
+        // which also holds the column buffer.
+        const at::Tensor w =
+            weight.is_contiguous(at::MemoryFormat::ChannelsLast) ? weight : weight.contiguous();
+        const bool copy_filter =
+            cl && w.size(1) > 1 && w.size(2) * w.size(3) > 1 && w.stride(1) != 1;
+        const int64_t filter_bytes =
+            copy_filter ? round_up_16(w.numel() * int64_t(sizeof(scalar_t))) : 0;
+        const int64_t col_bytes = need_col ? chunk * l.gk * l.p * int64_t(sizeof(scalar_t)) : 0;
+        const at::Tensor ws =
+            filter_bytes + col_bytes > 0
+                ? at::empty({filter_bytes + col_bytes}, dy.options().dtype(at::kByte))
+                : at::Tensor();
+        char* base = ws.defined() ? static_cast<char*>(ws.data_ptr()) : nullptr;
         const scalar_t* wp = w.const_data_ptr<scalar_t>();
         if (copy_filter) {
-          scalar_t* filter = ws.at<scalar_t>(filter_at);
-          launch_filter_to_krsc<scalar_t>(w, filter);
+          scalar_t* filter = reinterpret_cast<scalar_t*>(base);
+          const at::Tensor wc = w.contiguous();
+          CNNEXT_LAUNCH((filter_to_krsc_kernel<scalar_t>), grid_for(w.numel()), kThreads, 0,
+                        current_stream(), wc.const_data_ptr<scalar_t>(), filter, w.numel(),
+                        w.size(1), w.size(2) * w.size(3));
           wp = filter;
         }
-        scalar_t* col = need_col ? ws.at<scalar_t>(col_at) : nullptr;
+        scalar_t* col = need_col ? reinterpret_cast<scalar_t*>(base + filter_bytes) : nullptr;
         for (int64_t n0 = 0; n0 < p.n; n0 += chunk) {
           const int64_t nb = std::min(chunk, p.n - n0);
           const scalar_t* dyc = dy.const_data_ptr<scalar_t>() + n0 * out_size;
@@ -421,20 +406,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
-namespace {
+// ---- the ops: plan (validate), then run through the convolution dispatch ----------------------
 
-at::Tensor conv2d_im2col_op_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                 int64_t max_col_bytes) {
-  return conv2d_im2col_forward_cuda(input, weight, bias, stride, padding, dilation, groups,
-                                    max_col_bytes, /*scale=*/at::Tensor(), /*relu=*/false);
+at::Tensor conv2d_im2col_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups, int64_t max_col_bytes) {
+  const Conv2dParams p =
+      conv2d_params(kForward, input, weight, bias, stride, padding, dilation, groups, true);
+  check_max_col_bytes(kForward, max_col_bytes);
+  ConvAlgorithm algo{ConvAlgo::kIm2col};
+  algo.max_col_bytes = max_col_bytes;
+  return conv_forward_cuda(kForward, p, input, weight, algo, ConvEpilogue::bias(bias));
 }
 
-}  // namespace
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask, int64_t max_col_bytes) {
+  const Conv2dParams p = conv2d_params(kBackward, input, weight, std::nullopt, stride, padding,
+                                       dilation, groups, true);
+  check_max_col_bytes(kBackward, max_col_bytes);
+  check_conv_grad_output(kBackward, p, grad_output, input);
+  ConvAlgorithm algo{ConvAlgo::kIm2col};
+  algo.max_col_bytes = max_col_bytes;
+  return conv_backward_cuda(kBackward, p, grad_output, input, weight, output_mask, algo);
+}
+
 }  // namespace cnnext
 
 CNNEXT_CUDA_IMPL(m) {
-  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_op_cuda);
+  m.impl("conv2d_im2col", &cnnext::conv2d_im2col_forward_cuda);
   m.impl("conv2d_im2col_backward", &cnnext::conv2d_im2col_backward_cuda);
 }

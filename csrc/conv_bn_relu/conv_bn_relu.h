@@ -1,5 +1,6 @@
-// Shared by the CPU (cpu.cpp) and CUDA (cuda.cu) host code of conv_bn_relu: argument validation
-// of the forward and backward ops, the algorithm choice, and the dtype of the saved statistics.
+// Shared by the CPU (cpu.cpp) and CUDA (cuda.cu) host code of conv_bn_relu: the plan of a call
+// (argument validation of the forward and backward ops, the convolution's algorithm) and the
+// dtype of the saved statistics. The convolution runs through common/conv_dispatch.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,23 +13,13 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/conv_dispatch.h"
 #include "common/params.h"
 
 namespace cnnext::fused {
 
 constexpr const char* kForwardOp = "conv_bn_relu";
 constexpr const char* kBackwardOp = "conv_bn_relu_backward";
-
-enum class Algo { kAuto, kDirect, kIm2col };
-
-inline Algo parse_algo(const char* op, c10::string_view algo) {
-  if (algo == "auto") return Algo::kAuto;
-  if (algo == "direct") return Algo::kDirect;
-  if (algo == "im2col") return Algo::kIm2col;
-  CNNEXT_CHECK(false, op, "expected algo to be 'auto', 'direct' or 'im2col', got '",
-               std::string(algo), "'");
-  return Algo::kAuto;
-}
 
 inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -67,7 +58,7 @@ inline Conv2dParams check_forward(const char* op, const at::Tensor& input, const
   CNNEXT_CHECK(training || (given(running_mean) && given(running_var)), op,
                "expected running_mean and running_var in eval mode (training=False), got None");
   CNNEXT_CHECK(eps >= 0, op, "expected eps to be non-negative, got ", eps);
-  CNNEXT_CHECK(max_col_bytes > 0, op, "expected max_col_bytes to be positive, got ", max_col_bytes);
+  check_max_col_bytes(op, max_col_bytes);
   // torch.nn.functional.batch_norm's rule (its message, so callers can match either).
   CNNEXT_CHECK(!training || p.n * p.h_out * p.w_out != 1, op,
                "Expected more than 1 value per channel when training, got a convolution output of "
@@ -113,8 +104,19 @@ inline Conv2dParams check_backward(
                  t.device());
     check_vector(op, name, t, p.c_out);
   }
-  CNNEXT_CHECK(max_col_bytes > 0, op, "expected max_col_bytes to be positive, got ", max_col_bytes);
+  check_max_col_bytes(op, max_col_bytes);
   return p;
+}
+
+// The convolution of a call: algo "auto" resolved by the dispatch's rule for the backend (the
+// same choice cnnext._algo makes), the direct kernel's default variant, the caller's bound on
+// im2col's column buffers.
+inline ConvAlgorithm conv_algorithm(const char* op, c10::string_view algo, int64_t max_col_bytes,
+                                    const Conv2dParams& p, bool cuda) {
+  ConvAlgorithm a;
+  a.algo = resolve_conv_algo(parse_conv_algo(op, algo), p, cuda);
+  a.max_col_bytes = max_col_bytes;
+  return a;
 }
 
 }  // namespace cnnext::fused

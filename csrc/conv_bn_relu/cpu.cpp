@@ -1,15 +1,15 @@
-// Fused Conv2d + BatchNorm2d + ReLU on the CPU, reusing the direct and im2col convolutions
-// (conv2d_direct.h, conv2d_im2col.h). Eval: BatchNorm is folded into per-channel temporaries
-// s = gamma / sqrt(var + eps), b' = (b - mean) * s + beta, and the convolution's store computes
-// max(0, acc * s + b') for each output tile: no extra pass, and no folded copy of the weight
-// (which would cost more than the convolution for deep layers at batch 1). Train: the convolution,
-// then the per-channel batch statistics in one deterministic pass (runs of at most kRun values
-// reduced exactly while in cache, merged in a fixed order by Chan's formula, in double), then
-// normalise, scale, shift and ReLU in one pass. Backward: BatchNorm's two channel sums under the
-// ReLU mask in one pass (fixed-order partials), the gradient of the convolution output in a second,
-// then the convolution's own backward. The mask is recomputed (from the saved statistics in
-// training, by rerunning the folded convolution in eval), never read from the output, which callers
-// may modify in place. Every sum has an order that depends on the shapes only.
+// Fused Conv2d + BatchNorm2d + ReLU on the CPU, on the direct or im2col convolution through the
+// convolution dispatch (common/conv_dispatch.h). Eval: BatchNorm is folded into per-channel
+// temporaries s = gamma / sqrt(var + eps), b' = (b - mean) * s + beta, and the convolution's store
+// computes max(0, acc * s + b') for each output tile: no extra pass, and no folded copy of the
+// weight (which would cost more than the convolution for deep layers at batch 1). Train: the
+// convolution, then the per-channel batch statistics in one deterministic pass (runs of at most
+// kRun values reduced exactly while in cache, merged in a fixed order by Chan's formula, in
+// double), then normalise, scale, shift and ReLU in one pass. Backward: BatchNorm's two channel
+// sums under the ReLU mask in one pass (fixed-order partials), the gradient of the convolution
+// output in a second, then the convolution's own backward. The mask is recomputed (from the saved
+// statistics in training, by rerunning the folded convolution in eval), never read from the output,
+// which callers may modify in place. Every sum has an order that depends on the shapes only.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,29 +26,25 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/conv_dispatch.h"
+#include "common/cpu_parallel.h"
 #include "common/library.h"
 #include "common/params.h"
-#include "conv2d_direct/conv2d_direct.h"
-#include "conv2d_im2col/conv2d_im2col.h"
 #include "conv_bn_relu/conv_bn_relu.h"
 
 namespace cnnext {
 namespace {
 
-using fused::Algo;
 using fused::given;
 using fused::kBackwardOp;
 using fused::kForwardOp;
 
-constexpr int64_t kRun = 4096;           // values of one exactly-reduced run (in L1/L2)
-constexpr int64_t kTaskElems = 1 << 15;  // elements per parallel task
-constexpr int kLanes = 8;                // independent partial sums, so the loops vectorise
-constexpr int64_t kBuf = 512;            // positions of a masked-gradient block (on the stack)
+constexpr int64_t kRun = 4096;  // values of one exactly-reduced run (in L1/L2)
+constexpr int kLanes = 8;       // independent partial sums, so the loops vectorise
+constexpr int64_t kBuf = 512;   // positions of a masked-gradient block (on the stack)
 
-int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t task_grain(int64_t elems_per_item) {
-  return std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, elems_per_item));
-}
+// Elements per item: the tasks' grain (common/cpu_parallel.h).
+int64_t task_grain(int64_t elems_per_item) { return cpu_grain_elements(elems_per_item); }
 
 // A dense activation in its memory format: n * c planes of hw values (NCHW) or n * hw rows of
 // c values (NHWC). The convolutions return their output dense in the input's format.
@@ -67,43 +63,6 @@ at::MemoryFormat format_of(bool cl) {
 template <typename T>
 const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return given(t) ? t->const_data_ptr<T>() : nullptr;
-}
-
-// "auto" on the CPU, for direct calls of the op only: cnnext.ops and cnnext.nn resolve "auto" in
-// Python (cnnext._algo.select) before calling it. Same rule and thresholds as cnnext._algo.choose
-// (CPU_DIRECT_MIN_PIXELS, CPU_DIRECT_MIN_CHANNELS; tests/test_algo_rule.py checks they agree):
-// direct for grouped layers and large planes with 8+ input channels, im2col otherwise.
-Algo resolve_algo(Algo algo, const Conv2dParams& p) {
-  if (algo != Algo::kAuto) return algo;
-  if (p.groups > 1) return Algo::kDirect;
-  const bool pointwise = p.kh == 1 && p.kw == 1;
-  if (pointwise || p.h_out * p.w_out < 256 || p.c_in_per_group() < 8) return Algo::kIm2col;
-  return Algo::kDirect;
-}
-
-// out = conv(input, weight) * scale[c] + bias[c] (undefined scale: 1), then max(0, .) with relu.
-at::Tensor conv_forward(Algo algo, const at::Tensor& input, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, const at::Tensor& scale,
-                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                        int64_t groups, int64_t max_col_bytes, bool relu) {
-  if (algo == Algo::kDirect) {
-    return conv2d_direct_forward_cpu(input, weight, bias, stride, padding, dilation, groups, "auto",
-                                     scale, relu);
-  }
-  return conv2d_im2col_forward_cpu(input, weight, bias, stride, padding, dilation, groups,
-                                   max_col_bytes, scale, relu);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
-    Algo algo, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> mask, int64_t max_col_bytes) {
-  if (algo == Algo::kDirect) {
-    return conv2d_direct_backward_cpu(grad, input, weight, stride, padding, dilation, groups, mask,
-                                      "auto");
-  }
-  return conv2d_im2col_backward_cpu(grad, input, weight, stride, padding, dilation, groups, mask,
-                                    max_col_bytes);
 }
 
 // v where cond holds, else +0 (also for an infinite or NaN v, as torch's threshold_backward), by
@@ -183,7 +142,7 @@ void fold_backward(int64_t c_out, int64_t k, const T* gw, const T* gb, const T* 
 // sign is the pre-activation's) and lets the gradient through at a NaN.
 template <typename T>
 void relu_mask(int64_t numel, const T* g, const T* y, T* out) {
-  at::parallel_for(0, numel, kTaskElems, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, numel, task_grain(1), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) out[i] = keep_if(!(y[i] <= T(0)), g[i]);
   });
 }
@@ -461,7 +420,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   const Conv2dParams p = fused::check_forward(
       kForwardOp, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
       eps, stride, padding, dilation, groups, max_col_bytes, /*allow_reduced=*/false);
-  const Algo algo = resolve_algo(fused::parse_algo(kForwardOp, algo_name), p);
+  const ConvAlgorithm algo =
+      fused::conv_algorithm(kForwardOp, algo_name, max_col_bytes, p, /*cuda=*/false);
   const auto options = input.options();
   at::Tensor save_mean = at::empty({p.c_out}, options);
   at::Tensor save_invstd = at::empty({p.c_out}, options);
@@ -483,15 +443,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
                               mean_out, invstd_out, scale.mutable_data_ptr<scalar_t>(),
                               shift.mutable_data_ptr<scalar_t>());
     });
-    const at::Tensor output = conv_forward(algo, input, weight, shift, scale, stride, padding,
-                                           dilation, groups, max_col_bytes, /*relu=*/true);
+    const at::Tensor output =
+        conv_forward_cpu(p, input, weight, algo, ConvEpilogue::affine(scale, shift, /*relu=*/true));
     // Two distinct empty tensors: outputs must not alias.
     return {output, save_mean, save_invstd, at::empty({0}, options), at::empty({0}, options)};
   }
 
   const bool cl = is_channels_last(input);
-  const at::Tensor z = conv_forward(algo, input, weight, conv_bias, at::Tensor(), stride, padding,
-                                    dilation, groups, max_col_bytes, /*relu=*/false)
+  const at::Tensor z = conv_forward_cpu(p, input, weight, algo, ConvEpilogue::bias(conv_bias))
                            .contiguous(format_of(cl));
   at::Tensor output = at::empty(z.sizes(), options.memory_format(format_of(cl)));
   at::Tensor batch_var = at::empty({p.c_out}, options);
@@ -547,7 +506,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
       kBackwardOp, grad_output, conv_output, input, weight, conv_bias, bn_weight, bn_bias,
       save_mean, save_invstd, training, stride, padding, dilation, groups, max_col_bytes,
       /*allow_reduced=*/false);
-  const Algo algo = resolve_algo(fused::parse_algo(kBackwardOp, algo_name), p);
+  const ConvAlgorithm algo =
+      fused::conv_algorithm(kBackwardOp, algo_name, max_col_bytes, p, /*cuda=*/false);
   const auto options = grad_output.options();
   // The layout the forward computed in: conv_output's (training), the input's (eval).
   const bool cl = is_channels_last(training ? conv_output : input);
@@ -561,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   at::Tensor grad_input = at::empty({0}, options), grad_weight = at::empty({0}, options);
   at::Tensor grad_bias = vec_or_none(mask[2]);
   auto backward = [&](const at::Tensor& grad, const at::Tensor& w, std::array<bool, 3> m) {
-    return conv_backward(algo, grad, input, w, stride, padding, dilation, groups, m, max_col_bytes);
+    return conv_backward_cpu(p, grad, input, w, m, algo);
   };
 
   if (training) {
@@ -625,8 +585,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   // for bit (same kernel, same epilogue minus the ReLU).
   const at::Tensor pre = conv_output.numel() != 0
                              ? conv_output.contiguous(fmt)
-                             : conv_forward(algo, input, weight, shift, scale, stride, padding,
-                                            dilation, groups, max_col_bytes, /*relu=*/false)
+                             : conv_forward_cpu(p, input, weight, algo,
+                                                ConvEpilogue::affine(scale, shift, /*relu=*/false))
                                    .contiguous(fmt);
   at::Tensor gm = at::empty(g.sizes(), options.memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_bn_relu_backward_mask", [&] {

@@ -1,6 +1,7 @@
 // Fused Conv2d + BatchNorm2d + ReLU on CUDA. Eval: fold_channels_kernel folds BatchNorm into a
-// per-channel scale and shift; the implicit-GEMM kernel runs with a scale + shift + ReLU epilogue
-// (one kernel), im2col with them in its one bias pass. Train: the convolution; stats_partial_kernel
+// per-channel scale and shift; the convolution dispatch (common/conv_dispatch.h) runs the
+// implicit-GEMM kernel with a scale + shift + ReLU epilogue (one kernel), or im2col with them in
+// its one bias pass. Train: the convolution; stats_partial_kernel
 // (block = channel x slice, 128 threads, per-thread Welford, fixed-tree merge),
 // stats_finalize_kernel (thread = channel, slices merged in order), normalize_kernel (grid-stride,
 // thread = element). Backward mirrors it (two- level channel sums, elementwise grad), then the
@@ -16,19 +17,14 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/conv_dispatch.h"
 #include "common/cuda_compat.cuh"
 #include "common/params.h"
-#include "conv2d_direct/conv2d_direct.h"
-#include "conv2d_direct/implicit_gemm.cuh"
-#include "conv2d_direct/implicit_gemm_tc.cuh"
-#include "conv2d_direct/kernels.cuh"
-#include "conv2d_im2col/conv2d_im2col.h"
 #include "conv_bn_relu/conv_bn_relu.h"
 
 namespace cnnext {
 namespace {
 
-using fused::Algo;
 using fused::given;
 using fused::kBackwardOp;
 using fused::kForwardOp;
@@ -47,24 +43,6 @@ template <typename T>
 const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return given(t) ? t->const_data_ptr<T>() : nullptr;
 }
-
-// ---- epilogue of the eval forward ---------------------------------------------------------------
-
-// The direct kernels' epilogue hook: acc * scale[c] + shift[c] (BatchNorm folded, so no folded
-// copy of the weight is made), then ReLU (v < 0 ? 0 : v keeps NaN, as torch.relu does) when
-// RELU; without it eval backward recomputes the forward's pre-activation bit for bit. A kernel
-// argument: trivially copyable, device pointers only.
-template <typename scalar_t, bool RELU>
-struct ScaleShiftEpilogue {
-  const scalar_t* scale = nullptr;
-  const scalar_t* shift = nullptr;
-
-  template <typename acc_t>
-  __device__ __forceinline__ acc_t operator()(acc_t value, int64_t channel) const {
-    const acc_t v = value * static_cast<acc_t>(scale[channel]) + static_cast<acc_t>(shift[channel]);
-    return RELU && v < acc_t(0) ? acc_t(0) : v;
-  }
-};
 
 // ---- folding ------------------------------------------------------------------------------------
 
@@ -507,96 +485,14 @@ at::MemoryFormat format_of(bool cl) {
   return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-// "auto" on CUDA: cnnext._algo's rule (the Python layer resolves "auto", this serves direct calls
-// of the op): cuBLAS (im2col) for a 1x1 convolution that is a plain GEMM (stride 1, no padding,
-// ungrouped, 32 or more channels in and out), the implicit-GEMM direct kernels (the epilogue fused
-// into their store) otherwise. Reasoned, not yet measured on a GPU.
-Algo resolve_algo(Algo algo, const Conv2dParams& p) {
-  if (algo != Algo::kAuto) return algo;
-  const bool plain_gemm = p.kh == 1 && p.kw == 1 && p.sh == 1 && p.sw == 1 && p.ph == 0 &&
-                          p.pw == 0 && p.groups == 1 && p.c_in >= 32 && p.c_out >= 32;
-  return plain_gemm ? Algo::kIm2col : Algo::kDirect;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
-    Algo algo, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> mask, int64_t max_col_bytes) {
-  if (algo == Algo::kDirect) {
-    return conv2d_direct_backward_cuda(grad, input, weight, stride, padding, dilation, groups, mask,
-                                       "auto");
-  }
-  return conv2d_im2col_backward_cuda(grad, input, weight, stride, padding, dilation, groups, mask,
-                                     max_col_bytes);
-}
-
 unsigned int channel_blocks(int64_t c) { return ceil_div(c, kThreads); }
 
-// conv(x, w) with `epilogue` in the store: the implicit GEMM (on tensor cores for half/bfloat16
-// where it applies), or the naive kernel where it does not fit. allow_split: split-K (a second
-// launch) may be used by the CUDA-core kernels.
-template <typename scalar_t, class Epilogue>
-void run_direct(const char* op, const Conv2dParams& p, const at::Tensor& x, const at::Tensor& w,
-                const at::Tensor& out, const Epilogue& epilogue, bool allow_split) {
-  if (use_implicit_gemm(DirectVariant::kAuto, p) &&
-      (conv2d_implicit_gemm_tc_forward<scalar_t>(p, x, w, out, epilogue) ||
-       conv2d_implicit_gemm_forward<scalar_t>(p, x, w, out, epilogue, IgemmTile::kAuto,
-                                              allow_split))) {
-    return;
-  }
-  const at::Tensor wc = w.contiguous();
-  conv2d_direct_naive_launch<scalar_t, /*TRANSPOSED=*/false>(
-      op, forward_geometry(p, x, out), x.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
-      out.mutable_data_ptr<scalar_t>(), epilogue);
-}
-
-// relu?(conv(input, weight) * scale[c] + shift[c]): the implicit GEMM with the ScaleShiftEpilogue
-// (one kernel), or im2col with scale, shift and ReLU in its one bias pass. Without relu it is the
-// pre-activation, bit for bit the value the ReLU version clamps.
-at::Tensor folded_conv(const char* op, Algo algo, const Conv2dParams& p, const at::Tensor& input,
-                       const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
-                       bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups, int64_t max_col_bytes,
-                       at::MemoryFormat fmt) {
-  if (algo == Algo::kIm2col) {
-    return conv2d_im2col_forward_cuda(input, weight, shift, stride, padding, dilation, groups,
-                                      max_col_bytes, scale, relu);
-  }
-  at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
-  if (output.numel() == 0) return output;
-  const at::Tensor x = input.contiguous(fmt), w = dense_filter(weight);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "folded_conv", [&] {
-    const scalar_t* sp = scale.const_data_ptr<scalar_t>();
-    const scalar_t* hp = shift.const_data_ptr<scalar_t>();
-    if (relu) {
-      run_direct<scalar_t>(op, p, x, w, output, ScaleShiftEpilogue<scalar_t, true>{sp, hp}, true);
-    } else {
-      run_direct<scalar_t>(op, p, x, w, output, ScaleShiftEpilogue<scalar_t, false>{sp, hp}, true);
-    }
-  });
-  return output;
-}
-
-// The training forward's convolution z = conv(input, weight) + conv_bias in the layout `fmt`,
+// The training forward's convolution z = conv(input, weight) + conv_bias in the input's layout,
 // without split-K: the statistics and the normalization then take two more launches only.
-at::Tensor train_conv(Algo algo, const Conv2dParams& p, const at::Tensor& input,
-                      const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                      int64_t groups, int64_t max_col_bytes, at::MemoryFormat fmt) {
-  if (algo == Algo::kIm2col) {
-    return conv2d_im2col_forward_cuda(input, weight, conv_bias, stride, padding, dilation, groups,
-                                      max_col_bytes, at::Tensor(), /*relu=*/false)
-        .contiguous(fmt);
-  }
-  at::Tensor z = at::empty(p.output_sizes(), input.options().memory_format(fmt));
-  if (z.numel() == 0) return z;
-  const at::Tensor x = input.contiguous(fmt), w = dense_filter(weight);
-  const at::Tensor b = given(conv_bias) ? conv_bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "train_conv", [&] {
-    const BiasEpilogue<scalar_t> epilogue{b.defined() ? b.const_data_ptr<scalar_t>() : nullptr};
-    run_direct<scalar_t>(kForwardOp, p, x, w, z, epilogue, /*allow_split=*/false);
-  });
-  return z;
+at::Tensor train_conv(const Conv2dParams& p, const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& conv_bias, ConvAlgorithm algo) {
+  algo.split_k = false;
+  return conv_forward_cuda(kForwardOp, p, input, weight, algo, ConvEpilogue::bias(conv_bias));
 }
 
 // Blocks of the launches that first derive every channel's coefficients (each block repeats that
@@ -617,7 +513,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   const Conv2dParams p = fused::check_forward(
       kForwardOp, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
       eps, stride, padding, dilation, groups, max_col_bytes, /*allow_reduced=*/true);
-  const Algo algo = resolve_algo(fused::parse_algo(kForwardOp, algo_name), p);
+  const ConvAlgorithm algo =
+      fused::conv_algorithm(kForwardOp, algo_name, max_col_bytes, p, /*cuda=*/true);
   CNNEXT_DEVICE_GUARD(input);
   const auto options = input.options();
   const auto stats_options = options.dtype(fused::stats_type(input.scalar_type()));
@@ -646,15 +543,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
                         scale.mutable_data_ptr<scalar_t>(), shift.mutable_data_ptr<scalar_t>(),
                         p.c_out);
         });
-    const at::Tensor output =
-        folded_conv(kForwardOp, algo, p, input, weight, scale, shift, /*relu=*/true, stride,
-                    padding, dilation, groups, max_col_bytes, fmt);
+    const at::Tensor output = conv_forward_cuda(kForwardOp, p, input, weight, algo,
+                                                ConvEpilogue::affine(scale, shift, /*relu=*/true));
     // Two distinct empty tensors: outputs must not alias.
     return {output, save_mean, save_invstd, at::empty({0}, options), at::empty({0}, options)};
   }
 
-  const at::Tensor z = train_conv(algo, p, input, weight, conv_bias, stride, padding, dilation,
-                                  groups, max_col_bytes, fmt);
+  const at::Tensor z = train_conv(p, input, weight, conv_bias, algo).contiguous(fmt);
   at::Tensor output = at::empty(z.sizes(), options.memory_format(fmt));
   at::Tensor batch_var = at::empty({p.c_out}, stats_options);
   const ChannelGeometry g = channel_geometry(p, cl);
@@ -722,7 +617,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
       kBackwardOp, grad_output, conv_output, input, weight, conv_bias, bn_weight, bn_bias,
       save_mean, save_invstd, training, stride, padding, dilation, groups, max_col_bytes,
       /*allow_reduced=*/true);
-  const Algo algo = resolve_algo(fused::parse_algo(kBackwardOp, algo_name), p);
+  const ConvAlgorithm algo =
+      fused::conv_algorithm(kBackwardOp, algo_name, max_col_bytes, p, /*cuda=*/true);
   CNNEXT_DEVICE_GUARD(grad_output);
   const auto options = grad_output.options();
   const auto stats_options = options.dtype(fused::stats_type(grad_output.scalar_type()));
@@ -738,7 +634,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   at::Tensor grad_input = at::empty({0}, options), grad_weight = at::empty({0}, options);
   at::Tensor grad_bias = vec_or_none(mask[2]);
   auto backward = [&](const at::Tensor& grad, const at::Tensor& w, std::array<bool, 3> m) {
-    return conv_backward(algo, grad, input, w, stride, padding, dilation, groups, m, max_col_bytes);
+    return conv_backward_cuda(kBackwardOp, p, grad, input, w, m, algo);
   };
 
   if (training) {
@@ -815,12 +711,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
   // The mask's source: the copy of the forward output when given (relu keeps the sign, zero and
   // NaN of the pre-activation, so the mask is the same), else the forward's pre-activation bit
   // for bit (same kernel, same epilogue minus the ReLU).
-  const at::Tensor pre =
-      conv_output.numel() != 0
-          ? conv_output.contiguous(fmt)
-          : folded_conv(kBackwardOp, algo, p, input, weight, scale, shift,
-                        /*relu=*/false, stride, padding, dilation, groups, max_col_bytes, fmt)
-                .contiguous(fmt);
+  const at::Tensor pre = conv_output.numel() != 0
+                             ? conv_output.contiguous(fmt)
+                             : conv_forward_cuda(kBackwardOp, p, input, weight, algo,
+                                                 ConvEpilogue::affine(scale, shift, /*relu=*/false))
+                                   .contiguous(fmt);
   at::Tensor gm = at::empty(g.sizes(), options.memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, g.scalar_type(), "conv_bn_relu_backward_mask", [&] {
