@@ -4,9 +4,6 @@ input, on cpu, the emulated CUDA device in every schedule order, and cuda."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 
 import pytest
@@ -328,37 +325,41 @@ def test_reduced_precision_on_cuda_kernels(emu_device: str, dtype: torch.dtype) 
                 assert_close(got, want.to(dtype))
 
 
-def test_cpu_baseline_vectors() -> None:
-    """The CPU kernels' 16-byte (SSE2/NEON) variant, forced on this machine in a subprocess."""
-    script = (
-        "import torch, torch.nn.functional as F, cnnext\n"
-        "torch.manual_seed(0)\n"
-        "for dt in (torch.float32, torch.float64):\n"
-        "  for fmt in (torch.contiguous_format, torch.channels_last):\n"
-        "    x = torch.randn(2, 19, 9, 40, dtype=dt).contiguous(memory_format=fmt)\n"
-        "    x[0, 0, 0, :9] = float('nan')\n"
-        "    for k, s, p in ((3, 2, 1), (2, 1, 1), (5, 3, 2)):\n"
-        "      o, i = cnnext.ops.max_pool2d(x, k, s, p, return_indices=True)\n"
-        "      e, ei = F.max_pool2d(x, k, s, p, return_indices=True)\n"
-        "      torch.testing.assert_close(o, e, rtol=0, atol=0, equal_nan=True)\n"
-        "      assert torch.equal(i, ei)\n"
-        "      torch.testing.assert_close(cnnext.ops.avg_pool2d(x, k, s, p),\n"
-        "                                 F.avg_pool2d(x, k, s, p), equal_nan=True)\n"
-        "      xg = x.nan_to_num().requires_grad_()\n"
-        "      for ours, ref in ((cnnext.ops.avg_pool2d, F.avg_pool2d),\n"
-        "                        (cnnext.ops.max_pool2d, F.max_pool2d)):\n"
-        "        g = torch.randn_like(ref(xg, k, s, p))\n"
-        "        got = torch.autograd.grad(ours(xg, k, s, p), xg, g)[0]\n"
-        "        torch.testing.assert_close(got, torch.autograd.grad(ref(xg, k, s, p), xg, g)[0])\n"
-        "print('ok')\n"
-    )
-    env = dict(os.environ, CNNEXT_CPU_VECTOR_BYTES="16")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+def test_cpu_baseline_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU kernels' 16-byte (SSE2/NEON) variant, forced on this machine by the one ISA
+    switch (CNNEXT_CPU_ISA, read on every call), matching torch bit for bit."""
+    monkeypatch.setenv("CNNEXT_CPU_ISA", "baseline")
+    gen = torch.Generator().manual_seed(0)
+    for dt in (torch.float32, torch.float64):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, 19, 9, 40, dtype=dt, generator=gen).contiguous(memory_format=fmt)
+            x[0, 0, 0, :9] = float("nan")
+            for k, s, p in ((3, 2, 1), (2, 1, 1), (5, 3, 2)):
+                o, i = cnnext.ops.max_pool2d(x, k, s, p, return_indices=True)
+                e, ei = F.max_pool2d(x, k, s, p, return_indices=True)
+                torch.testing.assert_close(o, e, rtol=0, atol=0, equal_nan=True)
+                assert torch.equal(i, ei)
+                torch.testing.assert_close(
+                    cnnext.ops.avg_pool2d(x, k, s, p), F.avg_pool2d(x, k, s, p), equal_nan=True
+                )
+                xg = x.nan_to_num().requires_grad_()
+                for ours, ref in (
+                    (cnnext.ops.avg_pool2d, F.avg_pool2d),
+                    (cnnext.ops.max_pool2d, F.max_pool2d),
+                ):
+                    g = torch.randn(ref(xg, k, s, p).shape, dtype=dt, generator=gen)
+                    got = torch.autograd.grad(ours(xg, k, s, p), xg, g)[0]
+                    want = torch.autograd.grad(ref(xg, k, s, p), xg, g)[0]
+                    torch.testing.assert_close(got, want)
+
+
+def test_cpu_isa_switch_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad CNNEXT_CPU_ISA is refused by name, by the pooling ops as by the convolutions."""
+    monkeypatch.setenv("CNNEXT_CPU_ISA", "sse9")
+    with pytest.raises(
+        RuntimeError, match="cnnext::max_pool2d_with_argmax: expected CNNEXT_CPU_ISA"
+    ):
+        cnnext.ops.max_pool2d(torch.randn(1, 2, 4, 4), 2)
 
 
 def test_cpu_larger_multithreaded() -> None:

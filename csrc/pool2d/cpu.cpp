@@ -16,16 +16,16 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
-#include "common/cpu_memory.h"
+#include "common/cpu_isa.h"
+#include "common/cpu_parallel.h"
+#include "common/cpu_vec.h"
 #include "common/params.h"
 #include "pool2d/pool2d.h"
 
@@ -35,54 +35,16 @@ namespace {
 using pool2d::Geometry;
 
 constexpr int64_t kChunk = 64;  // channels per task of the channels_last backward scatter
-constexpr int64_t kGrainElements = 1 << 15;  // elements of work per parallel task, at least
 
-int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kGrainElements / per_item); }
+// Elements of work per item: the tasks' grain (common/cpu_parallel.h).
+int64_t grain(int64_t per_item) { return cpu_grain_elements(per_item); }
 
 // ---- vectors -----------------------------------------------------------------------------------
 
-// One vector register of lanes as a GCC vector: kBytes = 32 in the AVX2 build of the kernels,
-// 16 (SSE2, NEON) otherwise. The hot loops are written with these explicitly because GCC's
-// auto-vectoriser left them scalar in some inlined copies. A comparison yields lane masks
-// as wide as the values, so argmax lanes are int32 for float (planes under 2^31 elements) and
-// int64 for double. (GCC lowers compares of vectors wider than the ISA's registers to scalar
-// code, hence one register per vector.)
-template <typename T, int kBytes>
-struct Lanes;
-template <int kBytes>
-struct Lanes<float, kBytes> {
-  using scalar = float;
-  static constexpr int64_t count = kBytes / sizeof(float);
-  typedef float value __attribute__((vector_size(kBytes)));
-  typedef int32_t index_scalar;
-  typedef int32_t index __attribute__((vector_size(kBytes)));
-  typedef int64_t wide_index __attribute__((vector_size(2 * kBytes)));
-};
-template <int kBytes>
-struct Lanes<double, kBytes> {
-  using scalar = double;
-  static constexpr int64_t count = kBytes / sizeof(double);
-  typedef double value __attribute__((vector_size(kBytes)));
-  typedef int64_t index_scalar;
-  typedef int64_t index __attribute__((vector_size(kBytes)));
-  typedef int64_t wide_index __attribute__((vector_size(kBytes)));
-};
-
-// Unaligned vector load and store.
-template <typename V, typename T>
-inline void load(V* v, const T* p) {
-  std::memcpy(v, p, sizeof *v);
-}
-template <typename V, typename T>
-inline void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-// *dst = mask ? value : *dst, lane-wise.
-template <typename M, typename T>
-inline void blend(T* dst, const M& mask, const T& value) {
-  *dst = (T)(((M)value & mask) | ((M)*dst & ~mask));
-}
+using vec::blend;
+using vec::Lanes;
+using vec::load;
+using vec::store;
 
 // Argmax lanes fit the plane's flat indices.
 template <typename L>
@@ -103,24 +65,17 @@ __attribute__((target("avx2"), flatten)) void run_avx2(Args&&... args) {
   Kernel::template run<Lanes<scalar_t, 32>>(args...);
 }
 #endif
-// CNNEXT_CPU_VECTOR_BYTES=16 forces the baseline variant (read once; lets tests cover it on an
-// AVX2 machine).
-inline bool use_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx2 = [] {
-    const char* bytes = std::getenv("CNNEXT_CPU_VECTOR_BYTES");
-    return __builtin_cpu_supports("avx2") && !(bytes && std::string(bytes) == "16");
-  }();
-  return avx2;
-#else
-  return false;
-#endif
-}
+// Whether the kernels run their AVX2 variant: the CPU's ISA as common/cpu_isa.h reports it
+// (CNNEXT_CPU_ISA=baseline forces the baseline variant, so tests cover it on an AVX2 machine).
+// Read once per call, before the parallel region.
+inline bool use_avx2(const char* op) { return cpu_isa(op) != CpuIsa::kBaseline; }
 
 template <typename scalar_t, typename Kernel, typename... Args>
-void run_kernel(Args&&... args) {
+void run_kernel(bool avx2, Args&&... args) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return run_avx2<scalar_t, Kernel>(args...);
+  if (avx2) return run_avx2<scalar_t, Kernel>(args...);
+#else
+  (void)avx2;
 #endif
   run_base<scalar_t, Kernel>(args...);
 }
@@ -408,33 +363,29 @@ struct MaxNhwc {
 std::tuple<at::Tensor, at::Tensor> max_pool2d_with_argmax_cpu(
     const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool2d_with_argmax";
-  const Pool2dParams p =
-      pool2d_params(op, input, kernel_size, stride, padding, dilation, ceil_mode, false);
-  const auto fmt = pool2d::memory_format(input);
-  at::Tensor output = empty_output(p.output_sizes(), input.options().memory_format(fmt));
-  at::Tensor argmax =
-      empty_output(p.output_sizes(), input.options().dtype(at::kLong).memory_format(fmt));
-  if (output.numel() == 0) return {output, argmax};
-  const at::Tensor x = input.contiguous(fmt);
-  const Geometry g = pool2d::geometry(p);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2d_with_argmax_cpu", [&] {
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    int64_t* arg = argmax.mutable_data_ptr<int64_t>();
-    if (fmt == at::MemoryFormat::ChannelsLast) {
+  const pool2d::ForwardPlan plan = pool2d::plan_max_forward(
+      pool2d::Backend::kCpu, input, kernel_size, stride, padding, dilation, ceil_mode);
+  if (plan.empty()) return {plan.output, plan.argmax};
+  const Pool2dParams& p = plan.p;
+  const Geometry& g = plan.g;
+  const bool avx2 = use_avx2("max_pool2d_with_argmax");
+  AT_DISPATCH_FLOATING_TYPES(plan.input.scalar_type(), "max_pool2d_with_argmax_cpu", [&] {
+    const scalar_t* in = plan.input.const_data_ptr<scalar_t>();
+    scalar_t* out = plan.output.mutable_data_ptr<scalar_t>();
+    int64_t* arg = plan.argmax.mutable_data_ptr<int64_t>();
+    if (plan.channels_last) {
       const int64_t pixels = p.n * p.h_out * p.w_out;
       at::parallel_for(0, pixels, grain(p.kh * p.kw * p.c), [&](int64_t b, int64_t e) {
-        run_kernel<scalar_t, MaxNhwc>(in, out, arg, g, b, e);
+        run_kernel<scalar_t, MaxNhwc>(avx2, in, out, arg, g, b, e);
       });
     } else {
       at::parallel_for(0, p.n * p.c, grain(p.h * p.w), [&](int64_t b, int64_t e) {
         RowSources<scalar_t> rows(g, g.dh, g.dw);
-        run_kernel<scalar_t, MaxNchw>(in, out, arg, g, rows, b, e);
+        run_kernel<scalar_t, MaxNchw>(avx2, in, out, arg, g, rows, b, e);
       });
     }
   });
-  return {output, argmax};
+  return {plan.output, plan.argmax};
 }
 
 // ---- max pooling, backward ---------------------------------------------------------------------
@@ -505,18 +456,15 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
                                    at::IntArrayRef input_size, at::IntArrayRef kernel_size,
                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool2d_backward";
-  const Pool2dParams p = pool2d::backward_params(op, grad_output, input_size, kernel_size, stride,
-                                                 padding, dilation, ceil_mode, false);
-  pool2d::check_argmax(op, argmax, grad_output);
-  const auto fmt = pool2d::memory_format(grad_output);
-  at::Tensor grad_input = empty_output(input_size, grad_output.options().memory_format(fmt));
-  if (grad_input.numel() == 0) return grad_input;
-  const at::Tensor go = grad_output.contiguous(fmt), am = argmax.contiguous(fmt);
-  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "max_pool2d_backward_cpu", [&] {
-    max_backward_cpu_typed<scalar_t>(go, am, grad_input, p, fmt == at::MemoryFormat::ChannelsLast);
+  pool2d::BackwardPlan plan =
+      pool2d::plan_max_backward(pool2d::Backend::kCpu, grad_output, argmax, input_size, kernel_size,
+                                stride, padding, dilation, ceil_mode);
+  if (plan.empty()) return plan.grad_input;
+  AT_DISPATCH_FLOATING_TYPES(plan.grad_output.scalar_type(), "max_pool2d_backward_cpu", [&] {
+    max_backward_cpu_typed<scalar_t>(plan.grad_output, plan.argmax, plan.grad_input, plan.p,
+                                     plan.channels_last);
   });
-  return grad_input;
+  return plan.grad_input;
 }
 
 // ---- average pooling, forward ------------------------------------------------------------------
@@ -653,36 +601,31 @@ struct AvgNhwc {
   }
 };
 
-const int64_t kNoDilation[2] = {1, 1};
-
 at::Tensor avg_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
                           at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
                           bool count_include_pad, std::optional<int64_t> divisor_override) {
-  const char* op = "avg_pool2d";
-  const Pool2dParams p =
-      pool2d_params(op, input, kernel_size, stride, padding, kNoDilation, ceil_mode, false);
-  pool2d::check_divisor(op, divisor_override);
-  const auto fmt = pool2d::memory_format(input);
-  at::Tensor output = empty_output(p.output_sizes(), input.options().memory_format(fmt));
-  if (output.numel() == 0) return output;
-  const at::Tensor x = input.contiguous(fmt);
-  const Geometry g = pool2d::geometry(p);
+  const pool2d::ForwardPlan plan = pool2d::plan_avg_forward(
+      pool2d::Backend::kCpu, input, kernel_size, stride, padding, ceil_mode, divisor_override);
+  if (plan.empty()) return plan.output;
+  const Pool2dParams& p = plan.p;
+  const Geometry& g = plan.g;
   const AvgOptions o{count_include_pad, divisor_override.value_or(0)};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avg_pool2d_cpu", [&] {
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    if (fmt == at::MemoryFormat::ChannelsLast) {
+  const bool avx2 = use_avx2("avg_pool2d");
+  AT_DISPATCH_FLOATING_TYPES(plan.input.scalar_type(), "avg_pool2d_cpu", [&] {
+    const scalar_t* in = plan.input.const_data_ptr<scalar_t>();
+    scalar_t* out = plan.output.mutable_data_ptr<scalar_t>();
+    if (plan.channels_last) {
       at::parallel_for(
           0, p.n * p.h_out * p.w_out, grain(p.kh * p.kw * p.c),
-          [&](int64_t b, int64_t e) { run_kernel<scalar_t, AvgNhwc>(in, out, g, o, b, e); });
+          [&](int64_t b, int64_t e) { run_kernel<scalar_t, AvgNhwc>(avx2, in, out, g, o, b, e); });
     } else {
       at::parallel_for(0, p.n * p.c, grain(p.h * p.w), [&](int64_t b, int64_t e) {
         RowSources<scalar_t> rows(g, 1, 1);
-        run_kernel<scalar_t, AvgNchw>(in, out, g, o, rows, b, e);
+        run_kernel<scalar_t, AvgNchw>(avx2, in, out, g, o, rows, b, e);
       });
     }
   });
-  return output;
+  return plan.output;
 }
 
 // ---- average pooling, backward -----------------------------------------------------------------
@@ -779,7 +722,7 @@ struct AvgBackwardNchw {
 
 template <typename scalar_t>
 void avg_backward_cpu_typed(const at::Tensor& go, at::Tensor& gi, const Pool2dParams& p,
-                            const AvgOptions& o, bool channels_last) {
+                            const AvgOptions& o, bool channels_last, bool avx2) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry g = pool2d::geometry(p);
   const scalar_t* grad = go.const_data_ptr<scalar_t>();
@@ -824,7 +767,7 @@ void avg_backward_cpu_typed(const at::Tensor& go, at::Tensor& gi, const Pool2dPa
   }
   if (!channels_last) {
     at::parallel_for(0, p.n * p.c, grain(plane), [&](int64_t b, int64_t e) {
-      run_kernel<scalar_t, AvgBackwardNchw>(grad, out, g, o, b, e);
+      run_kernel<scalar_t, AvgBackwardNchw>(avx2, grad, out, g, o, b, e);
     });
     return;
   }
@@ -858,19 +801,17 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_output, at::IntArrayRe
                                    at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                    at::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                    std::optional<int64_t> divisor_override) {
-  const char* op = "avg_pool2d_backward";
-  const Pool2dParams p = pool2d::backward_params(op, grad_output, input_size, kernel_size, stride,
-                                                 padding, kNoDilation, ceil_mode, false);
-  pool2d::check_divisor(op, divisor_override);
-  const auto fmt = pool2d::memory_format(grad_output);
-  at::Tensor grad_input = empty_output(input_size, grad_output.options().memory_format(fmt));
-  if (grad_input.numel() == 0) return grad_input;
-  const at::Tensor go = grad_output.contiguous(fmt);
+  pool2d::BackwardPlan plan =
+      pool2d::plan_avg_backward(pool2d::Backend::kCpu, grad_output, input_size, kernel_size, stride,
+                                padding, ceil_mode, divisor_override);
+  if (plan.empty()) return plan.grad_input;
   const AvgOptions o{count_include_pad, divisor_override.value_or(0)};
-  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "avg_pool2d_backward_cpu", [&] {
-    avg_backward_cpu_typed<scalar_t>(go, grad_input, p, o, fmt == at::MemoryFormat::ChannelsLast);
+  const bool avx2 = use_avx2("avg_pool2d_backward");
+  AT_DISPATCH_FLOATING_TYPES(plan.grad_output.scalar_type(), "avg_pool2d_backward_cpu", [&] {
+    avg_backward_cpu_typed<scalar_t>(plan.grad_output, plan.grad_input, plan.p, o,
+                                     plan.channels_last, avx2);
   });
-  return grad_input;
+  return plan.grad_input;
 }
 
 }  // namespace

@@ -123,24 +123,18 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ grad_out
 std::tuple<at::Tensor, at::Tensor> max_pool2d_with_argmax_cuda(
     const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool2d_with_argmax";
-  const Pool2dParams p =
-      pool2d_params(op, input, kernel_size, stride, padding, dilation, ceil_mode, true);
   CNNEXT_DEVICE_GUARD(input);
-  const auto fmt = pool2d::memory_format(input);
-  at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
-  at::Tensor argmax =
-      at::empty(p.output_sizes(), input.options().dtype(at::kLong).memory_format(fmt));
-  const int64_t total = output.numel();
-  if (total == 0) return {output, argmax};
-  const at::Tensor x = input.contiguous(fmt);
-  const Geometry g = pool2d::geometry(p);
+  const pool2d::ForwardPlan plan = pool2d::plan_max_forward(
+      pool2d::Backend::kCuda, input, kernel_size, stride, padding, dilation, ceil_mode);
+  if (plan.empty()) return {plan.output, plan.argmax};
+  const int64_t total = plan.output.numel();
+  const Geometry& g = plan.g;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_with_argmax_cuda", [&] {
-        const scalar_t* in = x.const_data_ptr<scalar_t>();
-        scalar_t* out = output.mutable_data_ptr<scalar_t>();
-        int64_t* arg = argmax.mutable_data_ptr<int64_t>();
-        if (fmt == at::MemoryFormat::ChannelsLast) {
+      at::kHalf, at::kBFloat16, plan.input.scalar_type(), "max_pool2d_with_argmax_cuda", [&] {
+        const scalar_t* in = plan.input.const_data_ptr<scalar_t>();
+        scalar_t* out = plan.output.mutable_data_ptr<scalar_t>();
+        int64_t* arg = plan.argmax.mutable_data_ptr<int64_t>();
+        if (plan.channels_last) {
           CNNEXT_LAUNCH((max_pool2d_forward_kernel<scalar_t, true>), grid_for(total),
                         dim3(kThreads), 0, current_stream(), in, out, arg, g, total);
         } else {
@@ -148,30 +142,26 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_argmax_cuda(
                         dim3(kThreads), 0, current_stream(), in, out, arg, g, total);
         }
       });
-  return {output, argmax};
+  return {plan.output, plan.argmax};
 }
 
 at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& argmax,
                                     at::IntArrayRef input_size, at::IntArrayRef kernel_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool2d_backward";
-  const Pool2dParams p = pool2d::backward_params(op, grad_output, input_size, kernel_size, stride,
-                                                 padding, dilation, ceil_mode, true);
-  pool2d::check_argmax(op, argmax, grad_output);
   CNNEXT_DEVICE_GUARD(grad_output);
-  const auto fmt = pool2d::memory_format(grad_output);
-  at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(fmt));
-  const int64_t total = grad_input.numel();
-  if (total == 0) return grad_input;
-  const at::Tensor go = grad_output.contiguous(fmt), am = argmax.contiguous(fmt);
-  const Geometry g = pool2d::geometry(p);
+  const pool2d::BackwardPlan plan =
+      pool2d::plan_max_backward(pool2d::Backend::kCuda, grad_output, argmax, input_size,
+                                kernel_size, stride, padding, dilation, ceil_mode);
+  if (plan.empty()) return plan.grad_input;
+  const int64_t total = plan.grad_input.numel();
+  const Geometry& g = plan.g;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, go.scalar_type(), "max_pool2d_backward_cuda", [&] {
-        const scalar_t* grad = go.const_data_ptr<scalar_t>();
-        const int64_t* arg = am.const_data_ptr<int64_t>();
-        scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-        if (fmt == at::MemoryFormat::ChannelsLast) {
+      at::kHalf, at::kBFloat16, plan.grad_output.scalar_type(), "max_pool2d_backward_cuda", [&] {
+        const scalar_t* grad = plan.grad_output.const_data_ptr<scalar_t>();
+        const int64_t* arg = plan.argmax.const_data_ptr<int64_t>();
+        scalar_t* out = plan.grad_input.mutable_data_ptr<scalar_t>();
+        if (plan.channels_last) {
           CNNEXT_LAUNCH((max_pool2d_backward_kernel<scalar_t, true>), grid_for(total),
                         dim3(kThreads), 0, current_stream(), grad, arg, out, g, total);
         } else {
@@ -179,7 +169,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
                         dim3(kThreads), 0, current_stream(), grad, arg, out, g, total);
         }
       });
-  return grad_input;
+  return plan.grad_input;
 }
 
 // ---- average pooling ---------------------------------------------------------------------------
@@ -239,28 +229,21 @@ __global__ void avg_pool2d_backward_kernel(const scalar_t* __restrict__ grad_out
   }
 }
 
-const int64_t kNoDilation[2] = {1, 1};
-
 at::Tensor avg_pool2d_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
                            bool count_include_pad, std::optional<int64_t> divisor_override) {
-  const char* op = "avg_pool2d";
-  const Pool2dParams p =
-      pool2d_params(op, input, kernel_size, stride, padding, kNoDilation, ceil_mode, true);
-  pool2d::check_divisor(op, divisor_override);
   CNNEXT_DEVICE_GUARD(input);
-  const auto fmt = pool2d::memory_format(input);
-  at::Tensor output = at::empty(p.output_sizes(), input.options().memory_format(fmt));
-  const int64_t total = output.numel();
-  if (total == 0) return output;
-  const at::Tensor x = input.contiguous(fmt);
-  const Geometry g = pool2d::geometry(p);
+  const pool2d::ForwardPlan plan = pool2d::plan_avg_forward(
+      pool2d::Backend::kCuda, input, kernel_size, stride, padding, ceil_mode, divisor_override);
+  if (plan.empty()) return plan.output;
+  const int64_t total = plan.output.numel();
+  const Geometry& g = plan.g;
   const int64_t divisor = divisor_override.value_or(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "avg_pool2d_cuda", [&] {
-        const scalar_t* in = x.const_data_ptr<scalar_t>();
-        scalar_t* out = output.mutable_data_ptr<scalar_t>();
-        if (fmt == at::MemoryFormat::ChannelsLast) {
+      at::kHalf, at::kBFloat16, plan.input.scalar_type(), "avg_pool2d_cuda", [&] {
+        const scalar_t* in = plan.input.const_data_ptr<scalar_t>();
+        scalar_t* out = plan.output.mutable_data_ptr<scalar_t>();
+        if (plan.channels_last) {
           CNNEXT_LAUNCH((avg_pool2d_forward_kernel<scalar_t, true>), grid_for(total),
                         dim3(kThreads), 0, current_stream(), in, out, g, count_include_pad, divisor,
                         total);
@@ -270,30 +253,26 @@ at::Tensor avg_pool2d_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                         total);
         }
       });
-  return output;
+  return plan.output;
 }
 
 at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_output, at::IntArrayRef input_size,
                                     at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                     at::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                     std::optional<int64_t> divisor_override) {
-  const char* op = "avg_pool2d_backward";
-  const Pool2dParams p = pool2d::backward_params(op, grad_output, input_size, kernel_size, stride,
-                                                 padding, kNoDilation, ceil_mode, true);
-  pool2d::check_divisor(op, divisor_override);
   CNNEXT_DEVICE_GUARD(grad_output);
-  const auto fmt = pool2d::memory_format(grad_output);
-  at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(fmt));
-  const int64_t total = grad_input.numel();
-  if (total == 0) return grad_input;
-  const at::Tensor go = grad_output.contiguous(fmt);
-  const Geometry g = pool2d::geometry(p);
+  const pool2d::BackwardPlan plan =
+      pool2d::plan_avg_backward(pool2d::Backend::kCuda, grad_output, input_size, kernel_size,
+                                stride, padding, ceil_mode, divisor_override);
+  if (plan.empty()) return plan.grad_input;
+  const int64_t total = plan.grad_input.numel();
+  const Geometry& g = plan.g;
   const int64_t divisor = divisor_override.value_or(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, go.scalar_type(), "avg_pool2d_backward_cuda", [&] {
-        const scalar_t* grad = go.const_data_ptr<scalar_t>();
-        scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-        if (fmt == at::MemoryFormat::ChannelsLast) {
+      at::kHalf, at::kBFloat16, plan.grad_output.scalar_type(), "avg_pool2d_backward_cuda", [&] {
+        const scalar_t* grad = plan.grad_output.const_data_ptr<scalar_t>();
+        scalar_t* out = plan.grad_input.mutable_data_ptr<scalar_t>();
+        if (plan.channels_last) {
           CNNEXT_LAUNCH((avg_pool2d_backward_kernel<scalar_t, true>), grid_for(total),
                         dim3(kThreads), 0, current_stream(), grad, out, g, count_include_pad,
                         divisor, total);
@@ -303,7 +282,7 @@ at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_output, at::IntArrayR
                         divisor, total);
         }
       });
-  return grad_input;
+  return plan.grad_input;
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Shared by the CPU kernels (cpu.cpp) and the CUDA kernels (cuda.cu, host and device code):
-// the window geometry, the window rules that must match torch bit for bit, and the host-side
-// validation of the backward ops. Forward arguments are parsed by common/params.h.
+// the window geometry, the window rules that must match torch bit for bit, and the plan of every
+// call (validation, output sizes, output layout and allocation), which cpu.cpp and cuda.cu only
+// run. Forward arguments are parsed by common/params.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,7 @@
 #include <optional>
 
 #include "common/checks.h"
+#include "common/cpu_memory.h"
 #include "common/params.h"
 
 #ifdef __CUDACC__
@@ -115,6 +117,117 @@ inline void check_divisor(const char* op, const std::optional<int64_t>& divisor_
 // Outputs (and gradients) keep the layout of the tensor they come from, as torch's do.
 inline at::MemoryFormat memory_format(const at::Tensor& t) {
   return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// ---- plans: everything a call needs before its kernels run --------------------------------
+
+// Which backend runs a plan: the CPU kernels take float and double and get huge-page outputs
+// (common/cpu_memory.h); the CUDA kernels (real or emulated) also take half and bfloat16.
+enum class Backend { kCpu, kCuda };
+
+inline at::Tensor allocate(Backend backend, at::IntArrayRef sizes,
+                           const at::TensorOptions& options) {
+  return backend == Backend::kCpu ? empty_output(sizes, options) : at::empty(sizes, options);
+}
+
+// A forward call: the geometry, the layout (the input's), the outputs allocated in it, and the
+// input dense in it (undefined when there is nothing to compute).
+struct ForwardPlan {
+  Pool2dParams p;
+  Geometry g;
+  bool channels_last = false;
+  at::Tensor output, argmax;  // argmax: max pooling only
+  at::Tensor input;
+  bool empty() const { return output.numel() == 0; }
+};
+
+// A backward call: the geometry, the layout (grad_output's), grad_input allocated in it, and
+// grad_output (and argmax) dense in it (undefined when grad_input is empty).
+struct BackwardPlan {
+  Pool2dParams p;
+  Geometry g;
+  bool channels_last = false;
+  at::Tensor grad_input;
+  at::Tensor grad_output, argmax;
+  bool empty() const { return grad_input.numel() == 0; }
+};
+
+inline ForwardPlan plan_forward(Backend backend, const Pool2dParams& p, const at::Tensor& input,
+                                bool with_argmax) {
+  ForwardPlan plan;
+  plan.p = p;
+  plan.g = geometry(p);
+  const at::MemoryFormat fmt = memory_format(input);
+  plan.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  plan.output = allocate(backend, p.output_sizes(), input.options().memory_format(fmt));
+  if (with_argmax) {
+    plan.argmax =
+        allocate(backend, p.output_sizes(), input.options().dtype(at::kLong).memory_format(fmt));
+  }
+  if (!plan.empty()) plan.input = input.contiguous(fmt);
+  return plan;
+}
+
+inline BackwardPlan plan_backward(Backend backend, const Pool2dParams& p,
+                                  const at::Tensor& grad_output, at::IntArrayRef input_size,
+                                  const at::Tensor& argmax) {
+  BackwardPlan plan;
+  plan.p = p;
+  plan.g = geometry(p);
+  const at::MemoryFormat fmt = memory_format(grad_output);
+  plan.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  plan.grad_input = allocate(backend, input_size, grad_output.options().memory_format(fmt));
+  if (plan.empty()) return plan;
+  plan.grad_output = grad_output.contiguous(fmt);
+  if (argmax.defined()) plan.argmax = argmax.contiguous(fmt);
+  return plan;
+}
+
+inline ForwardPlan plan_max_forward(Backend backend, const at::Tensor& input,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    bool ceil_mode) {
+  const Pool2dParams p = pool2d_params("max_pool2d_with_argmax", input, kernel_size, stride,
+                                       padding, dilation, ceil_mode, backend == Backend::kCuda);
+  return plan_forward(backend, p, input, /*with_argmax=*/true);
+}
+
+inline BackwardPlan plan_max_backward(Backend backend, const at::Tensor& grad_output,
+                                      const at::Tensor& argmax, at::IntArrayRef input_size,
+                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      bool ceil_mode) {
+  const char* op = "max_pool2d_backward";
+  const Pool2dParams p = backward_params(op, grad_output, input_size, kernel_size, stride, padding,
+                                         dilation, ceil_mode, backend == Backend::kCuda);
+  check_argmax(op, argmax, grad_output);
+  return plan_backward(backend, p, grad_output, input_size, argmax);
+}
+
+// Average pooling has no dilation.
+constexpr int64_t kNoDilation[2] = {1, 1};
+
+inline ForwardPlan plan_avg_forward(Backend backend, const at::Tensor& input,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, bool ceil_mode,
+                                    const std::optional<int64_t>& divisor_override) {
+  const char* op = "avg_pool2d";
+  const Pool2dParams p = pool2d_params(op, input, kernel_size, stride, padding, kNoDilation,
+                                       ceil_mode, backend == Backend::kCuda);
+  check_divisor(op, divisor_override);
+  return plan_forward(backend, p, input, /*with_argmax=*/false);
+}
+
+inline BackwardPlan plan_avg_backward(Backend backend, const at::Tensor& grad_output,
+                                      at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      bool ceil_mode,
+                                      const std::optional<int64_t>& divisor_override) {
+  const char* op = "avg_pool2d_backward";
+  const Pool2dParams p = backward_params(op, grad_output, input_size, kernel_size, stride, padding,
+                                         kNoDilation, ceil_mode, backend == Backend::kCuda);
+  check_divisor(op, divisor_override);
+  return plan_backward(backend, p, grad_output, input_size, at::Tensor());
 }
 
 }  // namespace cnnext::pool2d
