@@ -30,6 +30,11 @@ SHAPES = [
     (2, 16, 9, 10, 24, 1, 2, 0, 1, 1),  # 1x1 stride 2: three of four grad_input phases get no tap
     (1, 16, 11, 12, 16, 3, 2, 2, 2, 1),  # stride 2, dilation 2: every tap in one phase
     (1, 32, 13, 9, 32, 3, 2, 1, 1, 2),  # stride 2 with groups
+    # Two 128-channel blocks, the second cut short: 131 = 128 + 3 (only the channel loop's
+    # remainder, not its 4-way unrolled part); grad_input's 131 outputs = 4 x 32 + 3, a last
+    # block packed one vector wide.
+    (1, 131, 4, 13, 40, 3, 1, 1, 1, 1),
+    (1, 40, 5, 6, 150, 3, 2, 1, 1, 1),  # grad_input reduces over 150 = 128 + 22 = ... + 5 x 4 + 2
 ]
 
 
