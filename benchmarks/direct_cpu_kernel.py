@@ -22,7 +22,7 @@ faults the second does not.
 Usage::
 
     python -m benchmarks.direct_cpu_kernel [--isa avx512|avx2] [--threads 1,2]
-        [--rounds 3] [--kernel-rounds 40] [--layers SUBSTRING] [--no-op]
+        [--rounds 3] [--kernel-rounds 200] [--layers SUBSTRING] [--no-op]
 
 (From the repository root, so that this checkout's cnnext is the one timed.)
 """
@@ -164,7 +164,7 @@ def build_driver() -> ctypes.CDLL:
 def peak_gflops(dll: ctypes.CDLL, avx512: bool, seconds: float = 0.2) -> float:
     sink = torch.full((64,), 1e-7)
     t = ctypes.c_double()
-    iters = 1_000_000
+    iters = 100_000
     flops = dll.fma_peak(int(avx512), iters, sink.data_ptr(), ctypes.byref(t))
     iters = max(iters, int(iters * seconds / max(t.value, 1e-9)))
     flops = dll.fma_peak(int(avx512), iters, sink.data_ptr(), ctypes.byref(t))
@@ -218,14 +218,23 @@ def warm_heap() -> None:
     del big
 
 
-def time_ms(fn: Callable[[], object], seconds: float) -> float:
-    fn()
-    t0, runs = time.perf_counter(), 0
-    while True:
-        fn()
-        runs += 1
-        if time.perf_counter() - t0 >= seconds:
-            return (time.perf_counter() - t0) / runs * 1e3
+def paired_min_ms(
+    ours: Callable[[], object], ref: Callable[[], object], seconds: float
+) -> tuple[float, float]:
+    """Both called alternately, call by call, for `seconds` (at least 3 pairs): the fastest call
+    of each, in ms. On a shared machine both see the same load; the minimum is the call the
+    scheduler left alone the most."""
+    ours(), ref()
+    t_ours, t_ref = [], []
+    end = time.perf_counter() + seconds
+    while len(t_ours) < 3 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        ours()
+        t1 = time.perf_counter()
+        ref()
+        t_ours.append(t1 - t0)
+        t_ref.append(time.perf_counter() - t1)
+    return min(t_ours) * 1e3, min(t_ref) * 1e3
 
 
 def layer_rows(layer: tuple, threads: int, rounds: int, seconds: float) -> list[str]:
@@ -246,11 +255,7 @@ def layer_rows(layer: tuple, threads: int, rounds: int, seconds: float) -> list[
             return F.conv2d(x, w, stride=stride, padding=pad)
 
         torch.testing.assert_close(ours(), ref(), rtol=1e-3, atol=1e-3)
-        t_ours, t_ref = [], []
-        for _ in range(rounds):  # interleaved: both see the same machine load
-            t_ours.append(time_ms(ours, seconds))
-            t_ref.append(time_ms(ref, seconds))
-        mo, mr = statistics.median(t_ours), statistics.median(t_ref)
+        mo, mr = paired_min_ms(ours, ref, rounds * seconds)
         lines.append(
             f"{name:<22}{n:>4}{layout:>6}{threads:>4} | {mo:>9.3f}{flops / mo / 1e6:>8.1f}"
             f" | {mr:>9.3f}{flops / mr / 1e6:>8.1f} | {mr / mo:>6.2f}x"
@@ -267,7 +272,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=0.3, help="per timing")
     parser.add_argument("--layers", default="", help="substring filter on layer names")
-    parser.add_argument("--kernel-rounds", type=int, default=40, help="short isolated runs")
+    parser.add_argument("--kernel-rounds", type=int, default=200, help="short isolated runs")
     parser.add_argument("--no-op", action="store_true", help="kernel and peak only")
     args = parser.parse_args()
     avx512 = args.isa == "avx512"
@@ -276,22 +281,23 @@ def main() -> None:
     dll = build_driver()
     warm_heap()
     torch.set_num_threads(1)
-    # Peak and kernel interleaved, one thread, in short runs: on a shared machine the best run
-    # approaches the uncontended speed, the median shows what the load left.
+    # Peak and kernel interleaved, one thread, in short runs (2 ms: shorter than a scheduler
+    # slice, so that some runs are not preempted): on a shared machine the best run approaches
+    # the uncontended speed, the median shows what the load left.
     print(f"kernel in isolation ({args.isa}, 1 thread), GFLOP/s over {args.kernel_rounds} runs")
     head = f"{'peak med':>9} {'best':>7} {'kernel med':>11} {'best':>7} {'best/best':>10}"
     print(f"{'layer':<22} {head}")
     for layer in layers:
         peaks, kerns = [], []
         for _ in range(args.kernel_rounds):
-            peaks.append(peak_gflops(dll, avx512, 0.02))
-            kerns.append(kernel_gflops(dll, avx512, layer, 0.02))
+            peaks.append(peak_gflops(dll, avx512, 0.002))
+            kerns.append(kernel_gflops(dll, avx512, layer, 0.002))
         pm, km = statistics.median(peaks), statistics.median(kerns)
         pb, kb = max(peaks), max(kerns)
         print(f"{layer[0]:<22} {pm:>9.1f} {pb:>7.1f} {km:>11.1f} {kb:>7.1f} {100 * kb / pb:>9.1f}%")
     if args.no_op:
         return
-    print("\nwhole layer: cnnext direct vs oneDNN (F.conv2d), ms and GFLOP/s, median of rounds")
+    print("\nwhole layer: cnnext direct vs oneDNN (F.conv2d), ms and GFLOP/s, fastest of calls")
     print(f"{'layer':<22}{'n':>4}{'layout':>6}{'thr':>4} | {'cnnext':>9}{'GF/s':>8} | "
           f"{'oneDNN':>9}{'GF/s':>8} | {'ratio':>7}")  # fmt: skip
     for threads in [int(t) for t in args.threads.split(",")]:
