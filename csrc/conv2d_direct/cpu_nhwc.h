@@ -646,18 +646,30 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
         if (nc <= 0) continue;
         const int64_t nv = div_up(std::min(ocb, cout - b * ocb), k.lanes);
         double* tot = total.data() + item * ntaps * run_chans * ocb;
-        for (int64_t n = 0; n < count; ++n) {
+        for (int64_t n = 0; n < count;) {
           if ((n0 + n) % flush == 0 || n == 0) std::fill(part.begin(), part.end(), 0.0f);
+          // Whole planes: the rest of this flush group's samples in one call (the same sums in
+          // the same order as one call per sample).
+          const int64_t group_end = std::min(count, n + flush - (n0 + n) % flush);
+          const int64_t m = nrows == p.h_out ? group_end - n : 1;
           for (int64_t oy = 0; oy < p.h_out; oy += nrows) {
-            const GwArgs a{
-                std::min(nrows, p.h_out - oy), p.w_out, p.sh * src.row, p.sw * src.pix, cgo, ocb};
+            const GwArgs a{std::min(nrows, p.h_out - oy),
+                           p.w_out,
+                           p.sh * src.row,
+                           p.sw * src.pix,
+                           cgo,
+                           ocb,
+                           m,
+                           src.sample,
+                           hw * cgo};
             const float* gr =
                 gop.get() + ((n * p.h_out + oy) * p.w_out) * cgo + (g * blocks + b) * ocb;
             const float* xr = src.data + n * src.sample + oy * p.sh * src.row + g * cin + c0;
             for (int64_t t = 0; t < ntaps; ++t)
               k.gw_run[nv](a, nc, xr + taps[t], gr, part.data() + t * run_chans * ocb);
           }
-          if ((n0 + n + 1) % flush == 0 || n + 1 == count) {
+          n += m;
+          if ((n0 + n) % flush == 0 || n == count) {
             for (std::size_t j = 0; j < part.size(); ++j) tot[j] += part[j];
           }
         }

@@ -36,6 +36,9 @@ struct GwArgs {
   int64_t xrow, xstep;  // floats between output rows' and output pixels' windows
   int64_t gstep;        // floats between grad_output pixels
   int64_t ocb;
+  // Samples summed in one call, and floats between their windows and grad_output planes: small
+  // planes (4x4: 16 pixels) would otherwise load and store the accumulators every few pixels.
+  int64_t nsamp = 1, xsample = 0, gsample = 0;
 };
 
 }  // namespace cnnext::nhwc
@@ -194,8 +197,8 @@ CNNEXT_NHWC_TARGET void conv_plane(const ConvArgs& a, const float* x, const int6
   }
 }
 
-// acc[i * ocb + o] += sum over rows r < nrows and columns q < wo of
-//   x[r * xrow + q * xstep + i] * go[(r * wo + q) * gstep + o]
+// acc[i * ocb + o] += sum over samples s < nsamp, rows r < nrows and columns q < wo of
+//   x[s * xsample + r * xrow + q * xstep + i] * go[s * gsample + (r * wo + q) * gstep + o]
 // for RC input channels i and NV vectors of output channels o (grad_weight of one tap): the
 // same register block as conv_block with the roles of pixels and channels swapped. Columns
 // unrolled by 2, as conv_block's channels (2-11% measured).
@@ -205,7 +208,8 @@ CNNEXT_NHWC_FN void gw_block(const GwArgs& a, const float* x, const float* go, f
   for (int i = 0; i < RC; ++i) {
     for (int v = 0; v < NV; ++v) acc[i][v] = V::load(acc_mem + i * a.ocb + v * kLanes);
   }
-  for (int64_t r = 0; r < a.nrows; ++r) {
+  for (int64_t sr = 0, r = 0; sr < a.nsamp * a.nrows; ++sr, ++r) {
+    if (r == a.nrows) r = 0, x += a.xsample, go += a.gsample;
     const float* __restrict__ xr = x + r * a.xrow;
     const float* __restrict__ gr = go + r * a.wo * a.gstep;
     int64_t q = 0;
