@@ -24,6 +24,14 @@ Usage::
     python -m benchmarks.direct_cpu_kernel [--isa avx512|avx2] [--threads 1,2]
         [--rounds 3] [--kernel-rounds 200] [--layers SUBSTRING] [--no-op]
 
+``--suite`` instead times the suite's conv layers with C_in >= 64 (``benchmarks/shapes.py``,
+NCHW) whole, ``cnnext.ops.conv2d(algo=--algo)`` against ``F.conv2d``, ``--passes fwd,fwd+bwd``
+at ``--batches`` and ``--threads``; ``--fused`` times ``nn.ConvBNReLU2d`` in eval against eager
+conv -> bn -> relu on the suite's fused layers. Both alternate the two call by call and keep each
+one's fastest call, by default in process CPU time (``--clock cpu``): at one thread it leaves out
+the time other processes held the core, which on a shared machine is most of the difference
+between runs. Geometric means of the speed-up close each group.
+
 (From the repository root, so that this checkout's cnnext is the one timed.)
 """
 
@@ -31,11 +39,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -263,6 +273,102 @@ def layer_rows(layer: tuple, threads: int, rounds: int, seconds: float) -> list[
     return lines
 
 
+def _cpu_or_wall(clock: str) -> Callable[[], float]:
+    # Process CPU time: at one thread it excludes the time other processes held the core.
+    return time.process_time if clock == "cpu" else time.perf_counter
+
+
+def _paired(ours: Callable[[], object], ref: Callable[[], object], seconds: float,
+            clock: Callable[[], float]) -> tuple[float, float, int]:  # fmt: skip
+    """The fastest call of each in ms, called alternately (at least 3 pairs, at most 60)."""
+    ours(), ref()
+    t_ours, t_ref = [], []
+    end = time.perf_counter() + seconds
+    while len(t_ours) < 3 or (time.perf_counter() < end and len(t_ours) < 60):
+        t0 = clock()
+        ours()
+        t1 = clock()
+        ref()
+        t2 = clock()
+        t_ours.append(t1 - t0)
+        t_ref.append(t2 - t1)
+    return min(t_ours) * 1e3, min(t_ref) * 1e3, len(t_ours)
+
+
+def _call(conv: Callable, x: torch.Tensor, w: torch.Tensor, conf: dict, grad: torch.Tensor,
+          bwd: bool) -> None:  # fmt: skip
+    y = conv(x, w, **conf)
+    if bwd:
+        torch.autograd.grad(y, (x, w), grad)
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def suite_layers(args: argparse.Namespace) -> None:
+    """The suite's conv layers with C_in >= 64 (benchmarks/shapes.py), NCHW:
+    ``cnnext.ops.conv2d(algo=...)`` against ``F.conv2d``, forward or forward+backward."""
+    from benchmarks.shapes import CONV_LAYERS
+
+    layers = [lay for lay in CONV_LAYERS if lay.c_in >= 64 and args.layers in lay.id]
+    clock = _cpu_or_wall(args.clock)
+    print(f"\nsuite layers: cnnext ({args.algo}) vs oneDNN, fastest call, {args.clock} clock")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for n in [int(b) for b in args.batches.split(",")]:
+            for pass_ in args.passes.split(","):
+                ratios = []
+                for lay in layers:
+                    x = torch.randn(n, lay.c_in, lay.size, lay.size)
+                    w = torch.randn(lay.c_out, lay.c_in // lay.groups, lay.k, lay.k)
+                    w /= lay.reduction**0.5
+                    conf = dict(stride=lay.stride, padding=lay.padding, groups=lay.groups)
+                    bwd = pass_ != "fwd"
+                    xg, wg = x.requires_grad_(bwd), w.requires_grad_(bwd)
+                    grad = torch.randn(F.conv2d(x, w, **conf).shape)
+                    ours = partial(_call, partial(cnnext.ops.conv2d, algo=args.algo), xg, wg, conf,
+                                   grad, bwd)  # fmt: skip
+                    ref = partial(_call, F.conv2d, xg, wg, conf, grad, bwd)
+                    mo, mr, calls = _paired(ours, ref, args.seconds, clock)
+                    ratios.append(mr / mo)
+                    print(f"{lay.id:<34}{n:>4}{threads:>3} {pass_:<8}| {mo:>9.3f} | {mr:>9.3f}"
+                          f" | {mr / mo:>5.2f}x  ({calls} calls)", flush=True)  # fmt: skip
+                print(f"geomean n={n} threads={threads} {pass_}: {_geomean(ratios):.3f}x "
+                      f"(min {min(ratios):.2f}x)\n", flush=True)  # fmt: skip
+
+
+def fused_eval(args: argparse.Namespace) -> None:
+    """``nn.ConvBNReLU2d`` in eval under no_grad against eager conv -> bn -> relu
+    (``to_modules()``) on the suite's fused layers (benchmarks/shapes.py), NCHW."""
+    from benchmarks.shapes import FUSED_LAYERS
+
+    clock = _cpu_or_wall(args.clock)
+    print(f"\nConvBNReLU2d eval ({args.algo}) vs eager, fastest call, {args.clock} clock")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for n in [int(b) for b in args.batches.split(",")]:
+            ratios = []
+            for lay in [lay for lay in FUSED_LAYERS if args.layers in lay.id]:
+                block = cnnext.nn.ConvBNReLU2d(lay.c_in, lay.c_out, lay.k, stride=lay.stride,
+                                               padding=lay.padding, algo=args.algo)  # fmt: skip
+                block = block.eval()
+                with torch.no_grad():
+                    block[1].running_mean.uniform_(-1, 1)
+                    block[1].running_var.uniform_(0.5, 2)
+                    eager = block.to_modules().eval()
+                    x = torch.randn(n, lay.c_in, lay.size, lay.size)
+                    torch.testing.assert_close(block(x), eager(x), rtol=1e-3, atol=1e-3)
+                    mo, mr, calls = _paired(
+                        partial(block, x), partial(eager, x), args.seconds, clock
+                    )
+                ratios.append(mr / mo)
+                print(f"{lay.id:<34}{n:>4}{threads:>3} | {mo:>9.3f} | {mr:>9.3f} | "
+                      f"{mr / mo:>5.2f}x  ({calls} calls)", flush=True)  # fmt: skip
+            print(f"geomean n={n} threads={threads}: {_geomean(ratios):.3f}x "
+                  f"(min {min(ratios):.2f}x)\n", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,7 +380,17 @@ def main() -> None:
     parser.add_argument("--layers", default="", help="substring filter on layer names")
     parser.add_argument("--kernel-rounds", type=int, default=200, help="short isolated runs")
     parser.add_argument("--no-op", action="store_true", help="kernel and peak only")
+    parser.add_argument("--suite", action="store_true", help="the suite's deep layers instead")
+    parser.add_argument("--fused", action="store_true", help="ConvBNReLU2d eval vs eager instead")
+    parser.add_argument("--batches", default="8,32", help="--suite, --fused")
+    parser.add_argument("--passes", default="fwd,fwd+bwd", help="--suite")
+    parser.add_argument("--algo", default="auto", help="--suite, --fused")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="--suite, --fused")
     args = parser.parse_args()
+    if args.suite or args.fused:
+        print(f"cnnext: {Path(cnnext.__file__).parent}")
+        warm_heap()
+        return suite_layers(args) if args.suite else fused_eval(args)
     avx512 = args.isa == "avx512"
     layers = [lay for lay in LAYERS if args.layers in lay[0]]
     print(f"cnnext: {Path(cnnext.__file__).parent}  (run with PYTHONPATH=. for this checkout)")

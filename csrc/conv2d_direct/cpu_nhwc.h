@@ -94,11 +94,11 @@ constexpr __mmask8 kAll8 = 0xff;
 // r[i], 16 rows of 16 floats, becomes its transpose: r[j] holds what was column j.
 CNNEXT_TARGET_AVX512 inline void transpose16(__m512 r[16]) {
   __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
+  for (int64_t i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_maskz_unpacklo_ps(kAll, r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_maskz_unpackhi_ps(kAll, r[2 * i], r[2 * i + 1]);
   }
-  for (int i = 0; i < 4; ++i) {
+  for (int64_t i = 0; i < 4; ++i) {
     const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
     const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
     u[4 * i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(kAll8, a, c));
@@ -106,13 +106,13 @@ CNNEXT_TARGET_AVX512 inline void transpose16(__m512 r[16]) {
     u[4 * i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(kAll8, b, d));
     u[4 * i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(kAll8, b, d));
   }
-  for (int i = 0; i < 4; ++i) {
+  for (int64_t i = 0; i < 4; ++i) {
     t[i] = _mm512_maskz_shuffle_f32x4(kAll, u[i], u[4 + i], 0x88);
     t[4 + i] = _mm512_maskz_shuffle_f32x4(kAll, u[i], u[4 + i], 0xdd);
     t[8 + i] = _mm512_maskz_shuffle_f32x4(kAll, u[8 + i], u[12 + i], 0x88);
     t[12 + i] = _mm512_maskz_shuffle_f32x4(kAll, u[8 + i], u[12 + i], 0xdd);
   }
-  for (int i = 0; i < 8; ++i) {
+  for (int64_t i = 0; i < 8; ++i) {
     r[i] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[8 + i], 0x88);
     r[8 + i] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[8 + i], 0xdd);
   }
@@ -133,12 +133,12 @@ CNNEXT_TARGET_AVX512 inline void nchw_row_to_nhwc(const float* src, int64_t cstr
       const int64_t np = std::min<int64_t>(16, npix - p0);
       const __mmask16 m = first_lanes(np);
       __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
+      for (int64_t i = 0; i < 16; ++i) {
         r[i] =
             i < nc ? _mm512_maskz_loadu_ps(m, src + (c0 + i) * cstride + p0) : _mm512_setzero_ps();
       }
       transpose16(r);
-      for (int p = 0; p < np; ++p) _mm512_storeu_ps(d + (p0 + p) * pix + c0, r[p]);
+      for (int64_t p = 0; p < np; ++p) _mm512_storeu_ps(d + (p0 + p) * pix + c0, r[p]);
     }
   }
 }
@@ -159,7 +159,7 @@ CNNEXT_TARGET_AVX512 inline void store_row_nchw(const float* tile, int64_t ocb, 
     for (int64_t x0 = 0; x0 < wo; x0 += 16) {
       const int64_t nx = std::min<int64_t>(16, wo - x0);
       __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
+      for (int64_t i = 0; i < 16; ++i) {
         if (i >= nx) {
           r[i] = zero;
           continue;
