@@ -22,7 +22,15 @@ faults the second does not.
 Usage::
 
     python -m benchmarks.direct_cpu_kernel [--isa avx512|avx2] [--threads 1,2]
-        [--rounds 3] [--kernel-rounds 40] [--layers SUBSTRING] [--no-op]
+        [--rounds 3] [--kernel-rounds 200] [--layers SUBSTRING] [--no-op]
+
+``--suite`` instead times the suite's conv layers with C_in >= 64 (``benchmarks/shapes.py``,
+NCHW) whole, ``cnnext.ops.conv2d(algo=--algo)`` against ``F.conv2d``, ``--passes fwd,fwd+bwd``
+at ``--batches`` and ``--threads``; ``--fused`` times ``nn.ConvBNReLU2d`` in eval against eager
+conv -> bn -> relu on the suite's fused layers. Both alternate the two call by call and keep each
+one's fastest call, by default in process CPU time (``--clock cpu``): at one thread it leaves out
+the time other processes held the core, which on a shared machine is most of the difference
+between runs. Geometric means of the speed-up close each group.
 
 (From the repository root, so that this checkout's cnnext is the one timed.)
 """
@@ -31,11 +39,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -164,7 +174,7 @@ def build_driver() -> ctypes.CDLL:
 def peak_gflops(dll: ctypes.CDLL, avx512: bool, seconds: float = 0.2) -> float:
     sink = torch.full((64,), 1e-7)
     t = ctypes.c_double()
-    iters = 1_000_000
+    iters = 100_000
     flops = dll.fma_peak(int(avx512), iters, sink.data_ptr(), ctypes.byref(t))
     iters = max(iters, int(iters * seconds / max(t.value, 1e-9)))
     flops = dll.fma_peak(int(avx512), iters, sink.data_ptr(), ctypes.byref(t))
@@ -218,14 +228,23 @@ def warm_heap() -> None:
     del big
 
 
-def time_ms(fn: Callable[[], object], seconds: float) -> float:
-    fn()
-    t0, runs = time.perf_counter(), 0
-    while True:
-        fn()
-        runs += 1
-        if time.perf_counter() - t0 >= seconds:
-            return (time.perf_counter() - t0) / runs * 1e3
+def paired_min_ms(
+    ours: Callable[[], object], ref: Callable[[], object], seconds: float
+) -> tuple[float, float]:
+    """Both called alternately, call by call, for `seconds` (at least 3 pairs): the fastest call
+    of each, in ms. On a shared machine both see the same load; the minimum is the call the
+    scheduler left alone the most."""
+    ours(), ref()
+    t_ours, t_ref = [], []
+    end = time.perf_counter() + seconds
+    while len(t_ours) < 3 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        ours()
+        t1 = time.perf_counter()
+        ref()
+        t_ours.append(t1 - t0)
+        t_ref.append(time.perf_counter() - t1)
+    return min(t_ours) * 1e3, min(t_ref) * 1e3
 
 
 def layer_rows(layer: tuple, threads: int, rounds: int, seconds: float) -> list[str]:
@@ -246,16 +265,108 @@ def layer_rows(layer: tuple, threads: int, rounds: int, seconds: float) -> list[
             return F.conv2d(x, w, stride=stride, padding=pad)
 
         torch.testing.assert_close(ours(), ref(), rtol=1e-3, atol=1e-3)
-        t_ours, t_ref = [], []
-        for _ in range(rounds):  # interleaved: both see the same machine load
-            t_ours.append(time_ms(ours, seconds))
-            t_ref.append(time_ms(ref, seconds))
-        mo, mr = statistics.median(t_ours), statistics.median(t_ref)
+        mo, mr = paired_min_ms(ours, ref, rounds * seconds)
         lines.append(
             f"{name:<22}{n:>4}{layout:>6}{threads:>4} | {mo:>9.3f}{flops / mo / 1e6:>8.1f}"
             f" | {mr:>9.3f}{flops / mr / 1e6:>8.1f} | {mr / mo:>6.2f}x"
         )
     return lines
+
+
+def _cpu_or_wall(clock: str) -> Callable[[], float]:
+    # Process CPU time: at one thread it excludes the time other processes held the core.
+    return time.process_time if clock == "cpu" else time.perf_counter
+
+
+def _paired(ours: Callable[[], object], ref: Callable[[], object], seconds: float,
+            clock: Callable[[], float]) -> tuple[float, float, int]:  # fmt: skip
+    """The fastest call of each in ms, called alternately (at least 3 pairs, at most 60)."""
+    ours(), ref()
+    t_ours, t_ref = [], []
+    end = time.perf_counter() + seconds
+    while len(t_ours) < 3 or (time.perf_counter() < end and len(t_ours) < 60):
+        t0 = clock()
+        ours()
+        t1 = clock()
+        ref()
+        t2 = clock()
+        t_ours.append(t1 - t0)
+        t_ref.append(t2 - t1)
+    return min(t_ours) * 1e3, min(t_ref) * 1e3, len(t_ours)
+
+
+def _call(conv: Callable, x: torch.Tensor, w: torch.Tensor, conf: dict, grad: torch.Tensor,
+          bwd: bool) -> None:  # fmt: skip
+    y = conv(x, w, **conf)
+    if bwd:
+        torch.autograd.grad(y, (x, w), grad)
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def suite_layers(args: argparse.Namespace) -> None:
+    """The suite's conv layers with C_in >= 64 (benchmarks/shapes.py), NCHW:
+    ``cnnext.ops.conv2d(algo=...)`` against ``F.conv2d``, forward or forward+backward."""
+    from benchmarks.shapes import CONV_LAYERS
+
+    layers = [lay for lay in CONV_LAYERS if lay.c_in >= 64 and args.layers in lay.id]
+    clock = _cpu_or_wall(args.clock)
+    print(f"\nsuite layers: cnnext ({args.algo}) vs oneDNN, fastest call, {args.clock} clock")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for n in [int(b) for b in args.batches.split(",")]:
+            for pass_ in args.passes.split(","):
+                ratios = []
+                for lay in layers:
+                    x = torch.randn(n, lay.c_in, lay.size, lay.size)
+                    w = torch.randn(lay.c_out, lay.c_in // lay.groups, lay.k, lay.k)
+                    w /= lay.reduction**0.5
+                    conf = dict(stride=lay.stride, padding=lay.padding, groups=lay.groups)
+                    bwd = pass_ != "fwd"
+                    xg, wg = x.requires_grad_(bwd), w.requires_grad_(bwd)
+                    grad = torch.randn(F.conv2d(x, w, **conf).shape)
+                    ours = partial(_call, partial(cnnext.ops.conv2d, algo=args.algo), xg, wg, conf,
+                                   grad, bwd)  # fmt: skip
+                    ref = partial(_call, F.conv2d, xg, wg, conf, grad, bwd)
+                    mo, mr, calls = _paired(ours, ref, args.seconds, clock)
+                    ratios.append(mr / mo)
+                    print(f"{lay.id:<34}{n:>4}{threads:>3} {pass_:<8}| {mo:>9.3f} | {mr:>9.3f}"
+                          f" | {mr / mo:>5.2f}x  ({calls} calls)", flush=True)  # fmt: skip
+                print(f"geomean n={n} threads={threads} {pass_}: {_geomean(ratios):.3f}x "
+                      f"(min {min(ratios):.2f}x)\n", flush=True)  # fmt: skip
+
+
+def fused_eval(args: argparse.Namespace) -> None:
+    """``nn.ConvBNReLU2d`` in eval under no_grad against eager conv -> bn -> relu
+    (``to_modules()``) on the suite's fused layers (benchmarks/shapes.py), NCHW."""
+    from benchmarks.shapes import FUSED_LAYERS
+
+    clock = _cpu_or_wall(args.clock)
+    print(f"\nConvBNReLU2d eval ({args.algo}) vs eager, fastest call, {args.clock} clock")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for n in [int(b) for b in args.batches.split(",")]:
+            ratios = []
+            for lay in [lay for lay in FUSED_LAYERS if args.layers in lay.id]:
+                block = cnnext.nn.ConvBNReLU2d(lay.c_in, lay.c_out, lay.k, stride=lay.stride,
+                                               padding=lay.padding, algo=args.algo)  # fmt: skip
+                block = block.eval()
+                with torch.no_grad():
+                    block[1].running_mean.uniform_(-1, 1)
+                    block[1].running_var.uniform_(0.5, 2)
+                    eager = block.to_modules().eval()
+                    x = torch.randn(n, lay.c_in, lay.size, lay.size)
+                    torch.testing.assert_close(block(x), eager(x), rtol=1e-3, atol=1e-3)
+                    mo, mr, calls = _paired(
+                        partial(block, x), partial(eager, x), args.seconds, clock
+                    )
+                ratios.append(mr / mo)
+                print(f"{lay.id:<34}{n:>4}{threads:>3} | {mo:>9.3f} | {mr:>9.3f} | "
+                      f"{mr / mo:>5.2f}x  ({calls} calls)", flush=True)  # fmt: skip
+            print(f"geomean n={n} threads={threads}: {_geomean(ratios):.3f}x "
+                  f"(min {min(ratios):.2f}x)\n", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -267,31 +378,42 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=0.3, help="per timing")
     parser.add_argument("--layers", default="", help="substring filter on layer names")
-    parser.add_argument("--kernel-rounds", type=int, default=40, help="short isolated runs")
+    parser.add_argument("--kernel-rounds", type=int, default=200, help="short isolated runs")
     parser.add_argument("--no-op", action="store_true", help="kernel and peak only")
+    parser.add_argument("--suite", action="store_true", help="the suite's deep layers instead")
+    parser.add_argument("--fused", action="store_true", help="ConvBNReLU2d eval vs eager instead")
+    parser.add_argument("--batches", default="8,32", help="--suite, --fused")
+    parser.add_argument("--passes", default="fwd,fwd+bwd", help="--suite")
+    parser.add_argument("--algo", default="auto", help="--suite, --fused")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="--suite, --fused")
     args = parser.parse_args()
+    if args.suite or args.fused:
+        print(f"cnnext: {Path(cnnext.__file__).parent}")
+        warm_heap()
+        return suite_layers(args) if args.suite else fused_eval(args)
     avx512 = args.isa == "avx512"
     layers = [lay for lay in LAYERS if args.layers in lay[0]]
     print(f"cnnext: {Path(cnnext.__file__).parent}  (run with PYTHONPATH=. for this checkout)")
     dll = build_driver()
     warm_heap()
     torch.set_num_threads(1)
-    # Peak and kernel interleaved, one thread, in short runs: on a shared machine the best run
-    # approaches the uncontended speed, the median shows what the load left.
+    # Peak and kernel interleaved, one thread, in short runs (2 ms: shorter than a scheduler
+    # slice, so that some runs are not preempted): on a shared machine the best run approaches
+    # the uncontended speed, the median shows what the load left.
     print(f"kernel in isolation ({args.isa}, 1 thread), GFLOP/s over {args.kernel_rounds} runs")
     head = f"{'peak med':>9} {'best':>7} {'kernel med':>11} {'best':>7} {'best/best':>10}"
     print(f"{'layer':<22} {head}")
     for layer in layers:
         peaks, kerns = [], []
         for _ in range(args.kernel_rounds):
-            peaks.append(peak_gflops(dll, avx512, 0.02))
-            kerns.append(kernel_gflops(dll, avx512, layer, 0.02))
+            peaks.append(peak_gflops(dll, avx512, 0.002))
+            kerns.append(kernel_gflops(dll, avx512, layer, 0.002))
         pm, km = statistics.median(peaks), statistics.median(kerns)
         pb, kb = max(peaks), max(kerns)
         print(f"{layer[0]:<22} {pm:>9.1f} {pb:>7.1f} {km:>11.1f} {kb:>7.1f} {100 * kb / pb:>9.1f}%")
     if args.no_op:
         return
-    print("\nwhole layer: cnnext direct vs oneDNN (F.conv2d), ms and GFLOP/s, median of rounds")
+    print("\nwhole layer: cnnext direct vs oneDNN (F.conv2d), ms and GFLOP/s, fastest of calls")
     print(f"{'layer':<22}{'n':>4}{'layout':>6}{'thr':>4} | {'cnnext':>9}{'GF/s':>8} | "
           f"{'oneDNN':>9}{'GF/s':>8} | {'ratio':>7}")  # fmt: skip
     for threads in [int(t) for t in args.threads.split(",")]:

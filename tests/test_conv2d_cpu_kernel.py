@@ -30,6 +30,17 @@ SHAPES = [
     (2, 16, 9, 10, 24, 1, 2, 0, 1, 1),  # 1x1 stride 2: three of four grad_input phases get no tap
     (1, 16, 11, 12, 16, 3, 2, 2, 2, 1),  # stride 2, dilation 2: every tap in one phase
     (1, 32, 13, 9, 32, 3, 2, 1, 1, 2),  # stride 2 with groups
+    # Two 128-channel blocks, the second cut short: 131 = 128 + 3 (only the channel loop's
+    # remainder, not its 4-way unrolled part); grad_input's 131 outputs = 4 x 32 + 3, a last
+    # block packed one vector wide.
+    (1, 131, 4, 13, 40, 3, 1, 1, 1, 1),
+    (1, 40, 5, 6, 150, 3, 2, 1, 1, 1),  # grad_input reduces over 150 = 128 + 22 = ... + 5 x 4 + 2
+    # Planes narrower than a register block run the pixels of several samples as one sequence:
+    # register blocks that straddle samples, with groups and a one-vector last block (33 = 32 + 1
+    # per group); a 1x1 plane; runs of samples that differ with the thread count.
+    (5, 32, 3, 3, 66, 3, 1, 1, 1, 2),
+    (3, 16, 1, 1, 16, 3, 1, 1, 1, 1),
+    (5, 16, 3, 3, 16, 3, 1, 1, 1, 1),
 ]
 
 
@@ -109,7 +120,7 @@ def test_blocked_kernel_unbatched_input() -> None:
     torch.testing.assert_close(out, F.conv2d(x[0], w, b, padding=1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[8]], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[8], SHAPES[-1]], ids=str)
 def test_blocked_kernel_thread_count_independent(shape: tuple) -> None:
     """Every output and gradient is bitwise the same at 1 and 2 threads (each element is summed
     by one task in a fixed order)."""
@@ -127,16 +138,27 @@ def test_blocked_kernel_thread_count_independent(shape: tuple) -> None:
         assert torch.equal(a, c)
 
 
-def test_fused_epilogue_on_blocked_kernel() -> None:
-    """conv_bn_relu in eval reuses the direct forward with a scale and ReLU in the store."""
-    x = torch.randn(2, 32, 9, 10).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_epilogue_on_blocked_kernel(
+    layout: str, isa: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """conv_bn_relu in eval reuses the direct forward with a scale and ReLU in the store (NCHW
+    output: through the AVX-512 transposes, 48 = 16 + 16 + 16 channels, 18 = 16 + 2 columns); a
+    NaN input spreads to the outputs it reaches, through the ReLU, as in torch."""
+    monkeypatch.setenv("CNNEXT_CPU_ISA", isa)
+    x = torch.randn(2, 32, 9, 18)
+    x[1, 3, 4, 5] = float("nan")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     block = cnnext.nn.ConvBNReLU2d(32, 48, 3, padding=1, algo="direct").eval()
     with torch.no_grad():
         block[1].running_mean.uniform_(-1, 1)
         block[1].running_var.uniform_(0.5, 2)
         ref = block.to_modules()(x)
         out = block(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert ref.isnan().sum() == 48 * 9
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def test_gradcheck_double_on_wide_layer() -> None:

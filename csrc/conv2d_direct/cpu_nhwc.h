@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #include "common/cpu_isa.h"
@@ -82,12 +83,128 @@ inline const Kernels* kernels_for(CpuIsa isa) {
   return nullptr;
 }
 
+#ifdef CNNEXT_X86_COPIES
+namespace avx512 {
+
+// The zero-masked forms with every lane set are the plain instructions; GCC 12's unmasked
+// intrinsics pass an undefined vector that -Wmaybe-uninitialized reports once inlined.
+constexpr __mmask16 kAll = 0xffff;
+constexpr __mmask8 kAll8 = 0xff;
+
+// r[i], 16 rows of 16 floats, becomes its transpose: r[j] holds what was column j.
+CNNEXT_TARGET_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int64_t i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_maskz_unpacklo_ps(kAll, r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_maskz_unpackhi_ps(kAll, r[2 * i], r[2 * i + 1]);
+  }
+  for (int64_t i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(kAll8, a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(kAll8, a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(kAll8, b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(kAll8, b, d));
+  }
+  for (int64_t i = 0; i < 4; ++i) {
+    t[i] = _mm512_maskz_shuffle_f32x4(kAll, u[i], u[4 + i], 0x88);
+    t[4 + i] = _mm512_maskz_shuffle_f32x4(kAll, u[i], u[4 + i], 0xdd);
+    t[8 + i] = _mm512_maskz_shuffle_f32x4(kAll, u[8 + i], u[12 + i], 0x88);
+    t[12 + i] = _mm512_maskz_shuffle_f32x4(kAll, u[8 + i], u[12 + i], 0xdd);
+  }
+  for (int64_t i = 0; i < 8; ++i) {
+    r[i] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[8 + i], 0xdd);
+  }
+}
+
+CNNEXT_TARGET_AVX512 inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+}
+
+// d[p * pix + ch] = src[ch * cstride + p] for p < npix, ch < chans (channels up to the next
+// multiple of 16 are written as zeros: pix is a multiple of 16 at least chans). One NCHW row into
+// NHWC through 16 x 16 register transposes; scalar, this copy took ~14% of a 64-channel layer.
+CNNEXT_TARGET_AVX512 inline void nchw_row_to_nhwc(const float* src, int64_t cstride, int64_t chans,
+                                                  int64_t npix, float* d, int64_t pix) {
+  for (int64_t c0 = 0; c0 < chans; c0 += 16) {
+    const int64_t nc = std::min<int64_t>(16, chans - c0);
+    for (int64_t p0 = 0; p0 < npix; p0 += 16) {
+      const int64_t np = std::min<int64_t>(16, npix - p0);
+      const __mmask16 m = first_lanes(np);
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        r[i] =
+            i < nc ? _mm512_maskz_loadu_ps(m, src + (c0 + i) * cstride + p0) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int64_t p = 0; p < np; ++p) _mm512_storeu_ps(d + (p0 + p) * pix + c0, r[p]);
+    }
+  }
+}
+
+// store_row's NCHW case (unit stride along the row) with the same arithmetic: t * s + b (a
+// multiply, then an add), then std::max(v, 0) (max(0, v) returns v when v is NaN), through 16 x
+// 16 transposes instead of one strided tile read per element.
+CNNEXT_TARGET_AVX512 inline void store_row_nchw(const float* tile, int64_t ocb, int64_t wo,
+                                                int64_t nout, float* dst, int64_t cstride,
+                                                const float* scale, const float* bias, bool relu) {
+  const bool copy = scale == nullptr && bias == nullptr && !relu;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t o0 = 0; o0 < nout; o0 += 16) {
+    const int64_t no = std::min<int64_t>(16, nout - o0);
+    const __mmask16 om = first_lanes(no);
+    const __m512 s = scale != nullptr ? _mm512_maskz_loadu_ps(om, scale + o0) : _mm512_set1_ps(1);
+    const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(om, bias + o0) : zero;
+    for (int64_t x0 = 0; x0 < wo; x0 += 16) {
+      const int64_t nx = std::min<int64_t>(16, wo - x0);
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        if (i >= nx) {
+          r[i] = zero;
+          continue;
+        }
+        // The tile row holds ocb >= o0 + 16 floats (ocb is a multiple of 16).
+        __m512 v = _mm512_loadu_ps(tile + (x0 + i) * ocb + o0);
+        if (!copy) v = _mm512_add_ps(_mm512_mul_ps(v, s), b);
+        if (relu) v = _mm512_maskz_max_ps(kAll, zero, v);
+        r[i] = v;
+      }
+      transpose16(r);
+      const __mmask16 xm = first_lanes(nx);
+      for (int64_t o = 0; o < no; ++o)
+        _mm512_mask_storeu_ps(dst + (o0 + o) * cstride + x0, xm, r[o]);
+    }
+  }
+}
+
+}  // namespace avx512
+#endif
+
 // Whether this kernel takes a layer; the rest (few channels, double, no SIMD) stays on the
 // plane-based kernel of cpu.cpp.
 inline bool eligible(const Conv2dParams& p, at::ScalarType dtype, CpuIsa isa) {
   return dtype == at::kFloat && kernels_for(isa) != nullptr && p.c_in_per_group() >= 16 &&
          p.c_out_per_group() >= 16;
 }
+
+// Vectors of floats on 64-byte (cache line) boundaries: a packed filter at malloc's 16-byte
+// alignment splits every vector load over two lines, 10-14% slower measured.
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const {
+    return true;
+  }
+};
+using Packed = std::vector<float, LineAllocator<float>>;
 
 // Element strides of a 3D/4D activation: (n, c, h, w); n is 0 for a 3D tensor.
 struct Strides {
@@ -113,8 +230,8 @@ struct Source {
 
 // Samples [n0, n0 + count) of `t` (any strides) as a Source of rows x cols pixels, shifted by
 // (top, left) (negative: cropped). Channels_last with no border and no shift is read in place.
-inline Source make_source(const at::Tensor& t, int64_t n0, int64_t count, int64_t rows,
-                          int64_t cols, int64_t top, int64_t left) {
+inline Source make_source(const Kernels& k, const at::Tensor& t, int64_t n0, int64_t count,
+                          int64_t rows, int64_t cols, int64_t top, int64_t left) {
   const Strides s = strides_of(t);
   const int64_t c = t.size(t.dim() - 3), h = t.size(t.dim() - 2), w = t.size(t.dim() - 1);
   const float* x = t.const_data_ptr<float>();
@@ -145,6 +262,10 @@ inline Source make_source(const at::Tensor& t, int64_t n0, int64_t count, int64_
         for (int64_t xx = x0; xx < x1; ++xx) {
           std::memcpy(d + xx * src.pix, sr + (xx - left) * s.w, sizeof(float) * c);
         }
+#ifdef CNNEXT_X86_COPIES
+      } else if (s.w == 1 && k.lanes == 16) {
+        avx512::nchw_row_to_nhwc(sr + x0 - left, s.c, c, x1 - x0, d + x0 * src.pix, src.pix);
+#endif
       } else {
         for (int64_t ch = 0; ch < c; ++ch) {
           const float* sc = sr + ch * s.c - left * s.w;
@@ -159,20 +280,23 @@ inline Source make_source(const at::Tensor& t, int64_t n0, int64_t count, int64_
 
 // The filter as [groups][blocks][channel blocks][taps][channels][ocb], zero past `outs`: value(g,
 // o, c, t) is the weight of output o and reduced channel c (both within group g) at packed tap t.
+// A last block of at most ocb - lanes outputs runs the one-vector kernel: it is packed `lanes`
+// wide (the kernel's filter stride is its own vector count), at the same block offset.
 template <typename Value>
-std::vector<float> pack_filter(int64_t groups, int64_t outs, int64_t chans, int64_t ntaps,
-                               int64_t ocb, Value value) {
+Packed pack_filter(int64_t groups, int64_t outs, int64_t chans, int64_t ntaps, int64_t ocb,
+                   int64_t lanes, Value value) {
   const int64_t blocks = div_up(outs, ocb), block = ntaps * chans * ocb;
-  std::vector<float> f(groups * blocks * block, 0.0f);
+  Packed f(groups * blocks * block, 0.0f);
   at::parallel_for(0, groups * blocks, cpu_grain(block), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i / blocks, o0 = i % blocks * ocb, nout = std::min(ocb, outs - o0);
+      const int64_t width = div_up(nout, lanes) * lanes;
       float* d = f.data() + i * block;
       for (int64_t c = 0; c < chans; ++c) {
         // The kernel's order: channel blocks, then taps, then channels within the block.
         const int64_t c0 = c / kChanBlock * kChanBlock, nb = std::min(kChanBlock, chans - c0);
         for (int64_t t = 0; t < ntaps; ++t) {
-          float* dd = d + (c0 * ntaps + t * nb + c - c0) * ocb;
+          float* dd = d + (c0 * ntaps + t * nb + c - c0) * width;
           for (int64_t o = 0; o < nout; ++o) dd[o] = value(g, o0 + o, c, t);
         }
       }
@@ -185,11 +309,11 @@ std::vector<float> pack_filter(int64_t groups, int64_t outs, int64_t chans, int6
 // entry is reused only while it holds the same tensor (a weak reference, so a freed tensor's
 // address cannot be taken for it), at the same data pointer and in-place version, in the same
 // blocking. Inference tensors carry no version: never cached.
-using FilterPtr = std::shared_ptr<const std::vector<float>>;
+using FilterPtr = std::shared_ptr<const Packed>;
 
 template <typename Pack>
 FilterPtr cached_filter(const at::Tensor& weight, int64_t groups, int64_t ocb, Pack pack) {
-  if (weight.is_inference()) return std::make_shared<const std::vector<float>>(pack());
+  if (weight.is_inference()) return std::make_shared<const Packed>(pack());
   struct Entry {
     c10::weak_intrusive_ptr<c10::TensorImpl> tensor;
     const void* data;
@@ -218,7 +342,7 @@ FilterPtr cached_filter(const at::Tensor& weight, int64_t groups, int64_t ocb, P
       return entries.back().filter;
     }
   }
-  FilterPtr filter = std::make_shared<const std::vector<float>>(pack());
+  FilterPtr filter = std::make_shared<const Packed>(pack());
   const std::lock_guard<std::mutex> lock(mutex);
   // Drop entries whose tensor is gone or is this one (a stale version: training repacks every
   // step and keeps one entry per weight), then the least recent beyond the limits.
@@ -247,28 +371,42 @@ FilterPtr cached_filter(const at::Tensor& weight, int64_t groups, int64_t ocb, P
 template <typename Store>
 void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups, int64_t chans,
               int64_t outs, int64_t ho, int64_t wo, int64_t sh, int64_t sw,
-              const std::vector<int64_t>& taps, const std::vector<float>& filter, Store store) {
+              const std::vector<int64_t>& taps, const Packed& filter, Store store) {
   const int64_t ocb = block_width(k, outs), blocks = div_up(outs, ocb);
   const int64_t ntaps = static_cast<int64_t>(taps.size()), block = ntaps * chans * ocb;
-  if (wo < k.row_block && ho > 1) {
-    // Narrow planes: one item per (sample, group, block) runs the whole plane as one sequence.
-    std::vector<int64_t> pix(ho * wo);
-    for (int64_t i = 0; i < ho * wo; ++i) pix[i] = i / wo * sh * src.row + i % wo * sw * src.pix;
-    const int64_t items = count * groups * blocks;
+  if (wo < k.row_block) {
+    // Narrow planes (ResNet's 7x7, VGG's 4x4 and 2x2): the pixels of several samples run as one
+    // sequence, so that register blocks are full (a 2x2 plane alone fills 4 of 12) and one filter
+    // block, read from L2, serves them all. An item is (group, block, run of samples); the runs
+    // split the batch only as far as the threads need (each pixel's sum is the same either way).
+    const int64_t plane = ho * wo;
+    const int64_t threads = at::get_num_threads();
+    const int64_t by_size = std::max<int64_t>(1, 4096 / plane);  // tile <= ~512 KiB
+    const int64_t by_threads = div_up(count, div_up(2 * threads, groups * blocks));
+    const int64_t run = std::clamp<int64_t>(std::min(by_size, by_threads), 1, count);
+    const int64_t runs = div_up(count, run);
+    std::vector<int64_t> pix(run * plane);
+    for (int64_t i = 0; i < run * plane; ++i) {
+      const int64_t j = i % plane;
+      pix[i] = i / plane * src.sample + j / wo * sh * src.row + j % wo * sw * src.pix;
+    }
+    const int64_t items = groups * blocks * runs;
     at::parallel_for(
-        0, items, cpu_grain(ho * wo * ocb * chans * ntaps), [&](int64_t begin, int64_t end) {
-          std::unique_ptr<float[]> tile(new float[ho * wo * ocb]);
+        0, items, cpu_grain(run * plane * ocb * chans * ntaps), [&](int64_t begin, int64_t end) {
+          Packed tile(run * plane * ocb);
           for (int64_t item = begin; item < end; ++item) {
-            const int64_t b = item % blocks, g = item / blocks % groups,
-                          n = item / (blocks * groups);
+            const int64_t r = item % runs, b = item / runs % blocks, g = item / (runs * blocks);
+            const int64_t n0 = r * run, nn = std::min(run, count - n0);
             const int64_t nout = std::min(ocb, outs - b * ocb);
             const ConvArgs a{
                 taps.data(), ntaps, chans, sw * src.pix, filter.data() + (g * blocks + b) * block,
                 ocb};
-            const float* x = src.data + n * src.sample + g * chans;
-            k.conv_plane[div_up(nout, k.lanes)](a, x, pix.data(), ho * wo, tile.get());
-            for (int64_t oy = 0; oy < ho; ++oy)
-              store(n, g, b * ocb, nout, oy, tile.get() + oy * wo * ocb);
+            const float* x = src.data + n0 * src.sample + g * chans;
+            k.conv_plane[div_up(nout, k.lanes)](a, x, pix.data(), nn * plane, tile.data());
+            for (int64_t n = 0; n < nn; ++n) {
+              for (int64_t oy = 0; oy < ho; ++oy)
+                store(n0 + n, g, b * ocb, nout, oy, tile.data() + (n * plane + oy * wo) * ocb);
+            }
           }
         });
     return;
@@ -276,7 +414,7 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
   const int64_t items = count * groups * blocks * ho;
   // Items run (sample, group, block, row), rows fastest: a task keeps one filter block in cache.
   at::parallel_for(0, items, cpu_grain(wo * ocb * chans * ntaps), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> tile(new float[wo * ocb]);
+    Packed tile(wo * ocb);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t oy = item % ho, b = item / ho % blocks, g = item / (ho * blocks) % groups;
       const int64_t n = item / (ho * blocks * groups);
@@ -284,8 +422,8 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
       const ConvArgs a{
           taps.data(), ntaps, chans, sw * src.pix, filter.data() + (g * blocks + b) * block, ocb};
       const float* x = src.data + n * src.sample + oy * sh * src.row + g * chans;
-      k.conv_row[div_up(nout, k.lanes)](a, x, wo, tile.get());
-      store(n, g, b * ocb, nout, oy, tile.get());
+      k.conv_row[div_up(nout, k.lanes)](a, x, wo, tile.data());
+      store(n, g, b * ocb, nout, oy, tile.data());
     }
   });
 }
@@ -293,9 +431,14 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
 // Writes a row tile[x * ocb + o] (x < wo, o < nout) to dst[o * cstride + x * xstride] as
 // tile * scale[o] + bias[o] (null scale: 1, null bias: 0; both null: copied), then max(0, .) with
 // `relu` (std::max keeps NaN, as torch.relu does). Writes run along the output's unit stride.
-inline void store_row(const float* tile, int64_t ocb, int64_t wo, int64_t nout, float* dst,
-                      int64_t cstride, int64_t xstride, const float* scale, const float* bias,
-                      bool relu) {
+inline void store_row(const Kernels& k, const float* tile, int64_t ocb, int64_t wo, int64_t nout,
+                      float* dst, int64_t cstride, int64_t xstride, const float* scale,
+                      const float* bias, bool relu) {
+#ifdef CNNEXT_X86_COPIES
+  if (xstride == 1 && k.lanes == 16) {
+    return avx512::store_row_nchw(tile, ocb, wo, nout, dst, cstride, scale, bias, relu);
+  }
+#endif
   float s[64], b[64];
   for (int64_t o = 0; o < nout; ++o) {
     s[o] = scale != nullptr ? scale[o] : 1.0f;
@@ -341,7 +484,7 @@ inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
   const float* w = weight.const_data_ptr<float>();
   const FilterPtr filter = cached_filter(weight, p.groups, block_width(k, cout), [&] {
     return pack_filter(
-        p.groups, cout, cin, ntaps, block_width(k, cout),
+        p.groups, cout, cin, ntaps, block_width(k, cout), k.lanes,
         [&](int64_t g, int64_t o, int64_t c, int64_t t) {
           return w[(g * cout + o) * ws0 + c * ws1 + (t / p.kw) * ws2 + (t % p.kw) * ws3];
         });
@@ -351,7 +494,7 @@ inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
   const int64_t step = chunk_samples(p.n, rows * cols * odd_lines(p.c_in, sizeof(float)));
   for (int64_t n0 = 0; n0 < p.n; n0 += step) {
     const int64_t count = std::min(step, p.n - n0);
-    const Source src = make_source(input, n0, count, rows, cols, p.ph, p.pw);
+    const Source src = make_source(k, input, n0, count, rows, cols, p.ph, p.pw);
     std::vector<int64_t> taps;
     for (int64_t t = 0; t < ntaps; ++t)
       taps.push_back((t / p.kw) * p.dh * src.row + (t % p.kw) * p.dw * src.pix);
@@ -359,7 +502,7 @@ inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
              [&](int64_t n, int64_t g, int64_t o0, int64_t nout, int64_t oy, const float* tile) {
                const int64_t ocb = block_width(k, cout);
                float* dst = out + (n0 + n) * os.n + (g * cout + o0) * os.c + oy * os.h;
-               store_row(tile, ocb, p.w_out, nout, dst, os.c, os.w,
+               store_row(k, tile, ocb, p.w_out, nout, dst, os.c, os.w,
                          scale != nullptr ? scale + g * cout + o0 : nullptr,
                          bias != nullptr ? bias + g * cout + o0 : nullptr, relu);
              });
@@ -379,7 +522,7 @@ inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad
   struct Phase {
     int64_t rh, rw, a0, rows, c0, cols;  // iy = (a0 + a) * sh + rh - ph, a < rows; ix alike
     std::vector<int64_t> ky, kx;         // its taps
-    std::vector<float> filter;
+    Packed filter;
   };
   std::vector<Phase> phases;
   int64_t rows = 0, cols = 0;  // of the bordered grad_output
@@ -410,7 +553,7 @@ inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad
   for (Phase& f : phases) {
     f.filter =
         pack_filter(p.groups, cin, cout, static_cast<int64_t>(f.ky.size()), block_width(k, cin),
-                    [&](int64_t g, int64_t i, int64_t o, int64_t t) {
+                    k.lanes, [&](int64_t g, int64_t i, int64_t o, int64_t t) {
                       return w[(g * cout + o) * ws0 + i * ws1 + f.ky[t] * ws2 + f.kx[t] * ws3];
                     });
   }
@@ -421,7 +564,7 @@ inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad
   for (int64_t n0 = 0; n0 < p.n; n0 += step) {
     const int64_t count = std::min(step, p.n - n0);
     // Source pixel (ys, xs) is grad_output (ys - bh, xs - bw), zero outside it.
-    const Source src = make_source(grad_output, n0, count, rows, cols, bh, bw);
+    const Source src = make_source(k, grad_output, n0, count, rows, cols, bh, bw);
     for (const Phase& f : phases) {
       // Output (a, c) reads grad_output (a0 + a - ky * dh / sh, c0 + c - kx * dw / sw).
       std::vector<int64_t> taps;
@@ -434,7 +577,8 @@ inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad
                  float* dst = gi + (n0 + n) * is.n + (g * cin + i0) * is.c +
                               ((f.a0 + a) * p.sh + f.rh - p.ph) * is.h +
                               (f.c0 * p.sw + f.rw - p.pw) * is.w;
-                 store_row(tile, icb, f.cols, nin, dst, is.c, p.sw * is.w, nullptr, nullptr, false);
+                 store_row(k, tile, icb, f.cols, nin, dst, is.c, p.sw * is.w, nullptr, nullptr,
+                           false);
                });
     }
   }
@@ -473,7 +617,7 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
   std::unique_ptr<float[]> gop(new float[step * hw * cgo]);
   for (int64_t n0 = 0; n0 < p.n; n0 += step) {
     const int64_t count = std::min(step, p.n - n0);
-    const Source src = make_source(input, n0, count, rows, cols, p.ph, p.pw);
+    const Source src = make_source(k, input, n0, count, rows, cols, p.ph, p.pw);
     // grad_output as [n][oy][ox][group][block][ocb], zero past each group's channels.
     at::parallel_for(0, count * p.h_out, cpu_grain(p.w_out * cgo), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -502,18 +646,30 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
         if (nc <= 0) continue;
         const int64_t nv = div_up(std::min(ocb, cout - b * ocb), k.lanes);
         double* tot = total.data() + item * ntaps * run_chans * ocb;
-        for (int64_t n = 0; n < count; ++n) {
+        for (int64_t n = 0; n < count;) {
           if ((n0 + n) % flush == 0 || n == 0) std::fill(part.begin(), part.end(), 0.0f);
+          // Whole planes: the rest of this flush group's samples in one call (the same sums in
+          // the same order as one call per sample).
+          const int64_t group_end = std::min(count, n + flush - (n0 + n) % flush);
+          const int64_t m = nrows == p.h_out ? group_end - n : 1;
           for (int64_t oy = 0; oy < p.h_out; oy += nrows) {
-            const GwArgs a{
-                std::min(nrows, p.h_out - oy), p.w_out, p.sh * src.row, p.sw * src.pix, cgo, ocb};
+            const GwArgs a{std::min(nrows, p.h_out - oy),
+                           p.w_out,
+                           p.sh * src.row,
+                           p.sw * src.pix,
+                           cgo,
+                           ocb,
+                           m,
+                           src.sample,
+                           hw * cgo};
             const float* gr =
                 gop.get() + ((n * p.h_out + oy) * p.w_out) * cgo + (g * blocks + b) * ocb;
             const float* xr = src.data + n * src.sample + oy * p.sh * src.row + g * cin + c0;
             for (int64_t t = 0; t < ntaps; ++t)
               k.gw_run[nv](a, nc, xr + taps[t], gr, part.data() + t * run_chans * ocb);
           }
-          if ((n0 + n + 1) % flush == 0 || n + 1 == count) {
+          n += m;
+          if ((n0 + n) % flush == 0 || n == count) {
             for (std::size_t j = 0; j < part.size(); ++j) tot[j] += part[j];
           }
         }

@@ -14,18 +14,21 @@
 namespace cnnext::nhwc {
 
 // The conv kernel reduces over channel blocks of this many channels, all taps of one block
-// before the next: a block of a 3-row window of 12-16 pixels stays in L1 (deep layers' whole
-// windows do not: ResNet layer3, 3 x 16 pixels x 256 channels, is 48 KiB).
-constexpr int64_t kChanBlock = 64;
+// before the next: a block of a 3-row window of 12-16 pixels stays in L1 (3 x 16 pixels x 128
+// channels is 24 KiB; deep layers' whole windows do not fit: ResNet layer4's 512 channels are 96
+// KiB). Longer blocks run fewer tap loops, each ending in a mispredicted exit: 128 measured 2-5%
+// faster than 64 on ResNet-18's layers 2-4 (benchmarks/results/direct_cpu_kernel-*.txt).
+constexpr int64_t kChanBlock = 128;
 
 struct ConvArgs {
   const int64_t* taps;  // offsets of the filter taps from the window origin, in floats
   int64_t ntaps, chans;
   int64_t xstep;  // floats from one output pixel's window to the next one's
   // Filter value (t, c, o) of channel block cb = c / kChanBlock, holding nb channels, sits at
-  // w[(cb * kChanBlock * ntaps + t * nb + c % kChanBlock) * ocb + o].
+  // w[(cb * kChanBlock * ntaps + t * nb + c % kChanBlock) * NV * lanes + o] for a kernel of NV
+  // vectors (a block of ocb outputs narrower than ocb is packed at its own vector count).
   const float* w;
-  int64_t ocb;
+  int64_t ocb;  // floats between output pixels in `out`
 };
 
 struct GwArgs {
@@ -33,6 +36,9 @@ struct GwArgs {
   int64_t xrow, xstep;  // floats between output rows' and output pixels' windows
   int64_t gstep;        // floats between grad_output pixels
   int64_t ocb;
+  // Samples summed in one call, and floats between their windows and grad_output planes: small
+  // planes (4x4: 16 pixels) would otherwise load and store the accumulators every few pixels.
+  int64_t nsamp = 1, xsample = 0, gsample = 0;
 };
 
 }  // namespace cnnext::nhwc
@@ -48,7 +54,9 @@ constexpr int kLanes = V::kLanes;
 
 // out[j * ocb + o] = sum over taps t and channels c of x[j * xstep + taps[t] + c] * w(t, c, o)
 // for RB output pixels j and NV vectors of output channels o: RB * NV accumulators, one broadcast
-// input value (an FMA's memory operand) per FMA, NV filter loads per channel and tap.
+// input value (an FMA's memory operand) per FMA, NV filter loads per channel and tap. The channel
+// loop is unrolled by 4 (channel offsets in the addresses' displacements): its pointer and
+// counter updates otherwise take issue slots from the FMAs, 5% measured.
 template <int NV, int RB>
 CNNEXT_NHWC_FN void conv_block(const ConvArgs& a, const float* x, float* out) {
   Reg acc[RB][NV];
@@ -58,6 +66,7 @@ CNNEXT_NHWC_FN void conv_block(const ConvArgs& a, const float* x, float* out) {
   // Pixel j = 3m + r is read at base[m] + r * xstep: one base register per three pixels, the
   // rest in the address (index * 4 or * 8), which leaves the loop enough general registers.
   constexpr int kBases = (RB + 2) / 3;
+  constexpr int kW = NV * kLanes;
   const int64_t xstep = a.xstep;
   const float* w = a.w;
   for (int64_t c0 = 0; c0 < a.chans; c0 += kChanBlock) {
@@ -65,14 +74,25 @@ CNNEXT_NHWC_FN void conv_block(const ConvArgs& a, const float* x, float* out) {
     for (int64_t t = 0; t < a.ntaps; ++t) {
       const float* base[kBases];
       for (int m = 0; m < kBases; ++m) base[m] = x + a.taps[t] + c0 + 3 * m * xstep;
-      for (int64_t c = 0; c < nc; ++c, w += a.ocb) {
+      int64_t c = 0;
+      for (; c + 4 <= nc; c += 4, w += 4 * kW) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          Reg wv[NV];
+          for (int v = 0; v < NV; ++v) wv[v] = V::load(w + u * kW + v * kLanes);
+          for (int j = 0; j < RB; ++j) {
+            const Reg b = V::broadcast(base[j / 3] + (j % 3) * xstep + c + u);
+            for (int v = 0; v < NV; ++v) acc[j][v] = V::fma(wv[v], b, acc[j][v]);
+          }
+        }
+      }
+      for (; c < nc; ++c, w += kW) {
         Reg wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = V::load(w + v * kLanes);
         for (int j = 0; j < RB; ++j) {
-          const Reg b = V::broadcast(base[j / 3] + (j % 3) * xstep);
+          const Reg b = V::broadcast(base[j / 3] + (j % 3) * xstep + c);
           for (int v = 0; v < NV; ++v) acc[j][v] = V::fma(wv[v], b, acc[j][v]);
         }
-        for (int m = 0; m < kBases; ++m) ++base[m];
       }
     }
   }
@@ -108,7 +128,8 @@ CNNEXT_NHWC_TARGET void conv_row(const ConvArgs& a, const float* x, int64_t wo, 
 
 // conv_block over RB pixels anywhere in the plane, pixel j's window at x + pix[j]: planes
 // narrower than a register block (ResNet's 7x7 and 4x4) run as one sequence of pixels, not as
-// short rows. One pointer per pixel: the loop spills a register or two, still FMA-bound.
+// short rows. One pointer per pixel: the loop spills a register or two, still FMA-bound. Unrolled
+// as conv_block.
 template <int NV, int RB>
 CNNEXT_NHWC_FN void conv_gather_block(const ConvArgs& a, const float* x, const int64_t* pix,
                                       float* out) {
@@ -116,13 +137,26 @@ CNNEXT_NHWC_FN void conv_gather_block(const ConvArgs& a, const float* x, const i
   for (int j = 0; j < RB; ++j) {
     for (int v = 0; v < NV; ++v) acc[j][v] = V::zero();
   }
+  constexpr int kW = NV * kLanes;
   const float* w = a.w;
   for (int64_t c0 = 0; c0 < a.chans; c0 += kChanBlock) {
     const int64_t nc = std::min<int64_t>(kChanBlock, a.chans - c0);
     for (int64_t t = 0; t < a.ntaps; ++t) {
       const float* px[RB];
       for (int j = 0; j < RB; ++j) px[j] = x + pix[j] + a.taps[t] + c0;
-      for (int64_t c = 0; c < nc; ++c, w += a.ocb) {
+      int64_t c = 0;
+      for (; c + 4 <= nc; c += 4, w += 4 * kW) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          Reg wv[NV];
+          for (int v = 0; v < NV; ++v) wv[v] = V::load(w + u * kW + v * kLanes);
+          for (int j = 0; j < RB; ++j) {
+            const Reg b = V::broadcast(px[j] + c + u);
+            for (int v = 0; v < NV; ++v) acc[j][v] = V::fma(wv[v], b, acc[j][v]);
+          }
+        }
+      }
+      for (; c < nc; ++c, w += kW) {
         Reg wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = V::load(w + v * kLanes);
         for (int j = 0; j < RB; ++j) {
@@ -163,20 +197,34 @@ CNNEXT_NHWC_TARGET void conv_plane(const ConvArgs& a, const float* x, const int6
   }
 }
 
-// acc[i * ocb + o] += sum over rows r < nrows and columns q < wo of
-//   x[r * xrow + q * xstep + i] * go[(r * wo + q) * gstep + o]
+// acc[i * ocb + o] += sum over samples s < nsamp, rows r < nrows and columns q < wo of
+//   x[s * xsample + r * xrow + q * xstep + i] * go[s * gsample + (r * wo + q) * gstep + o]
 // for RC input channels i and NV vectors of output channels o (grad_weight of one tap): the
-// same register block as conv_block with the roles of pixels and channels swapped.
+// same register block as conv_block with the roles of pixels and channels swapped. Columns
+// unrolled by 2, as conv_block's channels (2-11% measured).
 template <int NV, int RC>
 CNNEXT_NHWC_FN void gw_block(const GwArgs& a, const float* x, const float* go, float* acc_mem) {
   Reg acc[RC][NV];
   for (int i = 0; i < RC; ++i) {
     for (int v = 0; v < NV; ++v) acc[i][v] = V::load(acc_mem + i * a.ocb + v * kLanes);
   }
-  for (int64_t r = 0; r < a.nrows; ++r) {
+  for (int64_t sr = 0, r = 0; sr < a.nsamp * a.nrows; ++sr, ++r) {
+    if (r == a.nrows) r = 0, x += a.xsample, go += a.gsample;
     const float* __restrict__ xr = x + r * a.xrow;
     const float* __restrict__ gr = go + r * a.wo * a.gstep;
-    for (int64_t q = 0; q < a.wo; ++q) {
+    int64_t q = 0;
+    for (; q + 2 <= a.wo; q += 2) {
+#pragma GCC unroll 2
+      for (int u = 0; u < 2; ++u) {
+        Reg gv[NV];
+        for (int v = 0; v < NV; ++v) gv[v] = V::load(gr + (q + u) * a.gstep + v * kLanes);
+        for (int i = 0; i < RC; ++i) {
+          const Reg b = V::broadcast(xr + (q + u) * a.xstep + i);
+          for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(gv[v], b, acc[i][v]);
+        }
+      }
+    }
+    for (; q < a.wo; ++q) {
       Reg gv[NV];
       for (int v = 0; v < NV; ++v) gv[v] = V::load(gr + q * a.gstep + v * kLanes);
       for (int i = 0; i < RC; ++i) {
