@@ -56,11 +56,11 @@ class MaxPool2d(nn.Module):
         # ops.max_pool2d's lean binding, called from here: on a small layer the Python frame
         # in between is a measurable part of the call.
         if not is_compiling():
-            out = ops._max_pool2d(
+            out = (ops._max_pool2d if self.return_indices else ops._max_pool2d_output)(
                 input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
             )
             if out is not NotImplemented:
-                return out if self.return_indices else out[0]
+                return out
         return ops.max_pool2d(
             input,
             self.kernel_size,

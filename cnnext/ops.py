@@ -119,6 +119,7 @@ def _bool(value: object, name: str, op: str) -> bool:
 # per call than torch.ops, which small layers feel) with the arguments as given; it declines
 # (NotImplemented) anything but the plain forms, which then take the checked path below.
 _max_pool2d = _backend.fast_op("max_pool2d_with_argmax")
+_max_pool2d_output = _backend.fast_op("max_pool2d_with_argmax", outputs=1)  # argmax dropped
 _avg_pool2d = _backend.fast_op("avg_pool2d")
 
 
@@ -145,7 +146,7 @@ def max_pool2d(
         ``Tensor[N, C, H_out, W_out]`` (in the input's memory format), and the argmax if asked.
     """
     if not is_compiling():
-        out = _max_pool2d(
+        out = (_max_pool2d if return_indices else _max_pool2d_output)(
             input,
             kernel_size,
             kernel_size if stride is None else stride,
@@ -154,7 +155,7 @@ def max_pool2d(
             ceil_mode,
         )
         if out is not NotImplemented:
-            return out if return_indices else out[0]
+            return out
     op = "cnnext.max_pool2d"
     k = _pair(kernel_size, "kernel_size", op)
     args = (

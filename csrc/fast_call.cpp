@@ -35,7 +35,7 @@ std::atomic<bool> emulating{false};
 struct FastOpImpl {
   std::string name;
   std::vector<Kind> kinds;
-  size_t returns = 0;
+  size_t returns = 0;  // how many of the op's returns a call gives back (the first ones)
   // Per namespace (cnnext, cnnext_emu), looked up on first use: the emulator's module is
   // imported after this one, and may be absent.
   std::array<std::optional<c10::OperatorHandle>, 2> handles;
@@ -225,8 +225,10 @@ PyObject* fast_op_call(PyObject* self, PyObject* const* args, size_t nargsf, PyO
 PyObject* fast_op_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   HANDLE_TH_ERRORS
   const char* name = nullptr;
-  static const char* keywords[] = {"name", nullptr};
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "s", const_cast<char**>(keywords), &name)) {
+  Py_ssize_t outputs = -1;
+  static const char* keywords[] = {"name", "outputs", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "s|n", const_cast<char**>(keywords), &name,
+                                   &outputs)) {
     return nullptr;
   }
   auto impl = std::make_unique<FastOpImpl>();
@@ -245,6 +247,13 @@ PyObject* fast_op_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   }
   impl->returns = schema.returns().size();
   TORCH_CHECK_VALUE(impl->returns > 0, "cnnext._C.FastOp: ", impl->name, " returns nothing");
+  // outputs=k: only the first k returns (the others are dropped in C++, never wrapped).
+  if (outputs != -1) {
+    TORCH_CHECK_VALUE(outputs >= 1 && static_cast<size_t>(outputs) <= impl->returns,
+                      "cnnext._C.FastOp: ", impl->name, " has ", impl->returns,
+                      " returns, asked for ", outputs);
+    impl->returns = static_cast<size_t>(outputs);
+  }
   PyObject* self = type->tp_alloc(type, 0);
   if (self == nullptr) return nullptr;
   auto* fast = reinterpret_cast<FastOp*>(self);
@@ -287,7 +296,8 @@ bool cnnext_add_fast_call(PyObject* module) {
   fast_op_type.tp_name = "cnnext._C.FastOp";
   fast_op_type.tp_basicsize = sizeof(FastOp);
   fast_op_type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
-  fast_op_type.tp_doc = "FastOp(name): a lean binding of cnnext::name (see csrc/fast_call.cpp)";
+  fast_op_type.tp_doc =
+      "FastOp(name, outputs=all): a lean binding of cnnext::name (see csrc/fast_call.cpp)";
   fast_op_type.tp_new = fast_op_new;
   fast_op_type.tp_dealloc = fast_op_dealloc;
   fast_op_type.tp_repr = fast_op_repr;

@@ -305,5 +305,11 @@ def test_fast_op_declines_what_it_does_not_parse() -> None:
         assert fast(*args) is NotImplemented, args
     with pytest.raises(TypeError, match="avg_pool2d takes 7 positional arguments"):
         fast(x, 2)
+    both = cnnext._backend.fast_op("max_pool2d_with_argmax")(x, 2, 2, 0, 1, False)
+    first = cnnext._backend.fast_op("max_pool2d_with_argmax", outputs=1)(x, 2, 2, 0, 1, False)
+    assert isinstance(both, tuple) and len(both) == 2 and isinstance(first, torch.Tensor)
+    torch.testing.assert_close(first, both[0])
+    with pytest.raises(ValueError, match="has 2 returns, asked for 3"):
+        cnnext._backend.fast_op("max_pool2d_with_argmax", outputs=3)
     with pytest.raises(RuntimeError, match="cnnext::avg_pool2d: .*kernel_size"):
         fast(x, 0, 1, 0, False, True, None)
