@@ -518,8 +518,9 @@ def check_against_torch(
     if spec.ref_masked is not None and grads:
         # A pre-activation within rounding of 0 may land on either side of the ReLU's kink in
         # cnnext and in torch: the outputs still agree (compared below), but the gradient is
-        # passed on one side only. Compare with torch's gradient under cnnext's ReLU mask.
-        masked = functools.partial(spec.ref_masked, mask=out.detach() > 0)
+        # passed on one side only. Compare with torch's gradient under cnnext's ReLU mask (as
+        # torch's ReLU backward, `not out <= 0`: a NaN output passes its gradient).
+        masked = functools.partial(spec.ref_masked, mask=~(out.detach() <= 0))
         mine = leaves(spec, theirs, requires)
         _, _, expected_grads, _ = forward_backward(masked, cfg, mine, grad)
     forward_scale, backward_scale = spec.scales(cfg)
