@@ -16,7 +16,7 @@ from typing import Any, overload
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.cnnext)
+from . import _C  # registers torch.ops.cnnext
 
 # CNNEXT_EMULATOR=asan|tsan loads the sanitizer build of the emulator instead (tests only; the
 # sanitizer runtime must be preloaded). Both register the same `cnnext_emu` namespace.
@@ -55,6 +55,17 @@ def lib(emulated: bool) -> Any:
 def ops_for(tensor: torch.Tensor) -> Any:
     """The op namespace serving a call on ``tensor``."""
     return lib(use_emulator(tensor))
+
+
+def fast_op(name: str, outputs: int | None = None) -> Any:
+    """``cnnext._C.FastOp(name)``: the lean binding of ``cnnext::name`` (``cnnext_emu::name`` for
+    CPU tensors inside ``emulate_cuda()``), csrc/fast_call.cpp. It takes positional arguments of
+    the plain forms only (exact tensors, ints, int pairs as an int or a sequence of one or two,
+    bools, floats, str, None) and returns ``NotImplemented`` for anything else or while a torch
+    function mode is active; callers then go through ``torch.ops``, as they do while
+    torch.compile traces (the binding is opaque to it). ``outputs``: give back only the first
+    ``outputs`` of the op's returns (a single one: the tensor itself, not a tuple)."""
+    return _C.FastOp(name) if outputs is None else _C.FastOp(name, outputs)
 
 
 def default_schedule() -> str:
@@ -243,6 +254,7 @@ def emulate_cuda(schedule: str | None = None, record: bool = False) -> Iterator[
     previous = _emulating
     emu._set_schedule(schedule if schedule is not None else default_schedule())
     _emulating = True
+    _C._set_emulating(True)  # the same switch for cnnext._C.FastOp
     log = LaunchLog(emu._record_start()) if record else None
     try:
         yield log
@@ -250,4 +262,5 @@ def emulate_cuda(schedule: str | None = None, record: bool = False) -> Iterator[
         if log is not None:
             log._close()
         _emulating = previous
+        _C._set_emulating(previous)
         emu._set_schedule(previous_schedule)

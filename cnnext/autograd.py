@@ -1,10 +1,11 @@
 """Where cnnext's ops get their derivatives.
 
-Each op family is differentiated by one C++ ``torch::autograd::Function`` (``csrc/autograd.cpp``)
-registered for the Autograd key of its forward op, in both namespaces (``torch.ops.cnnext`` and
-the emulator's ``torch.ops.cnnext_emu``): ``max_pool2d_with_argmax``, ``avg_pool2d``,
-``conv2d_direct``, ``conv2d_im2col`` and ``conv_bn_relu``. Calling the forward op records the
-autograd node; its backward calls the family's registered backward op. A differentiable call
+Each op family is differentiated by one hand-written C++ ``torch::autograd::Node`` (the
+``CNNEXT_AUTOGRAD`` block that closes its ``csrc/<family>/<family>.h``, on ``csrc/autograd.h``)
+whose forward is registered for the Autograd key of the family's forward op, in both namespaces
+(``torch.ops.cnnext`` and the emulator's ``torch.ops.cnnext_emu``): ``max_pool2d_with_argmax``,
+``avg_pool2d``, ``conv2d_direct``, ``conv2d_im2col`` and ``conv_bn_relu``. Calling the forward op
+records the node; its backward calls the family's registered backward op. A differentiable call
 never re-enters Python, so there is no Python ``autograd.Function`` here, only the call helper
 that ``cnnext.ops`` shares with its callers.
 """

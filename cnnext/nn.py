@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 
 from . import ops
 
@@ -52,6 +53,14 @@ class MaxPool2d(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Max-pool ``input``; with ``return_indices`` also return the argmax."""
+        # ops.max_pool2d's lean binding, called from here: on a small layer the Python frame
+        # in between is a measurable part of the call.
+        if not is_compiling():
+            out = (ops._max_pool2d if self.return_indices else ops._max_pool2d_output)(
+                input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
+            )
+            if out is not NotImplemented:
+                return out
         return ops.max_pool2d(
             input,
             self.kernel_size,
@@ -115,6 +124,18 @@ class AvgPool2d(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Average-pool ``input``."""
+        if not is_compiling() and input.dim() >= 3:  # as MaxPool2d.forward
+            out = ops._avg_pool2d(
+                input,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.ceil_mode,
+                self.count_include_pad,
+                self.divisor_override,
+            )
+            if out is not NotImplemented:
+                return out
         return ops.avg_pool2d(
             input,
             self.kernel_size,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.compiler import is_compiling
 
 from . import _algo, _backend
 from ._shapes import conv_output_size
@@ -114,6 +115,13 @@ def _bool(value: object, name: str, op: str) -> bool:
 
 # ---- pooling ------------------------------------------------------------------------------------
 
+# Each function first tries its op's lean binding (``_backend.fast_op``: a few microseconds less
+# per call than torch.ops, which small layers feel) with the arguments as given; it declines
+# (NotImplemented) anything but the plain forms, which then take the checked path below.
+_max_pool2d = _backend.fast_op("max_pool2d_with_argmax")
+_max_pool2d_output = _backend.fast_op("max_pool2d_with_argmax", outputs=1)  # argmax dropped
+_avg_pool2d = _backend.fast_op("avg_pool2d")
+
 
 def max_pool2d(
     input: torch.Tensor,
@@ -137,6 +145,17 @@ def max_pool2d(
     Returns:
         ``Tensor[N, C, H_out, W_out]`` (in the input's memory format), and the argmax if asked.
     """
+    if not is_compiling():
+        out = (_max_pool2d if return_indices else _max_pool2d_output)(
+            input,
+            kernel_size,
+            kernel_size if stride is None else stride,
+            padding,
+            dilation,
+            ceil_mode,
+        )
+        if out is not NotImplemented:
+            return out
     op = "cnnext.max_pool2d"
     k = _pair(kernel_size, "kernel_size", op)
     args = (
@@ -178,6 +197,18 @@ def avg_pool2d(
             "cnnext::avg_pool2d: expected input to be a 3D or 4D tensor, got "
             f"{input.dim()}D with shape {list(input.shape)}"
         )
+    if not is_compiling():
+        out = _avg_pool2d(
+            input,
+            kernel_size,
+            kernel_size if stride is None else stride,
+            padding,
+            ceil_mode,
+            count_include_pad,
+            divisor_override,
+        )
+        if out is not NotImplemented:
+            return out
     k = _pair(kernel_size, "kernel_size", op)
     args = (k, _pool_stride(stride, k, op), _pair(padding, "padding", op))
     args += (_bool(ceil_mode, "ceil_mode", op),)
@@ -220,6 +251,8 @@ def _conv_padding(
 
 
 CONV_ALGOS = ("auto", *ALGOS)
+_conv2d_direct = _backend.fast_op("conv2d_direct")
+_conv2d_im2col = _backend.fast_op("conv2d_im2col")
 
 
 def conv2d(
@@ -267,6 +300,13 @@ def conv2d(
         algo, chosen = _algo.select(input, weight, stride_, padding_, dilation_, groups)
         variant = chosen if variant == "auto" else variant
     conf = (stride_, padding_, dilation_, groups)
+    if not is_compiling():
+        if algo == "direct":
+            out = _conv2d_direct(input, weight, bias, *conf, variant)
+        else:
+            out = _conv2d_im2col(input, weight, bias, *conf, _im2col_workspace_limit)
+        if out is not NotImplemented:
+            return out
     ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
     return conv2d_forward(ns, input, weight, bias, conf, algo, variant, _im2col_workspace_limit)
 
@@ -275,6 +315,7 @@ def conv2d(
 
 
 FUSED_ALGOS = ("auto", "direct", "im2col")
+_conv_bn_relu = _backend.fast_op("conv_bn_relu")
 
 
 def conv_bn_relu(
@@ -355,8 +396,12 @@ def conv_bn_relu(
                 f"{torch.Size(sizes)}"
             )
     # Differentiable by its C++ autograd (cnnext.autograd); the op updates the running stats.
-    ns = _backend.ops_for(input)
-    return ns.conv_bn_relu(
+    args = (
         input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
         momentum, eps, stride_, padding_, dilation_, groups, algo, _im2col_workspace_limit,
-    )[0]  # fmt: skip
+    )  # fmt: skip
+    if not is_compiling():
+        out = _conv_bn_relu(*args)
+        if out is not NotImplemented:
+            return out[0]
+    return _backend.ops_for(input).conv_bn_relu(*args)[0]

@@ -1,17 +1,30 @@
 // The one registry of cnnext ops: every schema is defined here, once. This file is compiled into
 // both extensions: `cnnext._C` defines the namespace `cnnext` (CPU and CUDA kernels) and
 // `cnnext._C_emu` defines `cnnext_emu` (the CUDA kernels run by the CPU emulator), so the two
-// namespaces can never drift apart. Kernels register per backend in csrc/<op>/{cpu.cpp,cuda.cu}.
+// namespaces can never drift apart. Kernels register per backend in csrc/<op>/{cpu.cpp,cuda.cu};
+// each differentiable op's autograd (the CNNEXT_AUTOGRAD block that closes its family header)
+// registers here, on the line after its schema, for the op's Autograd key.
 #include <Python.h>
 #include <torch/library.h>
 
+#define CNNEXT_AUTOGRAD  // the family headers' autograd blocks are compiled here, and only here
 #include "common/library.h"
+#include "conv2d_direct/conv2d_direct.h"
+#include "conv2d_im2col/conv2d_im2col.h"
+#include "conv_bn_relu/conv_bn_relu.h"
+#include "pool2d/pool2d.h"
+
+// `fn` as the op's Autograd kernel.
+#define CNNEXT_AUTOGRAD_IMPL(m, op, fn) \
+  m.impl(op, torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(fn)))
 
 CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
   // ---- pooling (csrc/pool2d) ----
   m.def(
       "max_pool2d_with_argmax(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  CNNEXT_AUTOGRAD_IMPL(m, "max_pool2d_with_argmax",
+                       cnnext::pool2d::max_pool2d_with_argmax_autograd);
   // The window geometry lets the CUDA backward gather (each input element reads only the outputs
   // whose window covers it) instead of scattering with atomics.
   m.def(
@@ -21,6 +34,7 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
   m.def(
       "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
       "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  CNNEXT_AUTOGRAD_IMPL(m, "avg_pool2d", cnnext::pool2d::avg_pool2d_autograd);
   m.def(
       "avg_pool2d_backward(Tensor grad_output, int[] input_size, int[2] kernel_size, "
       "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
@@ -30,6 +44,7 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
   m.def(
       "conv2d_direct(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, str variant) -> Tensor");
+  CNNEXT_AUTOGRAD_IMPL(m, "conv2d_direct", cnnext::autograd::conv2d_autograd<cnnext::DirectConv>);
   m.def(
       "conv2d_direct_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, "
@@ -39,6 +54,7 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
   m.def(
       "conv2d_im2col(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int max_col_bytes) -> Tensor");
+  CNNEXT_AUTOGRAD_IMPL(m, "conv2d_im2col", cnnext::autograd::conv2d_autograd<cnnext::Im2colConv>);
   m.def(
       "conv2d_im2col_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, int max_col_bytes) "
@@ -59,6 +75,7 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
       "float momentum, float eps, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "str algo=\"auto\", int max_col_bytes=67108864) -> (Tensor output, Tensor save_mean, "
       "Tensor save_invstd, Tensor batch_var, Tensor conv_output)");
+  CNNEXT_AUTOGRAD_IMPL(m, "conv_bn_relu", cnnext::fused::conv_bn_relu_autograd);
   // output_mask: input, weight, conv_bias, bn_weight, bn_bias. Masked-off gradients are empty.
   // The ReLU mask never comes from the forward output itself (which callers may modify in place,
   // e.g. an inplace ReLU after it): training recomputes it from conv_output and the saved
@@ -89,8 +106,19 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
 #define CNNEXT_PYINIT PyInit__C
 #endif
 
+#ifndef CNNEXT_CUDA_EMULATION
+bool cnnext_add_fast_call(PyObject* module);  // csrc/fast_call.cpp: cnnext._C.FastOp
+#endif
+
 extern "C" PyMODINIT_FUNC CNNEXT_PYINIT(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, CNNEXT_MODULE_NAME, nullptr, -1,
                                           nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+#ifndef CNNEXT_CUDA_EMULATION
+  if (module != nullptr && !cnnext_add_fast_call(module)) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+#endif
+  return module;
 }

@@ -1,7 +1,7 @@
-"""The C++ autograd of each op family (csrc/autograd.cpp): the node a differentiable call
-records, that neither forward nor backward re-enters Python, which gradients a backward pass
-computes, and calls that must record nothing. Gradient values are held against torch in each
-family's own test file."""
+"""The C++ autograd of each op family (the CNNEXT_AUTOGRAD block of its csrc/<family>/<family>.h,
+on csrc/autograd.h): the node a differentiable call records, that neither forward nor backward
+re-enters Python, which gradients a backward pass computes, and calls that must record nothing.
+Gradient values are held against torch in each family's own test file."""
 
 from __future__ import annotations
 
@@ -23,20 +23,20 @@ def _calls(
 ) -> Iterator[tuple[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor], tuple]]:
     """(family, cnnext call, torch call, leaves) for every differentiable family."""
     yield (
-        "MaxPool2dFunction",
+        "MaxPool2dBackward",
         lambda: cnnext.ops.max_pool2d(x, 3, 2, 1),
         lambda: F.max_pool2d(x, 3, 2, 1),
         (x,),
     )
     yield (
-        "AvgPool2dFunction",
+        "AvgPool2dBackward",
         lambda: cnnext.ops.avg_pool2d(x, 3, 2, 1),
         lambda: F.avg_pool2d(x, 3, 2, 1),
         (x,),
     )
     for algo in ("direct", "im2col"):
         yield (
-            "Conv2dFunction",
+            f"Conv2d{algo.capitalize()}Backward",
             lambda algo=algo: cnnext.ops.conv2d(x, w, b, 1, 1, algo=algo),
             lambda: F.conv2d(x, w, b, 1, 1),
             (x, w, b),
@@ -46,7 +46,7 @@ def _calls(
     mean, var = torch.randn_like(b).detach(), torch.rand_like(b).add(0.5).detach()
     for training in (True, False):
         yield (
-            "ConvBNReLU2dFunction",
+            "ConvBNReLU2dBackward",
             lambda training=training: cnnext.ops.conv_bn_relu(
                 x, w, b, gamma, beta, mean.clone(), var.clone(), training, padding=1
             ),
@@ -68,14 +68,18 @@ def _leaves(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def test_one_cpp_node_per_family(device: str) -> None:
-    """A differentiable call records one C++ node of its family's Function, also in the
-    emulator's namespace."""
-    for family, ours, _, _ in _calls(*_leaves(device)):
-        node = ours().grad_fn
-        assert node is not None and "CppNode" in node.name() and family in node.name(), (
-            family,
-            node.name() if node is not None else None,
-        )
+    """A differentiable call records one C++ node of its family, also in the emulator's
+    namespace, with an edge per tensor argument (an absent optional one: an empty edge), and a
+    torch.autograd.graph creation hook sees it."""
+    for family, ours, _, leaves in _calls(*_leaves(device)):
+        seen: list[str] = []
+        with torch.autograd.graph.node_creation_hook(lambda n, seen=seen: seen.append(n.name())):
+            node = ours().grad_fn
+        assert node is not None and node.name() == family, (family, node and node.name())
+        assert seen.count(family) == 1, seen  # (and the leaves' AccumulateGrad nodes)
+        edges = [fn for fn, _ in node.next_functions]
+        accumulated = [getattr(fn, "variable", None) for fn in edges if fn is not None]
+        assert all(any(a is leaf for a in accumulated) for leaf in leaves), family
 
 
 class _PythonCalls:

@@ -212,3 +212,104 @@ def test_same_padding_gradients() -> None:
         torch.testing.assert_close(out, ref)
         torch.testing.assert_close(xo.grad, xr.grad)
         torch.testing.assert_close(wo.grad, wr.grad)
+
+
+# ---- the lean binding (cnnext._C.FastOp) and its fallback to torch.ops --------------------------
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _Marked(torch.Tensor):
+    """A subclass whose __torch_function__ records the functions it sees."""
+
+    seen: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001
+        cls.seen.append(str(func))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _each_op(x: torch.Tensor, w: torch.Tensor) -> list[tuple[str, Any]]:
+    mean, var = torch.zeros(4), torch.ones(4)
+    return [
+        ("max_pool2d_with_argmax", lambda: cnnext.ops.max_pool2d(x, 2)),
+        ("avg_pool2d", lambda: cnnext.ops.avg_pool2d(x, 2)),
+        ("conv2d_direct", lambda: cnnext.ops.conv2d(x, w, algo="direct")),
+        ("conv2d_im2col", lambda: cnnext.ops.conv2d(x, w, algo="im2col")),
+        ("conv_bn_relu", lambda: cnnext.ops.conv_bn_relu(x, w, None, None, None, mean, var)),
+    ]
+
+
+def test_torch_function_modes_and_subclasses_see_every_op() -> None:
+    """A torch function mode, or a tensor subclass with __torch_function__, sees each op (the
+    lean binding declines them, torch.ops hands them over), and the results are unchanged."""
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    for op, call in _each_op(x, w):
+        plain = call()
+        with _Recorder() as recorder:
+            moded = call()
+        assert any(f"cnnext.{op}" in s for s in recorder.seen), (op, recorder.seen)
+        torch.testing.assert_close(moded, plain)
+    marked = x.as_subclass(_Marked)
+    for op, call in _each_op(marked, w):
+        _Marked.seen.clear()
+        call()
+        assert any(f"cnnext.{op}" in s for s in _Marked.seen), (op, _Marked.seen)
+
+
+def test_emulated_calls_reach_the_emulator() -> None:
+    """Inside emulate_cuda() every op runs its emulated CUDA kernels (the binding picks the
+    cnnext_emu namespace for CPU tensors), and leaving it restores the CPU kernels."""
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    for op, call in _each_op(x, w):
+        with cnnext.emulate_cuda("forward", record=True) as log:
+            call()
+        assert log is not None and len(log) > 0, op
+    with cnnext.emulate_cuda("forward", record=True) as outer:
+        with cnnext.emulate_cuda("reverse"):
+            pass
+        cnnext.ops.max_pool2d(x, 2)  # still emulated after an inner block exits
+    assert outer is not None and len(outer) > 0
+    for op, call in _each_op(x, w):
+        with cnnext.emulate_cuda("forward", record=True) as log:
+            pass
+        call()  # after the block: the CPU kernel, nothing recorded
+        assert log is not None and len(log) == 0, op
+
+
+def test_fast_op_declines_what_it_does_not_parse() -> None:
+    """The binding returns NotImplemented for argument forms it leaves to torch.ops, and an
+    error naming the op for a wrong call of its own."""
+    fast = cnnext._backend.fast_op("avg_pool2d")
+    x = torch.randn(1, 3, 6, 6)
+    plain = fast(x, 2, 2, 0, False, True, None)
+    torch.testing.assert_close(plain, F.avg_pool2d(x, 2))
+    for args in [
+        (x, np.int64(2), 2, 0, False, True, None),  # not a Python int
+        (x, (2, 2, 2), 2, 0, False, True, None),  # three ints
+        (x, 2, (), 0, False, True, None),  # empty
+        (x, 2, 2, 0, 0, True, None),  # an int for a bool
+        (x, 2, 2, 0, False, True, 2**64),  # beyond int64
+        (x.as_subclass(_Marked), 2, 2, 0, False, True, None),
+        (x.numpy(), 2, 2, 0, False, True, None),
+    ]:
+        assert fast(*args) is NotImplemented, args
+    with pytest.raises(TypeError, match="avg_pool2d takes 7 positional arguments"):
+        fast(x, 2)
+    both = cnnext._backend.fast_op("max_pool2d_with_argmax")(x, 2, 2, 0, 1, False)
+    first = cnnext._backend.fast_op("max_pool2d_with_argmax", outputs=1)(x, 2, 2, 0, 1, False)
+    assert isinstance(both, tuple) and len(both) == 2 and isinstance(first, torch.Tensor)
+    torch.testing.assert_close(first, both[0])
+    with pytest.raises(ValueError, match="has 2 returns, asked for 3"):
+        cnnext._backend.fast_op("max_pool2d_with_argmax", outputs=3)
+    with pytest.raises(RuntimeError, match="cnnext::avg_pool2d: .*kernel_size"):
+        fast(x, 0, 1, 0, False, True, None)

@@ -33,3 +33,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cuda(
     std::array<bool, 3> output_mask, c10::string_view variant);
 
 }  // namespace cnnext
+
+// ==== autograd ===================================================================================
+// Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers the forward for the
+// Autograd key of conv2d_direct (the node is csrc/autograd.h's, shared with im2col).
+#ifdef CNNEXT_AUTOGRAD
+#include <string>
+
+#include "autograd.h"
+
+namespace cnnext {
+
+struct DirectConv {
+  static constexpr const char* kForward = "conv2d_direct";
+  static constexpr const char* kBackward = "conv2d_direct_backward";
+  static constexpr const char* kNode = "Conv2dDirectBackward";
+  using Extra = c10::string_view;  // the CUDA kernel variant
+  using Stored = std::string;
+};
+
+}  // namespace cnnext
+#endif  // CNNEXT_AUTOGRAD

@@ -33,3 +33,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
     std::array<bool, 3> output_mask, int64_t max_col_bytes);
 
 }  // namespace cnnext
+
+// ==== autograd ===================================================================================
+// Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers the forward for the
+// Autograd key of conv2d_im2col (the node is csrc/autograd.h's, shared with the direct one).
+#ifdef CNNEXT_AUTOGRAD
+#include "autograd.h"
+
+namespace cnnext {
+
+struct Im2colConv {
+  static constexpr const char* kForward = "conv2d_im2col";
+  static constexpr const char* kBackward = "conv2d_im2col_backward";
+  static constexpr const char* kNode = "Conv2dIm2colBackward";
+  using Extra = int64_t;  // max_col_bytes
+  using Stored = int64_t;
+};
+
+}  // namespace cnnext
+#endif  // CNNEXT_AUTOGRAD

@@ -120,3 +120,139 @@ inline ConvAlgorithm conv_algorithm(const char* op, c10::string_view algo, int64
 }
 
 }  // namespace cnnext::fused
+
+// ==== autograd ===================================================================================
+// Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers the forward for the
+// Autograd key of conv_bn_relu (see csrc/autograd.h).
+#ifdef CNNEXT_AUTOGRAD
+#include <mutex>
+#include <tuple>
+
+#include "autograd.h"
+
+namespace cnnext::fused {
+
+using autograd::OptionalTensor;
+using FusedOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using FusedSig = FusedOutputs(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                              const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                              const OptionalTensor&, bool, double, double, at::IntArrayRef,
+                              at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view, int64_t);
+using FusedBackwardSig = FusedOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, const OptionalTensor&,
+                                      const OptionalTensor&, const OptionalTensor&,
+                                      const at::Tensor&, const at::Tensor&, bool, at::IntArrayRef,
+                                      at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                                      int64_t, std::array<bool, 5>);
+
+// The output itself is not saved, so an inplace op on it (e.g. a following
+// nn.ReLU(inplace=True)) is harmless: training recomputes the ReLU mask from the saved
+// convolution output and statistics, eval reads it from a private copy of the output (as much
+// memory as eager's ReLU keeps; rerunning the folded convolution instead would cost a second
+// forward). Training saves the input only for the weight's gradient and the weight only for the
+// input's (a tensor not saved reaches the backward op as a placeholder of the right shape); eval
+// saves both. Edges: input, weight, conv_bias, bn_weight, bn_bias (empty where absent).
+struct ConvBNReLU2dBackward : autograd::Node {
+  autograd::SavedVariable conv_output, save_mean, save_invstd, input, weight, conv_bias, bn_weight,
+      bn_bias;
+  std::vector<int64_t> input_size, weight_size, output_stride, stride, padding, dilation;
+  std::array<bool, 3> given{};  // conv_bias, bn_weight, bn_bias
+  bool training = false;
+  int64_t groups = 1, max_col_bytes = 0;
+  std::string algo;
+
+  std::string name() const override { return "ConvBNReLU2dBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto* v : {&conv_output, &save_mean, &save_invstd, &input, &weight, &conv_bias, &bn_weight,
+                    &bn_bias}) {
+      v->reset_data();
+    }
+  }
+  autograd::variable_list apply(autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    autograd::variable_list result(5);
+    if (!grads[0].defined()) return result;
+    static const auto op = autograd::find_op<FusedBackwardSig>("conv_bn_relu_backward");
+    const at::Tensor grad = autograd::like_output(grads[0], output_stride);
+    const std::array<bool, 5> mask = {task_should_compute_output(0), task_should_compute_output(1),
+                                      given[0] && task_should_compute_output(2),
+                                      given[1] && task_should_compute_output(3),
+                                      given[2] && task_should_compute_output(4)};
+    at::Tensor x = input.unpack(), w = weight.unpack();
+    if (!x.defined()) x = autograd::placeholder(grad, input_size);
+    if (!w.defined()) w = autograd::placeholder(grad, weight_size);
+    auto unpack_optional = [](const autograd::SavedVariable& v) -> OptionalTensor {
+      at::Tensor t = v.unpack();
+      return t.defined() ? OptionalTensor(std::move(t)) : std::nullopt;
+    };
+    auto out =
+        autograd::call_backward(op, grad, conv_output.unpack(), x, w, unpack_optional(conv_bias),
+                                unpack_optional(bn_weight), unpack_optional(bn_bias),
+                                save_mean.unpack(), save_invstd.unpack(), training, stride, padding,
+                                dilation, groups, algo, max_col_bytes, mask);
+    const std::array<at::Tensor, 5> all = {std::get<0>(out), std::get<1>(out), std::get<2>(out),
+                                           std::get<3>(out), std::get<4>(out)};
+    for (size_t i = 0; i < 5; ++i) {
+      if (mask[i]) result[i] = all[i];
+    }
+    return result;
+  }
+};
+
+inline FusedOutputs conv_bn_relu_autograd(
+    const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& conv_bias,
+    const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
+    const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+    double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view algo, int64_t max_col_bytes) {
+  static const auto op = autograd::find_op<FusedSig>("conv_bn_relu");
+  FusedOutputs out;
+  if (!autograd::wants_grad("conv_bn_relu", input, weight, conv_bias, bn_weight, bn_bias)) {
+    out = autograd::call_below_autograd(op, input, weight, conv_bias, bn_weight, bn_bias,
+                                        running_mean, running_var, training, momentum, eps, stride,
+                                        padding, dilation, groups, algo, max_col_bytes);
+  } else {
+    auto node =
+        autograd::make_node<ConvBNReLU2dBackward>(input, weight, conv_bias, bn_weight, bn_bias);
+    out = autograd::call_below_autograd(op, input, weight, conv_bias, bn_weight, bn_bias,
+                                        running_mean, running_var, training, momentum, eps, stride,
+                                        padding, dilation, groups, algo, max_col_bytes);
+    const auto& [output, save_mean, save_invstd, batch_var, conv_output] = out;
+    node->conv_output = autograd::save(training ? conv_output : output.clone());
+    node->save_mean = autograd::save(save_mean);
+    node->save_invstd = autograd::save(save_invstd);
+    if (weight.requires_grad() || !training) node->input = autograd::save(input);
+    if (input.requires_grad() || !training) node->weight = autograd::save(weight);
+    node->conv_bias = autograd::save(conv_bias);
+    node->bn_weight = autograd::save(bn_weight);
+    node->bn_bias = autograd::save(bn_bias);
+    auto given = [](const OptionalTensor& t) { return t.has_value() && t->defined(); };
+    node->given = {given(conv_bias), given(bn_weight), given(bn_bias)};
+    node->input_size = input.sizes().vec();
+    node->weight_size = weight.sizes().vec();
+    node->output_stride = output.strides().vec();
+    node->training = training;
+    node->stride = stride.vec();
+    node->padding = padding.vec();
+    node->dilation = dilation.vec();
+    node->groups = groups;
+    node->algo = std::string(algo);
+    node->max_col_bytes = max_col_bytes;
+    autograd::finish_node(node, output);
+  }
+  // The op wrote the running statistics below autograd, where no version counter moves; bump
+  // them as an inplace op would (torch's batch norm does), so stale saved copies are caught.
+  if (training) {
+    if (running_mean.has_value() && running_mean->defined()) {
+      torch::autograd::impl::bump_version(*running_mean);
+    }
+    if (running_var.has_value() && running_var->defined()) {
+      torch::autograd::impl::bump_version(*running_var);
+    }
+  }
+  return out;
+}
+
+}  // namespace cnnext::fused
+#endif  // CNNEXT_AUTOGRAD

@@ -231,3 +231,114 @@ inline BackwardPlan plan_avg_backward(Backend backend, const at::Tensor& grad_ou
 }
 
 }  // namespace cnnext::pool2d
+
+// ==== autograd ===================================================================================
+// Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers these forwards for the
+// Autograd key of the ops (see csrc/autograd.h).
+#ifdef CNNEXT_AUTOGRAD
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "autograd.h"
+
+namespace cnnext::pool2d {
+
+using MaxPoolSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef,
+                                                      at::IntArrayRef, at::IntArrayRef,
+                                                      at::IntArrayRef, bool);
+using MaxPoolBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                      at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                      at::IntArrayRef, bool);
+using AvgPoolSig = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                              bool, bool, std::optional<int64_t>);
+using AvgPoolBackwardSig = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                                      at::IntArrayRef, at::IntArrayRef, bool, bool,
+                                      std::optional<int64_t>);
+
+// Saves the argmax; backward scatters the gradient through it (the op gathers on CUDA).
+struct MaxPool2dBackward : autograd::Node {
+  autograd::SavedVariable argmax;
+  std::vector<int64_t> input_size, output_stride, kernel_size, stride, padding, dilation;
+  bool ceil_mode = false;
+
+  std::string name() const override { return "MaxPool2dBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    argmax.reset_data();
+  }
+  autograd::variable_list apply(autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return {at::Tensor()};
+    static const auto op = autograd::find_op<MaxPoolBackwardSig>("max_pool2d_backward");
+    return {autograd::call_backward(op, autograd::like_output(grads[0], output_stride),
+                                    argmax.unpack(), input_size, kernel_size, stride, padding,
+                                    dilation, ceil_mode)};
+  }
+};
+
+inline std::tuple<at::Tensor, at::Tensor> max_pool2d_with_argmax_autograd(
+    const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  static const auto op = autograd::find_op<MaxPoolSig>("max_pool2d_with_argmax");
+  if (!autograd::wants_grad("max_pool2d_with_argmax", input)) {
+    return autograd::call_below_autograd(op, input, kernel_size, stride, padding, dilation,
+                                         ceil_mode);
+  }
+  auto node = autograd::make_node<MaxPool2dBackward>(input);
+  auto [output, argmax] =
+      autograd::call_below_autograd(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+  node->argmax = autograd::save(argmax);
+  node->input_size = input.sizes().vec();
+  node->output_stride = output.strides().vec();
+  node->kernel_size = kernel_size.vec();
+  node->stride = stride.vec();
+  node->padding = padding.vec();
+  node->dilation = dilation.vec();
+  node->ceil_mode = ceil_mode;
+  autograd::finish_node(node, output);
+  return {output, argmax};
+}
+
+// Saves no tensor: backward spreads each output gradient over its window.
+struct AvgPool2dBackward : autograd::Node {
+  std::vector<int64_t> input_size, output_stride, kernel_size, stride, padding;
+  bool ceil_mode = false, count_include_pad = true;
+  std::optional<int64_t> divisor_override;
+
+  std::string name() const override { return "AvgPool2dBackward"; }
+  autograd::variable_list apply(autograd::variable_list&& grads) override {
+    if (!grads[0].defined()) return {at::Tensor()};
+    static const auto op = autograd::find_op<AvgPoolBackwardSig>("avg_pool2d_backward");
+    return {autograd::call_backward(op, autograd::like_output(grads[0], output_stride), input_size,
+                                    kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                    divisor_override)};
+  }
+};
+
+inline at::Tensor avg_pool2d_autograd(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      bool ceil_mode, bool count_include_pad,
+                                      std::optional<int64_t> divisor_override) {
+  static const auto op = autograd::find_op<AvgPoolSig>("avg_pool2d");
+  if (!autograd::wants_grad("avg_pool2d", input)) {
+    return autograd::call_below_autograd(op, input, kernel_size, stride, padding, ceil_mode,
+                                         count_include_pad, divisor_override);
+  }
+  auto node = autograd::make_node<AvgPool2dBackward>(input);
+  at::Tensor output = autograd::call_below_autograd(op, input, kernel_size, stride, padding,
+                                                    ceil_mode, count_include_pad, divisor_override);
+  node->input_size = input.sizes().vec();
+  node->output_stride = output.strides().vec();
+  node->kernel_size = kernel_size.vec();
+  node->stride = stride.vec();
+  node->padding = padding.vec();
+  node->ceil_mode = ceil_mode;
+  node->count_include_pad = count_include_pad;
+  node->divisor_override = divisor_override;
+  autograd::finish_node(node, output);
+  return output;
+}
+
+}  // namespace cnnext::pool2d
+#endif  // CNNEXT_AUTOGRAD

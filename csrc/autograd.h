@@ -1,0 +1,191 @@
+// What every family's autograd node shares (the nodes themselves close each family header, in
+// its CNNEXT_AUTOGRAD block; csrc/cnnext.cpp defines CNNEXT_AUTOGRAD, includes the headers and
+// registers each node's forward for its op's Autograd key, in this build's namespace: cnnext in
+// _C, cnnext_emu in _C_emu).
+//
+// A node is a hand-written torch::autograd::Node, as torch's generated VariableType code makes
+// them: edges to the differentiable inputs, the outputs' history, saved tensors as SavedVariables
+// and the rest as plain members. torch::autograd::Function does the same through a generic
+// context (a string-keyed IValue map, per-input bookkeeping), which cost ~5 us per call on a tiny
+// layer. Forward runs the op below autograd; backward calls the family's registered backward op,
+// so each backend's backward kernel serves as it is. Without a gradient to record (grad mode off,
+// or no input requiring one) the op runs directly, with no node.
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/node.h>
+#include <torch/csrc/autograd/saved_variable.h>
+
+#include <array>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/library.h"
+
+namespace cnnext::autograd {
+
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+using OptionalTensor = std::optional<at::Tensor>;
+
+// The typed handle of `name` in this build's namespace. The signature must be the kernels'
+// exactly (the dispatcher checks it).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  const std::string qualified = std::string(CNNEXT_NS_NAME "::") + name;
+  return c10::Dispatcher::singleton().findSchemaOrThrow(qualified.c_str(), "").typed<Sig>();
+}
+
+// Calls `op` below autograd (from an autograd kernel, calling it normally would come back here).
+template <typename Sig, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(std::forward<Args>(args)...);
+}
+
+// Calls a backward op. Under create_graph the op goes through the dispatcher's autograd fallback
+// (no double backward), as any op without a derivative; otherwise straight to its kernel.
+template <typename Sig, typename... Args>
+auto call_backward(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  if (c10::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
+  return call_below_autograd(op, std::forward<Args>(args)...);
+}
+
+inline bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+inline bool requires_grad(const OptionalTensor& t) { return t && requires_grad(*t); }
+inline bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
+inline bool has_tangent(const OptionalTensor& t) { return t && has_tangent(*t); }
+
+// Whether a call must record a node. Forward-mode AD has no formula here: a tangent is refused
+// rather than dropped.
+template <typename... Ts>
+bool wants_grad(const char* op, const Ts&... tensors) {
+  CNNEXT_CHECK(!(has_tangent(tensors) || ...), op,
+               "forward-mode AD (a dual tensor argument) is not supported");
+  return c10::GradMode::is_enabled() && (requires_grad(tensors) || ...);
+}
+
+// A new node of type N with edges to `inputs` (an absent or undefined one: an empty edge, so
+// edge i is always argument i).
+template <typename N, typename... Ts>
+c10::intrusive_ptr<N> make_node(const Ts&... inputs) {
+  auto node = c10::make_intrusive<N>();
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  return node;
+}
+
+// Attaches `output` to `node` (its first and only differentiable output) and announces the node
+// (torch.autograd.graph's creation hooks), once everything it saves is stored.
+inline void finish_node(const c10::intrusive_ptr<Node>& node, const at::Tensor& output) {
+  torch::autograd::set_history(output, node);
+  torch::autograd::fire_node_creation_hooks(node);
+}
+
+inline SavedVariable save(const at::Tensor& t) { return SavedVariable(t, /*is_output=*/false); }
+inline SavedVariable save(const OptionalTensor& t) {
+  return t && t->defined() ? save(*t) : SavedVariable();
+}
+
+using Pair = std::array<int64_t, 2>;
+inline std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
+
+// `grad` with the forward output's strides. The backward ops give the gradient the layout of
+// grad_output, which autograd may hand over contiguous; the forward output's strides carry the
+// input's layout, so the gradient takes it, as torch's does. (Strides, not memory formats:
+// .contiguous(format) keeps ambiguous strides such as those of an [N, C, 1, 1] gradient.)
+inline at::Tensor like_output(const at::Tensor& grad, at::IntArrayRef output_stride) {
+  if (grad.strides() == output_stride) return grad;
+  return at::empty_strided(grad.sizes(), output_stride, grad.options()).copy_(grad);
+}
+
+// A stand-in for a tensor that was not saved: the backward ops read only its metadata.
+inline at::Tensor placeholder(const at::Tensor& like, at::IntArrayRef sizes) {
+  return at::zeros({}, like.options()).expand(sizes);
+}
+
+// ---- convolution (csrc/conv2d_direct, csrc/conv2d_im2col) ---------------------------------------
+
+// The two convolution families differ only in their op names and in the argument after groups
+// (Family::Extra, kept in the node as Family::Stored): the direct kernels' variant, im2col's
+// column-buffer bound. Each family header names its own (its CNNEXT_AUTOGRAD block).
+template <typename Family>
+using ConvSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                           at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                           typename Family::Extra);
+template <typename Family>
+using ConvBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+    at::IntArrayRef, int64_t, std::array<bool, 3>, typename Family::Extra);
+
+// Saves the input only if the weight needs a gradient and the weight only if the input does; a
+// tensor not saved reaches the backward op as a placeholder of the right shape (the ops read
+// `input` only for output_mask[1] and `weight` only for output_mask[0]). The mask is what this
+// backward pass asks for (torch.autograd.grad(out, x) computes no weight gradient). Edges:
+// input, weight, bias (empty without one).
+template <typename Family>
+struct ConvBackward : Node {
+  SavedVariable input, weight;
+  std::vector<int64_t> input_size, weight_size, stride, padding, dilation;
+  int64_t groups = 1;
+  bool has_bias = false;
+  typename Family::Stored extra{};
+
+  std::string name() const override { return Family::kNode; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input.reset_data();
+    weight.reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    static const auto op = find_op<ConvBackwardSig<Family>>(Family::kBackward);
+    const at::Tensor& grad = grads[0];
+    const std::array<bool, 3> mask = {task_should_compute_output(0), task_should_compute_output(1),
+                                      has_bias && task_should_compute_output(2)};
+    at::Tensor x = input.unpack(), w = weight.unpack();
+    if (!x.defined()) x = placeholder(grad, input_size);
+    if (!w.defined()) w = placeholder(grad, weight_size);
+    auto [grad_input, grad_weight, grad_bias] = call_backward(
+        op, grad, x, w, stride, padding, dilation, groups, mask, typename Family::Extra(extra));
+    return {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_weight : at::Tensor(),
+            mask[2] ? grad_bias : at::Tensor()};
+  }
+};
+
+template <typename Family>
+at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
+                           const OptionalTensor& bias, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           typename Family::Extra extra) {
+  static const auto op = find_op<ConvSig<Family>>(Family::kForward);
+  if (!wants_grad(Family::kForward, input, weight, bias)) {
+    return call_below_autograd(op, input, weight, bias, stride, padding, dilation, groups, extra);
+  }
+  auto node = make_node<ConvBackward<Family>>(input, weight, bias);
+  at::Tensor output =
+      call_below_autograd(op, input, weight, bias, stride, padding, dilation, groups, extra);
+  if (weight.requires_grad()) node->input = save(input);
+  if (input.requires_grad()) node->weight = save(weight);
+  node->input_size = input.sizes().vec();
+  node->weight_size = weight.sizes().vec();
+  node->stride = stride.vec();
+  node->padding = padding.vec();
+  node->dilation = dilation.vec();
+  node->groups = groups;
+  node->has_bias = bias.has_value() && bias->defined();
+  node->extra = typename Family::Stored(extra);
+  finish_node(node, output);
+  return output;
+}
+
+}  // namespace cnnext::autograd

@@ -1,0 +1,312 @@
+// A lean Python binding of cnnext's ops, in cnnext._C only. `cnnext._C.FastOp("avg_pool2d")` is
+// a callable that converts its positional arguments by the op's schema and calls the op through
+// the dispatcher: `cnnext::` normally, `cnnext_emu::` for CPU tensors while emulating (set by
+// `_set_emulating`). Below the Python binding everything is as a call through torch.ops: the
+// autograd kernel, autocast, functorch, FakeTensor and torch_dispatch modes, the profiler and
+// the JIT tracer are dispatch keys. torch.ops' own binding (schema matching over *args/**kwargs,
+// pybind conversion) costs several microseconds a call, more than a small layer's kernel.
+//
+// It accepts only plain arguments: exact torch.Tensor / nn.Parameter objects, Python ints and
+// floats, bools, str, None for optionals, and for `int[2]` an int or a sequence of one or two
+// ints. For anything else, or while a torch function mode is active, it returns NotImplemented
+// and the caller (cnnext.ops) goes through torch.ops, which handles __torch_function__,
+// subclasses, SymInts and the argument forms torch.nn.functional accepts. The callers never use
+// it while torch.compile traces.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace cnnext {
+namespace {
+
+enum class Kind { kTensor, kOptionalTensor, kInt, kOptionalInt, kIntPair, kBool, kFloat, kStr };
+
+std::atomic<bool> emulating{false};
+
+struct FastOpImpl {
+  std::string name;
+  std::vector<Kind> kinds;
+  size_t returns = 0;  // how many of the op's returns a call gives back (the first ones)
+  // Per namespace (cnnext, cnnext_emu), looked up on first use: the emulator's module is
+  // imported after this one, and may be absent.
+  std::array<std::optional<c10::OperatorHandle>, 2> handles;
+  std::array<bool, 2> looked_up{};
+};
+
+struct FastOp {
+  PyObject_HEAD vectorcallfunc vectorcall;
+  FastOpImpl* impl;
+};
+
+Kind kind_of(const c10::Argument& arg, const std::string& op) {
+  const c10::TypePtr& type = arg.type();
+  switch (type->kind()) {
+    case c10::TypeKind::TensorType:
+      return Kind::kTensor;
+    case c10::TypeKind::IntType:
+      return Kind::kInt;
+    case c10::TypeKind::BoolType:
+      return Kind::kBool;
+    case c10::TypeKind::FloatType:
+      return Kind::kFloat;
+    case c10::TypeKind::StringType:
+      return Kind::kStr;
+    case c10::TypeKind::OptionalType: {
+      const auto inner = type->expectRef<c10::OptionalType>().getElementType()->kind();
+      if (inner == c10::TypeKind::TensorType) return Kind::kOptionalTensor;
+      if (inner == c10::TypeKind::IntType) return Kind::kOptionalInt;
+      break;
+    }
+    case c10::TypeKind::ListType:
+      if (type->expectRef<c10::ListType>().getElementType()->kind() == c10::TypeKind::IntType &&
+          arg.N() == 2) {
+        return Kind::kIntPair;
+      }
+      break;
+    default:
+      break;
+  }
+  TORCH_CHECK_TYPE(false, "cnnext._C.FastOp: ", op, ": argument ", arg.name(), " of type ",
+                   type->str(), " is not supported");
+}
+
+// An exact Python int (never a bool, a numpy int or a SymInt) that fits int64.
+bool to_int(PyObject* obj, int64_t* out) {
+  if (!PyLong_CheckExact(obj)) return false;
+  int overflow = 0;
+  *out = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  return overflow == 0 && !(*out == -1 && PyErr_Occurred());
+}
+
+// torch.nn.functional's rule for a 2D argument: an int, or a sequence of one or two ints.
+bool to_pair(PyObject* obj, c10::IValue* out) {
+  int64_t a = 0, b = 0;
+  if (to_int(obj, &a)) {
+    *out = std::vector<int64_t>{a, a};
+    return true;
+  }
+  const bool tuple = PyTuple_CheckExact(obj);
+  if (!tuple && !PyList_CheckExact(obj)) return false;
+  const Py_ssize_t n = tuple ? PyTuple_GET_SIZE(obj) : PyList_GET_SIZE(obj);
+  if (n != 1 && n != 2) return false;
+  auto item = [&](Py_ssize_t i) {
+    return tuple ? PyTuple_GET_ITEM(obj, i) : PyList_GET_ITEM(obj, i);
+  };
+  if (!to_int(item(0), &a) || !to_int(item(n - 1), &b)) return false;
+  *out = std::vector<int64_t>{a, b};
+  return true;
+}
+
+// Converts one argument; false: not a plain form (the caller goes through torch.ops).
+bool convert(Kind kind, PyObject* obj, torch::jit::Stack& stack) {
+  switch (kind) {
+    case Kind::kOptionalTensor:
+      if (obj == Py_None) {
+        stack.emplace_back();
+        return true;
+      }
+      [[fallthrough]];
+    case Kind::kTensor:
+      if (!THPVariable_CheckExact(obj)) return false;
+      stack.emplace_back(THPVariable_Unpack(obj));
+      return true;
+    case Kind::kOptionalInt:
+      if (obj == Py_None) {
+        stack.emplace_back();
+        return true;
+      }
+      [[fallthrough]];
+    case Kind::kInt: {
+      int64_t v = 0;
+      if (!to_int(obj, &v)) return false;
+      stack.emplace_back(v);
+      return true;
+    }
+    case Kind::kIntPair: {
+      c10::IValue v;
+      if (!to_pair(obj, &v)) return false;
+      stack.push_back(std::move(v));
+      return true;
+    }
+    case Kind::kBool:
+      if (obj != Py_True && obj != Py_False) return false;
+      stack.emplace_back(obj == Py_True);
+      return true;
+    case Kind::kFloat: {
+      if (PyFloat_CheckExact(obj)) {
+        stack.emplace_back(PyFloat_AS_DOUBLE(obj));
+        return true;
+      }
+      int64_t v = 0;
+      if (!to_int(obj, &v)) return false;
+      stack.emplace_back(static_cast<double>(v));
+      return true;
+    }
+    case Kind::kStr: {
+      if (!PyUnicode_CheckExact(obj)) return false;
+      Py_ssize_t size = 0;
+      const char* data = PyUnicode_AsUTF8AndSize(obj, &size);
+      if (data == nullptr) return false;
+      stack.emplace_back(std::string(data, size));
+      return true;
+    }
+  }
+  return false;
+}
+
+const c10::OperatorHandle* handle(FastOpImpl& impl, bool emulated) {
+  const int i = emulated ? 1 : 0;
+  if (!impl.looked_up[i]) {  // under the GIL
+    const std::string qualified = std::string(emulated ? "cnnext_emu::" : "cnnext::") + impl.name;
+    impl.handles[i] = c10::Dispatcher::singleton().findSchema({qualified, ""});
+    impl.looked_up[i] = true;
+  }
+  return impl.handles[i] ? &*impl.handles[i] : nullptr;
+}
+
+PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
+
+// Releases the GIL while the op runs, as torch's bindings do; reacquired on the way out, also
+// when the op throws.
+struct ReleaseGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~ReleaseGil() { PyEval_RestoreThread(state); }
+};
+
+PyObject* fast_op_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  HANDLE_TH_ERRORS
+  FastOpImpl& impl = *reinterpret_cast<FastOp*>(self)->impl;
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  TORCH_CHECK_TYPE(kwnames == nullptr && nargs == static_cast<Py_ssize_t>(impl.kinds.size()),
+                   "cnnext._C.FastOp: ", impl.name, " takes ", impl.kinds.size(),
+                   " positional arguments, got ", nargs,
+                   kwnames == nullptr ? "" : " and keyword arguments");
+  if (at::impl::torch_function_mode_enabled()) return not_implemented();
+  torch::jit::Stack stack;
+  stack.reserve(impl.kinds.size());
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    if (!convert(impl.kinds[i], args[i], stack)) {
+      if (PyErr_Occurred()) PyErr_Clear();
+      return not_implemented();
+    }
+  }
+  const bool emulated = emulating.load(std::memory_order_relaxed) && stack[0].isTensor() &&
+                        stack[0].toTensor().device().is_cpu();
+  const c10::OperatorHandle* op = handle(impl, emulated);
+  if (op == nullptr) return not_implemented();
+  {
+    ReleaseGil release;
+    op->callBoxed(stack);
+  }
+  if (impl.returns == 1) return THPVariable_Wrap(std::move(stack[0]).toTensor());
+  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(impl.returns));
+  if (result == nullptr) return nullptr;
+  for (size_t i = 0; i < impl.returns; ++i) {
+    PyObject* item = THPVariable_Wrap(std::move(stack[i]).toTensor());
+    if (item == nullptr) {
+      Py_DECREF(result);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), item);
+  }
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* fast_op_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  HANDLE_TH_ERRORS
+  const char* name = nullptr;
+  Py_ssize_t outputs = -1;
+  static const char* keywords[] = {"name", "outputs", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "s|n", const_cast<char**>(keywords), &name,
+                                   &outputs)) {
+    return nullptr;
+  }
+  auto impl = std::make_unique<FastOpImpl>();
+  impl->name = name;
+  const auto op = c10::Dispatcher::singleton().findSchema({"cnnext::" + impl->name, ""});
+  TORCH_CHECK_VALUE(op.has_value(), "cnnext._C.FastOp: no op cnnext::", impl->name);
+  const c10::FunctionSchema& schema = op->schema();
+  for (const c10::Argument& arg : schema.arguments()) {
+    impl->kinds.push_back(kind_of(arg, impl->name));
+  }
+  TORCH_CHECK_VALUE(!impl->kinds.empty() && impl->kinds[0] == Kind::kTensor,
+                    "cnnext._C.FastOp: ", impl->name, ": the first argument must be a tensor");
+  for (const c10::Argument& ret : schema.returns()) {
+    TORCH_CHECK_VALUE(ret.type()->kind() == c10::TypeKind::TensorType,
+                      "cnnext._C.FastOp: ", impl->name, ": every return must be a tensor");
+  }
+  impl->returns = schema.returns().size();
+  TORCH_CHECK_VALUE(impl->returns > 0, "cnnext._C.FastOp: ", impl->name, " returns nothing");
+  // outputs=k: only the first k returns (the others are dropped in C++, never wrapped).
+  if (outputs != -1) {
+    TORCH_CHECK_VALUE(outputs >= 1 && static_cast<size_t>(outputs) <= impl->returns,
+                      "cnnext._C.FastOp: ", impl->name, " has ", impl->returns,
+                      " returns, asked for ", outputs);
+    impl->returns = static_cast<size_t>(outputs);
+  }
+  PyObject* self = type->tp_alloc(type, 0);
+  if (self == nullptr) return nullptr;
+  auto* fast = reinterpret_cast<FastOp*>(self);
+  fast->vectorcall = fast_op_call;
+  fast->impl = impl.release();
+  return self;
+  END_HANDLE_TH_ERRORS
+}
+
+void fast_op_dealloc(PyObject* self) {
+  delete reinterpret_cast<FastOp*>(self)->impl;
+  Py_TYPE(self)->tp_free(self);
+}
+
+PyObject* fast_op_repr(PyObject* self) {
+  return PyUnicode_FromFormat("<cnnext._C.FastOp %s>",
+                              reinterpret_cast<FastOp*>(self)->impl->name.c_str());
+}
+
+PyObject* set_emulating(PyObject* /*module*/, PyObject* flag) {
+  const int on = PyObject_IsTrue(flag);
+  if (on < 0) return nullptr;
+  emulating.store(on != 0, std::memory_order_relaxed);
+  Py_RETURN_NONE;
+}
+
+PyTypeObject fast_op_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+PyMethodDef methods[] = {
+    {"_set_emulating", set_emulating, METH_O,
+     "Whether FastOp calls on CPU tensors go to cnnext_emu (mirrors cnnext.emulate_cuda)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+}  // namespace cnnext
+
+// Called by PyInit__C (csrc/cnnext.cpp): adds FastOp and _set_emulating to the module.
+bool cnnext_add_fast_call(PyObject* module) {
+  using namespace cnnext;
+  fast_op_type.tp_name = "cnnext._C.FastOp";
+  fast_op_type.tp_basicsize = sizeof(FastOp);
+  fast_op_type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  fast_op_type.tp_doc =
+      "FastOp(name, outputs=all): a lean binding of cnnext::name (see csrc/fast_call.cpp)";
+  fast_op_type.tp_new = fast_op_new;
+  fast_op_type.tp_dealloc = fast_op_dealloc;
+  fast_op_type.tp_repr = fast_op_repr;
+  fast_op_type.tp_call = PyVectorcall_Call;
+  fast_op_type.tp_vectorcall_offset = offsetof(FastOp, vectorcall);
+  if (PyType_Ready(&fast_op_type) < 0) return false;
+  Py_INCREF(&fast_op_type);
+  if (PyModule_AddObject(module, "FastOp", reinterpret_cast<PyObject*>(&fast_op_type)) < 0) {
+    return false;
+  }
+  return PyModule_AddFunctions(module, methods) == 0;
+}
