@@ -603,8 +603,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_r
 }
 
 // Training: `input` is read only for the weight's gradient and `weight` only for the input's;
-// otherwise they may be placeholders of the right shape (see ConvBNReLU2dFunction in
-// csrc/autograd.cpp). Eval reads both, and takes the ReLU mask from
+// otherwise they may be placeholders of the right shape (see ConvBNReLU2dBackward in
+// conv_bn_relu.h). Eval reads both, and takes the ReLU mask from
 // conv_output (a copy of the forward output) or, when that is empty, reruns the folded convolution.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& conv_output, const at::Tensor& input,
