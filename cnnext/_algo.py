@@ -11,7 +11,8 @@ The heuristic (see ``choose`` for the thresholds and the measurements behind the
 * CPU (measured, benchmarks/algo.py): the direct kernel for grouped/depthwise convolutions and
   for ``groups == 1`` layers with a large output plane (>= 256 pixels) and >= 8 input
   channels; im2col (BLAS GEMMs) for 1x1 kernels, small output planes and first layers with
-  1-7 input channels.
+  1-7 input channels. With no gradient to compute (inference), float32 layers with >= 16
+  input channels per group take the direct kernel on small planes too.
 * CUDA (reasoned, not yet measured): im2col (cuBLAS) only where im2col is a plain GEMM with
   no column buffer, a 1x1 kernel with stride 1 and no padding, ungrouped, with C_in and C_out
   both >= 32; the direct kernel (variant ``"auto"``: the implicit-GEMM kernel) for everything
@@ -101,6 +102,11 @@ def _device_kind(input: torch.Tensor) -> str:
 # boundaries (ResNet layer1 at 28x28, LeNet conv2) the two are within the run-to-run noise.
 CPU_DIRECT_MIN_PIXELS = 256  # H_out * W_out
 CPU_DIRECT_MIN_CHANNELS = 8  # C_in / groups
+# Inference (no gradient to compute) is decided by the forward alone, where the register-blocked
+# direct kernel (float32, >= 16 channels per group) wins on small planes too: forward on the
+# suite's 3x3 layers below 256 pixels, direct 0.9-1.9x oneDNN, im2col 0.6-1.3x, direct ahead in
+# 26 of 28 (benchmarks/results/direct_cpu_kernel-2026-12-07-2.txt, 1 thread, CPU time).
+CPU_DIRECT_NOGRAD_MIN_CHANNELS = 16  # C_in / groups
 # CUDA: reasoned, not yet measured on a GPU. An earlier H100 run (benchmarks/results/
 # cuda-2026-11-22.md) found cuBLAS 3-100x faster than the old direct kernels on every deep layer,
 # but those kernels were plain FMA loops; the implicit-GEMM direct kernel builds no column buffer
@@ -122,6 +128,7 @@ def choose(
     padding: Pair,
     dilation: Pair,
     groups: int,
+    grads: bool | None = None,
 ) -> Choice:
     """The algorithm ``algo="auto"`` runs when the autotuner has no entry: ``(algo, variant)``.
 
@@ -130,6 +137,9 @@ def choose(
             dtype are read).
         weight: ``Tensor[C_out, C_in / groups, kH, kW]``.
         stride, padding, dilation: pairs; groups: int.
+        grads: whether a gradient will be computed through this call (CPU: training and
+            inference are decided apart). ``None``: grad mode is on and the input or the weight
+            requires a gradient.
 
     Returns:
         ``("direct", "auto")`` or ``("im2col", "auto")``. Arguments the ops refuse (a weight
@@ -159,6 +169,10 @@ def choose(
         return ("direct", "auto")
     if (kh == 1 and kw == 1) or c_per_group < CPU_DIRECT_MIN_CHANNELS:
         return ("im2col", "auto")
+    if grads is None:
+        grads = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+    if not grads and c_per_group >= CPU_DIRECT_NOGRAD_MIN_CHANNELS and input.dtype == torch.float32:
+        return ("direct", "auto")
     h_out = (ishape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (ishape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if h_out * w_out < CPU_DIRECT_MIN_PIXELS:
@@ -294,7 +308,7 @@ def select(
             hit = _cache.get(_key(input, weight, stride, padding, dilation, groups, grads))
             if hit is not None:
                 return hit
-        return choose(input, weight, stride, padding, dilation, groups)
+        return choose(input, weight, stride, padding, dilation, groups, any(grads))
     key = _key(input, weight, stride, padding, dilation, groups, grads)
     hit = _cache.get(key)
     if hit is None:

@@ -132,8 +132,11 @@ def test_every_way_in_passes_the_rules_choice(
 ) -> None:
     x, w = _tensors(xs, ws, grad)
     with on(device):
-        expected = _algo.choose(x, w, (stride, stride), (padding, padding), (1, 1), groups)[0]
         for name, call in _callers(x, w, stride, padding, groups).items():
+            # A module's weight is a parameter: it requires a gradient either way.
+            grads = grad or name.startswith("nn.")
+            conf = ((stride, stride), (padding, padding), (1, 1), groups)
+            expected = _algo.choose(x, w, *conf, grads=grads)[0]
             with Recorder() as rec:
                 call()
             assert rec.algos() == [expected], f"{name}: passed {rec.algos()}, rule: {expected}"
@@ -150,6 +153,26 @@ def test_grid_crosses_every_threshold() -> None:
             with on(device):
                 picks.add(_algo.choose(x, w, (stride,) * 2, (padding,) * 2, (1, 1), groups)[0])
         assert picks == {"direct", "im2col"}, device
+
+
+def test_cpu_inference_takes_direct_on_small_planes() -> None:
+    """With no gradient to compute the CPU rule drops the pixel bound for float32 layers with
+    >= 16 channels per group (the register-blocked direct kernel's forward wins there); training
+    keeps it; narrow, pointwise, float64 and first layers keep im2col."""
+    conf = ((1, 1), (1, 1), (1, 1), 1)
+    x, w = _tensors((1, 64, 15, 15), (8, 64, 3, 3), False)
+    assert _algo.choose(x, w, *conf, grads=False) == ("direct", "auto")
+    assert _algo.choose(x, w, *conf, grads=True) == ("im2col", "auto")
+    assert _algo.choose(x, w, *conf) == ("direct", "auto")  # neither requires a gradient
+    with torch.no_grad():
+        assert _algo.choose(x, w.requires_grad_(), *conf) == ("direct", "auto")
+    assert _algo.choose(x, w, *conf) == ("im2col", "auto")  # the weight requires one
+    x, w = _tensors((1, 12, 15, 15), (8, 12, 3, 3), False)
+    assert _algo.choose(x, w, *conf, grads=False) == ("im2col", "auto")
+    x, w = _tensors((1, 64, 15, 15), (8, 64, 3, 3), False)
+    assert _algo.choose(x.double(), w.double(), *conf, grads=False) == ("im2col", "auto")
+    x, w = _tensors((1, 64, 15, 15), (8, 64, 1, 1), False)
+    assert _algo.choose(x, w, ((1, 1), (0, 0), (1, 1), 1), grads=False)[0] == "im2col"
 
 
 def test_cuda_rule_documented_cases() -> None:
@@ -193,7 +216,9 @@ def _mirror_picks(device: str) -> tuple[set[str], list[str]]:
         x, w = _tensors(xs, ws, False)
         with on(device):
             ns = torch.ops.cnnext_emu if device == "emu" else torch.ops.cnnext
-            expected = _algo.choose(x, w, (stride,) * 2, (padding,) * 2, (1, 1), groups)[0]
+            # The op's own "auto" assumes a backward may follow (csrc/common/conv_dispatch.h).
+            conf = ((stride,) * 2, (padding,) * 2, (1, 1), groups)
+            expected = _algo.choose(x, w, *conf, grads=True)[0]
             for training in (False, True):
                 runs = {
                     a: _fingerprint(

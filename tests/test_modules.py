@@ -242,7 +242,7 @@ def test_heuristic_documented_decisions() -> None:
     large_plane = _args(((2, 16, 28, 28), (16, 16, 3, 3), 1, 1, 1, 1))
     assert _algo.choose(*depthwise) == ("direct", "auto")
     assert _algo.choose(*large_plane) == ("direct", "auto")
-    assert _algo.choose(*small_plane) == ("im2col", "auto")
+    assert _algo.choose(*small_plane, grads=True) == ("im2col", "auto")
     assert _algo.choose(*pointwise) == ("im2col", "auto")
     assert _algo.choose(*first) == ("im2col", "auto")
     big = _args(((8, 64, 32, 32), (128, 64, 3, 3), 1, 1, 1, 1))

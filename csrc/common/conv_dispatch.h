@@ -65,7 +65,9 @@ inline void check_max_col_bytes(const char* op, int64_t max_col_bytes) {
 }
 
 // The rule "auto" follows, the same as cnnext._algo.choose (which cnnext.ops and cnnext.nn use
-// before they call an op; this serves direct calls of the ops with algo="auto").
+// before they call an op; this serves direct calls of the ops with algo="auto") with gradients
+// to compute: an op cannot know whether a backward will follow, and its backward must rerun the
+// forward's algorithm (the fused eval backward recomputes the ReLU mask from it).
 // tests/test_algo_rule.py holds the two to the same choices.
 // CPU (measured): the direct kernel for grouped layers and for planes of at least 256 output
 // pixels with 8 or more input channels per group; im2col for 1x1 kernels, small planes and first
