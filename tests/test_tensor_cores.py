@@ -481,3 +481,67 @@ def test_tf32_channels_not_a_multiple_of_4_fall_back(emu_device: str, c_in: int)
     assert not any("_tc_" in k for k in kernels), kernels
     ieee, _ = _conv_ieee(case, x, w, b)
     assert all(torch.equal(a, c) for a, c in zip(ieee, tf, strict=True))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_tf32_fused_conv_bn_relu(emu_device: str, training: bool) -> None:
+    """The fused op's convolution (forward, and grad_input / grad_weight of its backward) runs the
+    TF32 kernels; against eager conv -> batch_norm -> relu in float64 on tf32-rounded inputs.
+    Backward multiplies the gradient at the convolution's output, itself rounded to tf32 in the
+    kernel: a rounding that lands on the other side of a tie costs one tf32 unit (2^-10), and the
+    float32 forward it derives from differs from float64 by about as much."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 16, 7, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(24, 16, 3, 3, generator=gen)
+    cb, g, beta = (torch.randn(24, generator=gen) for _ in range(3))
+    rm, rv = torch.randn(24, generator=gen), torch.rand(24, generator=gen) + 0.5
+    leaves = [t.clone().requires_grad_() for t in (x, w, cb, g, beta)]
+    gy = torch.randn(2, 24, 7, 6, generator=gen)
+    with cnnext.emulate_cuda(tf32=True, record=True) as log:
+        y = cnnext.ops.conv_bn_relu(
+            *leaves, rm.clone(), rv.clone(), training, 0.1, 1e-5, padding=1, algo="direct"
+        )
+        y.backward(gy)
+    assert log is not None
+    names = [r.name for r in log.kernels]
+    for kernel in ("tc_fprop", "tc_dgrad", "tc_wgrad"):
+        assert any(kernel in n for n in names), names
+    # float64 reference on the rounded inputs; z (the convolution) is a leaf for its gradient
+    xr, wr = tf32(x).double(), tf32(w).double()
+    z = F.conv2d(xr, wr, cb.double(), padding=1).requires_grad_()
+    ref_params = [t.double().requires_grad_() for t in (g, beta)]
+    ref = torch.relu(F.batch_norm(z, rm.double(), rv.double(), *ref_params, training, 0.1, 1e-5))
+    ref.backward(gy.double())
+    k = 16 * 9
+    bound = F.conv2d(xr.abs(), wr.abs(), cb.double().abs(), padding=1)
+    conv_tol = _sum_tolerance(z.detach(), bound, k + 1)
+    if training:
+        invstd = 1 / (z.detach().var((0, 2, 3), unbiased=False) + 1e-5).sqrt()
+    else:
+        invstd = 1 / (rv.double() + 1e-5).sqrt()
+    scale = (g.double() * invstd).abs().view(1, -1, 1, 1)
+    # the error of z, and of its batch mean, scaled by the normalisation; float32 rounding after
+    tol = scale * (conv_tol + conv_tol.max()) * 2 + 2.0**-20 * (ref.detach().abs() + 1)
+    err = (y.detach().double() - ref.detach()).abs()
+    assert (err <= tol).all(), f"output: max error {err.max().item():.3g}"
+
+    gz = z.grad
+    slack = 2.0**-9 * (gz.abs() + gz.abs().mean())
+    grad_in = torch.nn.grad.conv2d_input(x.shape, wr, tf32(gz).double(), padding=1)
+    tol_in = torch.nn.grad.conv2d_input(x.shape, wr.abs(), slack, padding=1)
+    tol_in += _sum_tolerance(
+        grad_in, torch.nn.grad.conv2d_input(x.shape, wr.abs(), gz.abs(), padding=1), 24 * 9
+    )
+    grad_w = torch.nn.grad.conv2d_weight(xr, w.shape, tf32(gz).double(), padding=1)
+    tol_w = torch.nn.grad.conv2d_weight(xr.abs(), w.shape, slack, padding=1)
+    tol_w += _sum_tolerance(
+        grad_w, torch.nn.grad.conv2d_weight(xr.abs(), w.shape, gz.abs(), padding=1), 2 * 7 * 6
+    )
+    for what, got, want, tol_ in (
+        ("input", leaves[0].grad, grad_in, tol_in),
+        ("weight", leaves[1].grad, grad_w, tol_w),
+    ):
+        assert got is not None and got.dtype == torch.float32
+        err = (got.double() - want).abs()
+        assert (err <= tol_).all(), f"grad_{what}: max error {err.max().item():.3g}"
+    assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last)
