@@ -137,6 +137,7 @@ def emu_sources(sanitize: str) -> list[str]:
     out_dir = ROOT / "build" / (f"emu_src_{sanitize}" if sanitize else "emu_src")
     units = {"cnnext_emu.cpp": "cnnext.cpp", "params.cpp": "common/params.cpp"}
     units["autograd_emu.cpp"] = "autograd.cpp"
+    units["autocast_emu.cpp"] = "autocast.cpp"
     units["emu.cpp"] = "emu/emu.cpp"
     units["control.cpp"] = "emu/control.cpp"
     for op in op_dirs():
@@ -224,7 +225,8 @@ def extensions() -> list:
         "extra_link_args": ["-fopenmp"],
     }
     ops = op_dirs()
-    cpu_sources = [f"{CSRC}/cnnext.cpp", f"{CSRC}/autograd.cpp", f"{CSRC}/common/params.cpp"]
+    cpu_sources = [f"{CSRC}/cnnext.cpp", f"{CSRC}/autograd.cpp", f"{CSRC}/autocast.cpp"]
+    cpu_sources += [f"{CSRC}/common/params.cpp"]
     cpu_sources += [f"{CSRC}/{op}/cpu.cpp" for op in ops if os.path.exists(f"{CSRC}/{op}/cpu.cpp")]
     exts = []
     cuda = want_cuda()
