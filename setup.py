@@ -136,6 +136,7 @@ def emu_sources(sanitize: str) -> list[str]:
     build its own object files, apart from those of cnnext._C."""
     out_dir = ROOT / "build" / (f"emu_src_{sanitize}" if sanitize else "emu_src")
     units = {"cnnext_emu.cpp": "cnnext.cpp", "params.cpp": "common/params.cpp"}
+    units["autocast_emu.cpp"] = "autocast.cpp"
     units["emu.cpp"] = "emu/emu.cpp"
     units["control.cpp"] = "emu/control.cpp"
     for op in op_dirs():
@@ -224,7 +225,8 @@ def extensions() -> list:
     }
     ops = op_dirs()
     # fast_call.cpp (cnnext._C.FastOp) serves both namespaces from _C: the emulator has no copy.
-    cpu_sources = [f"{CSRC}/cnnext.cpp", f"{CSRC}/fast_call.cpp", f"{CSRC}/common/params.cpp"]
+    cpu_sources = [f"{CSRC}/cnnext.cpp", f"{CSRC}/fast_call.cpp", f"{CSRC}/autocast.cpp"]
+    cpu_sources += [f"{CSRC}/common/params.cpp"]
     # The CPU side of the convolution dispatch (its CUDA side is inline in conv_dispatch.h).
     cpu_sources.append(f"{CSRC}/common/conv_dispatch.cpp")
     cpu_sources += [f"{CSRC}/{op}/cpu.cpp" for op in ops if os.path.exists(f"{CSRC}/{op}/cpu.cpp")]

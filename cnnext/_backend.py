@@ -222,18 +222,28 @@ class LaunchLog(Sequence[LaunchRecord]):
 
 
 @contextlib.contextmanager
-def emulate_cuda(schedule: str | None = None, record: bool = False) -> Iterator[LaunchLog | None]:
+def emulate_cuda(
+    schedule: str | None = None, record: bool = False, tf32: bool | None = None
+) -> Iterator[LaunchLog | None]:
     """Run cnnext's CUDA kernels on CPU tensors through the emulator.
 
     Args:
         schedule: the order in which the emulated threads of a block run between barriers:
-            ``"forward"``, ``"reverse"`` or ``"random:SEED"``. Defaults to the environment
-            variable ``CNNEXT_EMU_SCHEDULE``, else ``"forward"``. A kernel with a missing
-            ``__syncthreads()`` typically passes in one order and fails in another.
+            ``"forward"``, ``"reverse"`` or ``"random:SEED"``. Defaults to the order of an
+            enclosing ``emulate_cuda``, else the environment variable ``CNNEXT_EMU_SCHEDULE``,
+            else ``"forward"``. A kernel with a missing ``__syncthreads()`` typically passes in
+            one order and fails in another.
         record: yield a :class:`LaunchLog` of every kernel launch (name, grid, block, dynamic
             shared memory) and cuBLAS call (``transa, transb, m, n, k, batch``) made inside the
             block. Without it the context yields ``None``. An outer recording also sees what a
             nested one records.
+        tf32: let float32 convolutions run the TF32 tensor-core kernels, as they do on a GPU
+            (sm_80 or newer) when torch allows TF32 for its cuDNN convolutions
+            (``torch.backends.cudnn.allow_tf32``, default on, or
+            ``torch.backends.cudnn.conv.fp32_precision``). Even then only where that setting
+            allows it. Defaults to the setting of an enclosing ``emulate_cuda``, else ``False``:
+            emulated float32 results are then IEEE, comparable with torch's CPU convolution at
+            float32 tolerances (torch's CPU kernels never use TF32).
 
     Example::
 
@@ -242,6 +252,8 @@ def emulate_cuda(schedule: str | None = None, record: bool = False) -> Iterator[
         with cnnext.emulate_cuda(record=True) as log:
             y = cnnext.ops.max_pool2d(x, 3, 2, 1)
         print(log)
+        with cnnext.emulate_cuda(tf32=True):
+            y = cnnext.ops.conv2d(x, w, padding=1)  # float32 on emulated TF32 tensor cores
     """
     global _emulating
     if not EMULATOR_AVAILABLE:
@@ -251,8 +263,14 @@ def emulate_cuda(schedule: str | None = None, record: bool = False) -> Iterator[
         )
     emu = torch.ops.cnnext_emu
     previous_schedule = emu._get_schedule()
+    previous_tf32 = emu._get_tf32()
     previous = _emulating
-    emu._set_schedule(schedule if schedule is not None else default_schedule())
+    if schedule is None:
+        schedule = previous_schedule if previous else default_schedule()
+    emu._set_schedule(schedule)
+    if tf32 is None:
+        tf32 = previous_tf32 if previous else False
+    emu._set_tf32(bool(tf32))
     _emulating = True
     _C._set_emulating(True)  # the same switch for cnnext._C.FastOp
     log = LaunchLog(emu._record_start()) if record else None
@@ -264,3 +282,4 @@ def emulate_cuda(schedule: str | None = None, record: bool = False) -> Iterator[
         _emulating = previous
         _C._set_emulating(previous)
         emu._set_schedule(previous_schedule)
+        emu._set_tf32(previous_tf32)

@@ -122,11 +122,12 @@ GOOD = [
     "dynamic_shift",
     "local_array",
     "error_then_launch",
-    # tensor-core fragments: half, bfloat16 and tf32, several operand layouts
+    # tensor-core fragments: half, bfloat16 and tf32 (its rounding exactly), several operand layouts
     "wmma_half",
     "wmma_half_rr",
     "wmma_bf16",
     "wmma_tf32",
+    "wmma_tf32_rounding",
     "wmma_ok",
     "async_copy",
 ]

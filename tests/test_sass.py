@@ -7,14 +7,17 @@ memory, ``-elf`` its symbol table (the subroutines nvcc placed in each kernel's 
 
 - every kernel: no local memory (no spills, no stack frame);
 - every fp32 kernel whose name contains ``implicit_gemm`` (the float instantiation, not half,
-  bfloat16 or double): no call to a 64-bit integer division or remainder routine (nvcc emits
+  bfloat16 or double) but not ``implicit_gemm_tc_`` (the tensor-core family, gated below): no
+  call to a 64-bit integer division or remainder routine (nvcc emits
   ``__cuda_sm20_{div,rem}_{s,u}64`` subroutines for them; 32-bit division is inlined), at least
   one 128-bit shared load (``LDS.128``), no ``LDL``/``STL``, and a static FFMA : LDS instruction
   ratio of at least 8 (register blocking: each shared value feeds many multiply-adds);
 - every half or bfloat16 kernel whose name contains ``implicit_gemm``: at least one tensor-core
   multiply (``HMMA``), no 64-bit division and no spills, except the SIMT kernels named in
   ``SIMT_REDUCED`` (what the tensor-core path does not cover yet, or falls back to), which the
-  test lists as such.
+  test lists as such;
+- every float kernel whose name contains ``implicit_gemm_tc_`` (TF32): at least one TF32
+  tensor-core multiply (``HMMA.*.TF32``), no 64-bit division and no spills.
 
 Each arch of the fat binary (sm_80, sm_90, ...) is checked on its own. The tests skip with a
 reason when ``cnnext._C`` has no device code (built without nvcc) or a tool is missing. Planted
@@ -40,6 +43,7 @@ from pathlib import Path
 import pytest
 
 GEMM_MARK = "implicit_gemm"
+TC_MARK = "implicit_gemm_tc_"
 MIN_FFMA_PER_LDS = 8.0
 # nvcc's 64-bit integer division and remainder subroutines (sm20 is the ABI's name, not an arch).
 DIV64 = re.compile(r"__cuda_sm\d+_(?:div|rem)_[su]64")
@@ -99,6 +103,12 @@ class Kernel:
     lds128: int = 0
     local_ops: int = 0  # LDL + STL
     hmma: int = 0
+    hmma_tf32: int = 0  # HMMA with TF32 operands
+
+    @property
+    def tc(self) -> bool:
+        """A kernel of the tensor-core family (implicit_gemm_tc.cuh)."""
+        return TC_MARK in self.name
 
     @property
     def fp32(self) -> bool:
@@ -188,7 +198,15 @@ def parse_sass(text: str) -> dict[tuple[str, str], dict]:
             if head:
                 current = out.setdefault(
                     (arch, head.group(1)),
-                    {"ffma": 0, "lds": 0, "lds128": 0, "local_ops": 0, "hmma": 0, "calls": []},
+                    {
+                        "ffma": 0,
+                        "lds": 0,
+                        "lds128": 0,
+                        "local_ops": 0,
+                        "hmma": 0,
+                        "hmma_tf32": 0,
+                        "calls": [],
+                    },
                 )
                 continue
             row = SASS_ROW.search(line) if current is not None else None
@@ -205,6 +223,7 @@ def parse_sass(text: str) -> dict[tuple[str, str], dict]:
                 current["local_ops"] += 1
             elif base == "HMMA":
                 current["hmma"] += 1
+                current["hmma_tf32"] += "TF32" in mods
             elif base == "CALL":
                 target = re.search(r"0x([0-9a-f]+)", operands)
                 if target:
@@ -254,7 +273,7 @@ def inspect(path: str, sass_pattern: str = GEMM_MARK, fp32_only: bool = True) ->
                 continue
             kernel.ffma, kernel.lds = facts["ffma"], facts["lds"]
             kernel.lds128, kernel.local_ops = facts["lds128"], facts["local_ops"]
-            kernel.hmma = facts["hmma"]
+            kernel.hmma, kernel.hmma_tf32 = facts["hmma"], facts["hmma_tf32"]
             routines = div64.get(key, {})
             kernel.div64_calls = sum(target in routines for target in facts["calls"])
     return sorted(kernels.values(), key=lambda k: (k.arch, k.name))
@@ -292,12 +311,15 @@ def simt_reason(kernel: Kernel) -> str | None:
 
 
 def tensor_core_failures(kernels: Iterable[Kernel]) -> list[str]:
-    """The tensor-core gates on half/bfloat16 implicit-GEMM kernels whose instructions were read."""
+    """The tensor-core gates on half/bfloat16 implicit-GEMM kernels and on float tensor-core
+    (TF32) kernels whose instructions were read."""
     failures = []
     for k in kernels:
         where = f"{k.arch} {k.name}"
         if k.hmma == 0 and simt_reason(k) is None:
             failures.append(f"{where}: no tensor-core multiply (HMMA)")
+        if k.fp32 and k.hmma_tf32 == 0:
+            failures.append(f"{where}: no TF32 tensor-core multiply (HMMA.*.TF32)")
         if k.div64_calls != 0 or k.div64_routines:
             failures.append(f"{where}: {k.div64_calls} call(s) to 64-bit division")
         if k.local_ops:
@@ -308,12 +330,12 @@ def tensor_core_failures(kernels: Iterable[Kernel]) -> list[str]:
 def table(kernels: Iterable[Kernel]) -> str:
     lines = [
         f"{'arch':<6} {'regs':>4} {'shared':>6} {'FFMA':>5} {'LDS':>4} {'.128':>4} "
-        f"{'ratio':>6} {'div64':>5} {'HMMA':>5}  kernel"
+        f"{'ratio':>6} {'div64':>5} {'HMMA':>5} {'TF32':>5}  kernel"
     ]
     for k in kernels:
         lines.append(
             f"{k.arch:<6} {k.registers:>4} {k.shared:>6} {k.ffma:>5} {k.lds:>4} {k.lds128:>4} "
-            f"{k.ratio:>6.1f} {k.div64_calls:>5} {k.hmma:>5}  {k.name}"
+            f"{k.ratio:>6.1f} {k.div64_calls:>5} {k.hmma:>5} {k.hmma_tf32:>5}  {k.name}"
         )
     return "\n".join(lines)
 
@@ -351,8 +373,9 @@ def test_no_local_memory(build_kernels: list[Kernel]) -> None:
 
 
 def test_implicit_gemm_kernels(build_kernels: list[Kernel]) -> None:
-    """The fp32 implicit-GEMM kernels exist and pass the gates; prints their table."""
-    gemm = [k for k in build_kernels if k.gemm and k.fp32]
+    """The fp32 implicit-GEMM kernels on CUDA cores exist and pass the gates; prints their
+    table."""
+    gemm = [k for k in build_kernels if k.gemm and k.fp32 and not k.tc]
     assert gemm, f"no fp32 kernel named *{GEMM_MARK}* in the nvcc build of cnnext._C"
     print("\n" + table(gemm))
     assert not gemm_failures(gemm), "\n".join(gemm_failures(gemm))
@@ -373,6 +396,19 @@ def test_tensor_core_kernels(build_kernels: list[Kernel]) -> None:
         assert {k.arch for k in tc} == {k.arch for k in build_kernels}, f"no {part} kernel"
         assert all(k.hmma > 0 for k in tc)
     assert not tensor_core_failures(reduced), "\n".join(tensor_core_failures(reduced))
+
+
+def test_tf32_tensor_core_kernels(build_kernels: list[Kernel]) -> None:
+    """The float tensor-core kernels (fprop, dgrad, wgrad) exist in every arch and multiply in
+    TF32 (HMMA.1684.F32.TF32 on sm_80/sm_90); no spills, no 64-bit division."""
+    tf32 = [k for k in build_kernels if k.tc and k.fp32]
+    print("\n" + table(tf32))
+    for part in ("tc_fprop", "tc_dgrad", "tc_wgrad"):
+        found = [k for k in tf32 if f"implicit_gemm_{part}" in k.name]
+        assert {k.arch for k in found} == {k.arch for k in build_kernels}, f"no float {part}"
+    assert all(k.hmma_tf32 > 0 and k.hmma == k.hmma_tf32 for k in tf32)
+    assert not tensor_core_failures(tf32), "\n".join(tensor_core_failures(tf32))
+    assert not local_memory_failures(tf32)
 
 
 # ---- planted kernels: the gates flag what they should -------------------------------------------
@@ -485,6 +521,10 @@ def test_tensor_core_gate_flags_a_reduced_kernel_without_hmma() -> None:
     assert tensor_core_failures([Kernel("sm_90", "", half, div64_calls=0)])
     assert not tensor_core_failures([Kernel("sm_90", "", half, div64_calls=0, hmma=8)])
     assert not tensor_core_failures([Kernel("sm_90", "", simt, div64_calls=0)])
+    tf32 = "void cnnext::(anonymous namespace)::conv2d_implicit_gemm_tc_wgrad_kernel<float, true>()"
+    assert Kernel("sm_90", "", tf32).tc and Kernel("sm_90", "", tf32).fp32
+    assert tensor_core_failures([Kernel("sm_90", "", tf32, div64_calls=0, hmma=8)])
+    assert not tensor_core_failures([Kernel("sm_90", "", tf32, div64_calls=0, hmma=8, hmma_tf32=8)])
 
 
 def test_is_fp32() -> None:
@@ -506,7 +546,9 @@ def main() -> None:
     print(table(shown))
     print(f"\n{len(kernels)} kernel instances; local memory: ", end="")
     print("\n".join(local_memory_failures(kernels)) or "none")
-    for line in gemm_failures(shown):
+    for line in gemm_failures(k for k in shown if not k.tc):
+        print("gate:", line)
+    for line in tensor_core_failures(k for k in shown if k.tc or k.reduced):
         print("gate:", line)
 
 

@@ -10,6 +10,7 @@ or where a SIMT tile is asked for.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import pytest
@@ -271,3 +272,276 @@ def test_launch_budget_on_tensor_cores(input_cl: bool) -> None:
         counts.append((len(fwd.kernels), len(bwd.kernels)))
     for i in (0, 1):
         assert max(c[i] for c in counts) - min(c[i] for c in counts) <= 1, counts
+
+
+# ---- TF32: float32 on tensor cores ---------------------------------------------------------------
+# The emulator runs float32 on tensor cores only with emulate_cuda(tf32=True) and torch's TF32
+# setting for convolutions on (its default). The kernels round both GEMM operands to tf32 (round
+# to nearest, ties away from zero) and accumulate in float32; products of tf32 values are exact in
+# float32, so against float64 on the same rounded inputs only the float32 summation errs.
+
+TF32_CASES = {
+    "nhwc_3x3": CASES["nhwc_3x3"],
+    "nhwc_3x3_splitk": CASES["nhwc_3x3_splitk"],
+    "nchw_strided_dilated": CASES["nchw_strided_dilated"],
+    "nhwc_groups": CASES["nhwc_groups"],
+    "nchw_long_k": CASES["nchw_long_k"],
+    # 12 channels: a multiple of 4 (whole 16-byte vectors of float) but not of 8
+    "nhwc_12_channels": Case(2, 12, 20, (7, 6), (3, 3), padding=(1, 1), input_cl=True),
+    "nchw_1x1_stride2": GRAD_CASES["nchw_1x1_stride2"],
+}
+
+
+def tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to tf32 as cvt.rna does (10 mantissa bits, ties away from zero)."""
+    bits = t.float().contiguous().view(torch.int32)
+    rounded = (bits + 0x1000) & ~0x1FFF
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, rounded, bits).view(torch.float32).reshape(t.shape)
+
+
+def _float_tensors(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x, w, b = _tensors(case, torch.float32)
+    return x, w, b
+
+
+def _sum_tolerance(ref: torch.Tensor, bound: torch.Tensor, k: int) -> torch.Tensor:
+    """Float32 summation of k exact products (and a bias), against float64."""
+    return k * 2.0**-24 * bound + 2.0**-24 * ref.abs() + 1e-30
+
+
+@pytest.mark.parametrize("name", list(TF32_CASES))
+def test_tf32_forward_on_tensor_cores(emu_device: str, name: str) -> None:
+    case = TF32_CASES[name]
+    x, w, b = _float_tensors(case)
+    with cnnext.emulate_cuda(tf32=True):
+        out, kernels = _run(case, x, w, b)
+    assert any(TC_KERNEL in k for k in kernels), kernels
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last) == case.input_cl
+    args = (case.stride, case.padding, case.dilation, case.groups)
+    xr, wr = tf32(x).double(), tf32(w).double()
+    ref = F.conv2d(xr, wr, None if b is None else b.double(), *args)
+    bound = F.conv2d(xr.abs(), wr.abs(), None if b is None else b.double().abs(), *args)
+    k = w.shape[1] * w.shape[2] * w.shape[3]
+    err = (out.double() - ref).abs()
+    tol = _sum_tolerance(ref, bound, k + 1)
+    assert (err <= tol).all(), f"max error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("tied", ["input", "weight", "grad_output"])
+def test_tf32_rounds_operands_to_nearest_ties_away(tied: str) -> None:
+    """Exactly: 1 + 2^-11 lies halfway between two tf32 values and rounds up (away from zero), so
+    with ones elsewhere every result is its product count times 1 + 2^-10 where a tied operand
+    took part; IEEE float would give 1 + 2^-11 per product, truncation 1, ties-to-even 1."""
+    tie = 1.0 + 2.0**-11
+    x = torch.full((2, 8, 6, 5), tie if tied == "input" else 1.0).requires_grad_()
+    w = torch.full((16, 8, 3, 3), tie if tied == "weight" else 1.0).requires_grad_()
+    with cnnext.emulate_cuda(tf32=True, record=True) as log:
+        y = cnnext.ops.conv2d(x, w, None, 1, 1, algo="direct")
+        y.backward(torch.full_like(y, tie if tied == "grad_output" else 1.0))
+    assert log is not None
+    names = [r.name for r in log.kernels]
+    for kernel in ("tc_fprop", "tc_dgrad", "tc_wgrad"):
+        assert any(kernel in n for n in names), names
+    up = 1.0 + 2.0**-10
+    ones_x = torch.ones(x.shape, dtype=torch.float64)
+    ones_w = torch.ones(w.shape, dtype=torch.float64)
+    ones_y = torch.ones(y.shape, dtype=torch.float64)
+    counts = {  # products per result (padding drops some)
+        "output": F.conv2d(ones_x, ones_w, None, 1, 1),
+        "grad_input": torch.nn.grad.conv2d_input(x.shape, ones_w, ones_y, 1, 1),
+        "grad_weight": torch.nn.grad.conv2d_weight(ones_x, w.shape, ones_y, 1, 1),
+    }
+    operands = {
+        "output": ("input", "weight"),
+        "grad_input": ("weight", "grad_output"),
+        "grad_weight": ("input", "grad_output"),
+    }
+    got = {"output": y.detach(), "grad_input": x.grad, "grad_weight": w.grad}
+    for what, count in counts.items():
+        want = count * (up if tied in operands[what] else 1.0)
+        assert torch.equal(got[what].double(), want), what
+
+
+@pytest.mark.parametrize("name", ["nhwc_3x3", "nchw_strided_dilated", "nhwc_groups"])
+def test_tf32_gradients_on_tensor_cores(emu_device: str, name: str) -> None:
+    case = GRAD_CASES[name]
+    x, w, b = _float_tensors(case)
+    leaves = [t.detach().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    with cnnext.emulate_cuda(tf32=True, record=True) as log:
+        y = cnnext.ops.conv2d(
+            leaves[0], leaves[1], leaves[2] if b is not None else None,
+            case.stride, case.padding, case.dilation, case.groups, algo="direct",
+        )  # fmt: skip
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+        y.backward(gy)
+    assert log is not None
+    names = [r.name for r in log.kernels]
+    for kernel in ("tc_fprop", "tc_dgrad", "tc_wgrad"):
+        assert any(f"conv2d_implicit_gemm_{kernel}_kernel" in n for n in names), names
+    args = (case.stride, case.padding, case.dilation, case.groups)
+    xr, wr, gr = tf32(x).double(), tf32(w).double(), tf32(gy).double()
+    refs = {
+        "input": torch.nn.grad.conv2d_input(x.shape, wr, gr, *args),
+        "weight": torch.nn.grad.conv2d_weight(xr, w.shape, gr, *args),
+    }
+    bounds = {
+        "input": torch.nn.grad.conv2d_input(x.shape, wr.abs(), gr.abs(), *args),
+        "weight": torch.nn.grad.conv2d_weight(xr.abs(), w.shape, gr.abs(), *args),
+    }
+    lengths = {
+        "input": case.c_out // case.groups * case.kernel[0] * case.kernel[1],
+        "weight": case.n * y.shape[2] * y.shape[3],
+    }
+    grads = {"input": leaves[0].grad, "weight": leaves[1].grad}
+    if b is not None:
+        # grad_bias sums grad_output in float32, not rounded to tf32
+        refs["bias"] = gy.double().sum((0, 2, 3))
+        bounds["bias"] = gy.double().abs().sum((0, 2, 3))
+        lengths["bias"] = lengths["weight"]
+        grads["bias"] = leaves[2].grad
+    for what, got in grads.items():
+        assert got is not None and got.dtype == torch.float32, what
+        ref = refs[what]
+        err = (got.double() - ref).abs()
+        tol = _sum_tolerance(ref, bounds[what], lengths[what])
+        assert (err <= tol).all(), f"grad_{what}: max error {err.max().item():.3g}"
+
+
+def _conv_ieee(
+    case: Case, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, **emu: object
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Forward and gradients of conv2d (direct) under emulate_cuda(**emu), and the kernels."""
+    leaves = [t.detach().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    with cnnext.emulate_cuda(record=True, **emu) as log:  # type: ignore[arg-type]
+        y = cnnext.ops.conv2d(
+            leaves[0], leaves[1], leaves[2] if b is not None else None,
+            case.stride, case.padding, case.dilation, case.groups, algo="direct",
+        )  # fmt: skip
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+    assert log is not None
+    return [y.detach()] + [t.grad for t in leaves], [r.name for r in log.kernels]
+
+
+@pytest.fixture
+def restore_tf32_settings() -> Iterator[None]:
+    conv = torch.backends.cudnn.conv.fp32_precision
+    allow = torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow
+        torch.backends.cudnn.conv.fp32_precision = conv
+
+
+def test_tf32_only_where_torch_and_the_emulation_allow(restore_tf32_settings: None) -> None:
+    """Without tf32=True, with torch.backends.cudnn.allow_tf32 off, or with the convolution
+    precision set to "ieee", float32 runs the CUDA-core kernels, bit for bit as before."""
+    case = CASES["nhwc_3x3"]
+    x, w, b = _float_tensors(case)
+    ieee, kernels = _conv_ieee(case, x, w, b)
+    assert not any("_tc_" in k for k in kernels) and any("implicit_gemm" in k for k in kernels)
+    tc, kernels = _conv_ieee(case, x, w, b, tf32=True)
+    assert any("_tc_" in k for k in kernels), kernels
+    assert not all(torch.equal(a, c) for a, c in zip(ieee, tc, strict=True))
+    torch.backends.cudnn.allow_tf32 = False
+    off, kernels = _conv_ieee(case, x, w, b, tf32=True)
+    assert not any("_tc_" in k for k in kernels), kernels
+    assert all(torch.equal(a, c) for a, c in zip(ieee, off, strict=True))
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    off, kernels = _conv_ieee(case, x, w, b, tf32=True)
+    assert not any("_tc_" in k for k in kernels), kernels
+    assert all(torch.equal(a, c) for a, c in zip(ieee, off, strict=True))
+    # a SIMT tile on request
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    _, kernels = _run(case, x, w, b, variant="implicit_gemm_64x64")
+    assert not any("_tc_" in k for k in kernels), kernels
+
+
+def test_tf32_setting_nests() -> None:
+    """A nested emulate_cuda keeps the enclosing TF32 choice and schedule unless given its own."""
+    emu = torch.ops.cnnext_emu
+    with cnnext.emulate_cuda("reverse", tf32=True):
+        with cnnext.emulate_cuda(record=True):
+            assert emu._get_tf32() and emu._get_schedule() == "reverse"
+            with cnnext.emulate_cuda(tf32=False):
+                assert not emu._get_tf32()
+            assert emu._get_tf32()
+    with cnnext.emulate_cuda():
+        assert not emu._get_tf32()
+
+
+@pytest.mark.parametrize("c_in", [3, 6, 10])
+def test_tf32_channels_not_a_multiple_of_4_fall_back(emu_device: str, c_in: int) -> None:
+    case = Case(2, c_in, 10, (7, 6), (3, 3), padding=(1, 1), input_cl=c_in == 6)
+    x, w, b = _float_tensors(case)
+    tf, kernels = _conv_ieee(case, x, w, b, tf32=True)
+    assert not any("_tc_" in k for k in kernels), kernels
+    ieee, _ = _conv_ieee(case, x, w, b)
+    assert all(torch.equal(a, c) for a, c in zip(ieee, tf, strict=True))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_tf32_fused_conv_bn_relu(emu_device: str, training: bool) -> None:
+    """The fused op's convolution (forward, and grad_input / grad_weight of its backward) runs the
+    TF32 kernels; against eager conv -> batch_norm -> relu in float64 on tf32-rounded inputs.
+    Backward multiplies the gradient at the convolution's output, itself rounded to tf32 in the
+    kernel: a rounding that lands on the other side of a tie costs one tf32 unit (2^-10), and the
+    float32 forward it derives from differs from float64 by about as much."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 16, 7, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(24, 16, 3, 3, generator=gen)
+    cb, g, beta = (torch.randn(24, generator=gen) for _ in range(3))
+    rm, rv = torch.randn(24, generator=gen), torch.rand(24, generator=gen) + 0.5
+    leaves = [t.clone().requires_grad_() for t in (x, w, cb, g, beta)]
+    gy = torch.randn(2, 24, 7, 6, generator=gen)
+    with cnnext.emulate_cuda(tf32=True, record=True) as log:
+        y = cnnext.ops.conv_bn_relu(
+            *leaves, rm.clone(), rv.clone(), training, 0.1, 1e-5, padding=1, algo="direct"
+        )
+        y.backward(gy)
+    assert log is not None
+    names = [r.name for r in log.kernels]
+    for kernel in ("tc_fprop", "tc_dgrad", "tc_wgrad"):
+        assert any(kernel in n for n in names), names
+    # float64 reference on the rounded inputs; z (the convolution) is a leaf for its gradient
+    xr, wr = tf32(x).double(), tf32(w).double()
+    z = F.conv2d(xr, wr, cb.double(), padding=1).requires_grad_()
+    ref_params = [t.double().requires_grad_() for t in (g, beta)]
+    ref = torch.relu(F.batch_norm(z, rm.double(), rv.double(), *ref_params, training, 0.1, 1e-5))
+    ref.backward(gy.double())
+    k = 16 * 9
+    bound = F.conv2d(xr.abs(), wr.abs(), cb.double().abs(), padding=1)
+    conv_tol = _sum_tolerance(z.detach(), bound, k + 1)
+    if training:
+        invstd = 1 / (z.detach().var((0, 2, 3), unbiased=False) + 1e-5).sqrt()
+    else:
+        invstd = 1 / (rv.double() + 1e-5).sqrt()
+    scale = (g.double() * invstd).abs().view(1, -1, 1, 1)
+    # the error of z, and of its batch mean, scaled by the normalisation; float32 rounding after
+    tol = scale * (conv_tol + conv_tol.max()) * 2 + 2.0**-20 * (ref.detach().abs() + 1)
+    err = (y.detach().double() - ref.detach()).abs()
+    assert (err <= tol).all(), f"output: max error {err.max().item():.3g}"
+
+    gz = z.grad
+    slack = 2.0**-9 * (gz.abs() + gz.abs().mean())
+    grad_in = torch.nn.grad.conv2d_input(x.shape, wr, tf32(gz).double(), padding=1)
+    tol_in = torch.nn.grad.conv2d_input(x.shape, wr.abs(), slack, padding=1)
+    tol_in += _sum_tolerance(
+        grad_in, torch.nn.grad.conv2d_input(x.shape, wr.abs(), gz.abs(), padding=1), 24 * 9
+    )
+    grad_w = torch.nn.grad.conv2d_weight(xr, w.shape, tf32(gz).double(), padding=1)
+    tol_w = torch.nn.grad.conv2d_weight(xr.abs(), w.shape, slack, padding=1)
+    tol_w += _sum_tolerance(
+        grad_w, torch.nn.grad.conv2d_weight(xr.abs(), w.shape, gz.abs(), padding=1), 2 * 7 * 6
+    )
+    for what, got, want, tol_ in (
+        ("input", leaves[0].grad, grad_in, tol_in),
+        ("weight", leaves[1].grad, grad_w, tol_w),
+    ):
+        assert got is not None and got.dtype == torch.float32
+        err = (got.double() - want).abs()
+        assert (err <= tol_).all(), f"grad_{what}: max error {err.max().item():.3g}"
+    assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last)

@@ -1,19 +1,22 @@
-// Convolution as an implicit GEMM on tensor cores, for half and bfloat16 with float accumulators:
-// the GEMMs of implicit_gemm.cuh (fprop, phase-decomposed dgrad, split-K wgrad with grad_bias),
-// gathered through the same index maps and multiplied by wmma m16n16k16 fragments. Launch: a block
-// owns a 64 x 64 output tile with 4 warps (2 x 2), a warp owns 32 x 32 (2 x 2 fragments). K
-// advances 32 at a time (two k16 steps) through two shared-memory stages; both operands are stored
-// [x][k] with k contiguous (A row_major, B col_major) and the next tile travels in registers while
-// the current one is multiplied. The accumulators leave through shared memory (store_matrix_sync),
-// so the epilogue and the output index maps see plain (m, n) elements, never the fragment layout,
-// which CUDA leaves unspecified. Split-K as in the SIMT family: float partials summed in a fixed
-// order by the reduce kernel. grid = (m tiles, groups * n tiles, split-K slices or dgrad phases).
+// Convolution as an implicit GEMM on tensor cores, for half and bfloat16 (wmma m16n16k16) and for
+// float in TF32 (m16n16k8, operands rounded to tf32 as they leave shared memory) with float
+// accumulators: the GEMMs of implicit_gemm.cuh (fprop, phase-decomposed dgrad, split-K wgrad with
+// grad_bias), gathered through the same index maps. Launch: a block owns a 64 x 64 output tile
+// with 4 warps (2 x 2), a warp owns 32 x 32 (2 x 2 fragments). K advances 32 at a time through two
+// shared-memory stages; both operands are stored [x][k] with k contiguous (A row_major, B
+// col_major) and the next tile travels in registers while the current one is multiplied. The
+// accumulators leave through shared memory (store_matrix_sync), so the epilogue and the output
+// index maps see plain (m, n) elements, never the fragment layout, which CUDA leaves unspecified.
+// Split-K as in the SIMT family: float partials summed in a fixed order by the reduce kernel.
+// grid = (m tiles, groups * n tiles, split-K slices or dgrad phases).
 // int-ok-file: as implicit_gemm.cuh: 32-bit GEMM indices, extents bounded on the host
 #pragma once
 
 #ifdef __CUDACC__
 #include <mma.h>
 #endif
+
+#include <ATen/Context.h>
 
 #include <cstring>
 
@@ -26,51 +29,79 @@ namespace wmma = nvcuda::wmma;
 
 template <typename scalar_t>
 constexpr bool kHasTensorCores =
-    std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+    std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16> ||
+    std::is_same_v<scalar_t, float>;
 
-// The wmma element type with the bit layout of scalar_t (under the emulator, the same type).
+// Per element type: the wmma fragment type, the element type wmma loads from memory (under the
+// emulator half/bfloat16 are the same types), the fragment's k, the raw bits, and the exponent
+// mask (all ones: Inf or NaN).
 template <typename scalar_t>
-struct TcElement;
+struct TcTraits;
 template <>
-struct TcElement<at::Half> {
-  using type = __half;
+struct TcTraits<at::Half> {
+  using frag_t = __half;
+  using mem_t = __half;
+  using bits_t = uint16_t;
+  static constexpr int kK = 16;
+  static constexpr bits_t kExp = 0x7c00;
 };
 template <>
-struct TcElement<at::BFloat16> {
-  using type = __nv_bfloat16;
+struct TcTraits<at::BFloat16> {
+  using frag_t = __nv_bfloat16;
+  using mem_t = __nv_bfloat16;
+  using bits_t = uint16_t;
+  static constexpr int kK = 16;
+  static constexpr bits_t kExp = 0x7f80;
+};
+template <>
+struct TcTraits<float> {
+  using frag_t = wmma::precision::tf32;
+  using mem_t = float;
+  using bits_t = uint32_t;
+  static constexpr int kK = 8;
+  static constexpr bits_t kExp = 0x7f800000u;
 };
 
-struct TcTile {
+// The block tile, for every element type.
+struct TcGeometry {
   static constexpr int kBM = 64, kBN = 64, kBK = 32, kThreads = 128;
-  static constexpr int kWarpsM = 2;  // warps along m; a warp owns 32 x 32
-  // Rows of a stage are kBK + 8 elements (80 bytes) apart: fragment pointers stay 32-byte
-  // aligned and the 16-byte rows a fragment load reads fall in distinct banks.
-  static constexpr int kPitch = kBK + 8;
-  static constexpr int kStage = (kBM + kBN) * kPitch;  // elements of one stage, A then B
-  static constexpr int kPitchC = kBN + 4;              // floats per row of the staged output
-  static constexpr int kSmemBytes =
-      2 * kStage * 2 > kBM * kPitchC * 4 ? 2 * kStage * 2 : kBM * kPitchC * 4;
+  static constexpr int kWarpsM = 2;        // warps along m; a warp owns 32 x 32
+  static constexpr int kPitchC = kBN + 4;  // floats per row of the staged output
 };
 
-// 16 bytes: 8 half/bfloat16 values as raw bits.
+// Shared memory per element type. Rows of a stage are kBK elements plus one 16-byte vector apart
+// (80 bytes for half, 144 for float): fragment pointers stay 32-byte aligned and the rows a
+// fragment load reads fall in distinct banks.
+template <typename scalar_t>
+struct TcTile : TcGeometry {
+  static constexpr int kVec = 16 / sizeof(scalar_t);  // elements of one 16-byte vector
+  static constexpr int kPitch = kBK + kVec;
+  static constexpr int kStage = (kBM + kBN) * kPitch;  // elements of one stage, A then B
+  static constexpr int kStageBytes = 2 * kStage * static_cast<int>(sizeof(scalar_t));
+  static constexpr int kSmemBytes =
+      kStageBytes > kBM * kPitchC * 4 ? kStageBytes : kBM * kPitchC * 4;
+};
+
+// 16 bytes: 8 half/bfloat16 or 4 float values as raw bits.
 struct alignas(16) TcVec {
   uint32_t w[4];
 };
 
-// Raw 16-bit copies: half and bfloat16 move between memories without conversions.
-template <typename scalar_t>
-__device__ __forceinline__ uint16_t tc_bits(const scalar_t* p) {
+// Raw copies: values move between memories without conversions.
+template <typename scalar_t, typename bits_t = typename TcTraits<scalar_t>::bits_t>
+__device__ __forceinline__ bits_t tc_bits(const scalar_t* p) {
 #ifdef __CUDACC__
-  return *reinterpret_cast<const uint16_t*>(p);
+  return *reinterpret_cast<const bits_t*>(p);
 #else
-  uint16_t v;
+  bits_t v;
   std::memcpy(&v, p, sizeof v);
   return v;
 #endif
 }
-__device__ __forceinline__ void tc_put(void* p, uint16_t v) {
+template <typename bits_t>
+__device__ __forceinline__ void tc_put(void* p, bits_t v) {
 #ifdef __CUDACC__
-  *static_cast<uint16_t*>(p) = v;
+  *static_cast<bits_t*>(p) = v;
 #else
   std::memcpy(p, &v, sizeof v);
 #endif
@@ -93,36 +124,48 @@ __device__ __forceinline__ void tc_store16(void* p, const TcVec& v) {
 
 // Loads the [X x kBK] tile of one operand (see Operand) and stores it to shared memory as
 // [x][kPitch], k contiguous. KRUN: the operand is contiguous along k (NHWC channels, filter rows):
-// a thread reads 8 consecutive k of X / 32 x's, one 16-byte vector each when op.vec (8 consecutive
-// k from a multiple of 8 are then 8 consecutive elements at a 16-byte aligned address). Otherwise
-// it is contiguous along x (NCHW pixels): a thread reads 4 consecutive x of 4 k rows, coalesced.
-// CHECK_FINITE records whether a non-finite value was loaded (dgrad's exactness test).
+// a thread reads one 16-byte vector of consecutive k (8 half or 4 float values) for each of kXs
+// x's, one vector load each when op.vec (kVec consecutive k from a multiple of kVec are then kVec
+// consecutive elements at a 16-byte aligned address). Otherwise it is contiguous along x (NCHW
+// pixels): a thread reads 4 consecutive x of kKs k rows, coalesced. CHECK_FINITE records whether
+// a non-finite value was loaded (dgrad's exactness test).
 template <typename scalar_t, int X, bool KRUN, class Op, bool CHECK_FINITE = false>
 struct TcLoader {
-  static constexpr int kBK = TcTile::kBK, kThreads = TcTile::kThreads;
-  static constexpr int kXs = KRUN ? X * kBK / 8 / kThreads : 4;
-  static constexpr int kKs = KRUN ? 8 : X * kBK / 4 / kThreads;
+  using Tile = TcTile<scalar_t>;
+  using bits_t = typename TcTraits<scalar_t>::bits_t;
+  static constexpr int kBK = Tile::kBK, kThreads = Tile::kThreads, kVec = Tile::kVec;
+  static constexpr int kKLanes = kBK / kVec;  // KRUN: threads along k of one x
+  static constexpr int kXs = KRUN ? X * kKLanes / kThreads : 4;
+  static constexpr int kKs = KRUN ? kVec : X * kBK / 4 / kThreads;
   static constexpr int kXLanes = X / 4;  // !KRUN: threads along one k row
-  static_assert(kXs >= 1 && kKs >= 1 && (KRUN || kThreads % kXLanes == 0), "tile does not fit");
+  static_assert(kXs >= 1 && kKs >= 1 && kThreads % kKLanes == 0 &&
+                    (KRUN || kThreads % kXLanes == 0),
+                "tile does not fit");
 
   const Op& op;
   Coord xc[kXs];
-  TcVec v[KRUN ? kXs : 1];        // KRUN: the 8 k of each x
-  uint16_t s[KRUN ? 1 : 4][kKs];  // !KRUN: [x][k]
+  TcVec v[KRUN ? kXs : 1];      // KRUN: the kVec k of each x
+  bits_t s[KRUN ? 1 : 4][kKs];  // !KRUN: [x][k]
   int32_t lane_k, lane_x;
   bool nonfinite = false;
 
-  // Exponent all ones: Inf or NaN.
-  static constexpr uint16_t kExp = std::is_same_v<scalar_t, at::Half> ? 0x7c00 : 0x7f80;
-  __device__ __forceinline__ void check(uint32_t bits) {
-    if (CHECK_FINITE) nonfinite |= (bits & kExp) == kExp;
+  __device__ __forceinline__ void check(bits_t bits) {
+    if (CHECK_FINITE) nonfinite |= (bits & TcTraits<scalar_t>::kExp) == TcTraits<scalar_t>::kExp;
+  }
+  // Element j of a vector.
+  static __device__ __forceinline__ bits_t element(const TcVec& vec, int j) {
+    if constexpr (sizeof(bits_t) == 2) {
+      return static_cast<bits_t>(vec.w[j / 2] >> (16 * (j % 2)));
+    } else {
+      return vec.w[j];
+    }
   }
 
   __device__ __forceinline__ TcLoader(const Op& o, int32_t x0, int tid) : op(o) {
     if (KRUN) {
-      lane_k = (tid % 4) * 8, lane_x = tid / 4;
+      lane_k = (tid % kKLanes) * kVec, lane_x = tid / kKLanes;
       CNNEXT_IGEMM_UNROLL
-      for (int q = 0; q < kXs; ++q) xc[q] = op.x.at(x0 + lane_x + q * (kThreads / 4));
+      for (int q = 0; q < kXs; ++q) xc[q] = op.x.at(x0 + lane_x + q * (kThreads / kKLanes));
     } else {
       lane_k = tid / kXLanes, lane_x = (tid % kXLanes) * 4;
       CNNEXT_IGEMM_UNROLL
@@ -130,8 +173,8 @@ struct TcLoader {
     }
   }
 
-  __device__ __forceinline__ uint16_t fetch(const Coord& kc, const Coord& xc_) const {
-    return op.valid(kc, xc_) ? tc_bits(op.ptr + kc.ofs + xc_.ofs) : uint16_t(0);
+  __device__ __forceinline__ bits_t fetch(const Coord& kc, const Coord& xc_) const {
+    return op.valid(kc, xc_) ? tc_bits(op.ptr + kc.ofs + xc_.ofs) : bits_t(0);
   }
 
   __device__ __forceinline__ void load(int32_t k0) {
@@ -147,15 +190,19 @@ struct TcLoader {
           }
         }
       } else {
-        Coord kc[8];
+        Coord kc[kVec];
         CNNEXT_IGEMM_UNROLL
-        for (int j = 0; j < 8; ++j) kc[j] = op.k.at(k0 + lane_k + j);
+        for (int j = 0; j < kVec; ++j) kc[j] = op.k.at(k0 + lane_k + j);
         CNNEXT_IGEMM_UNROLL
         for (int q = 0; q < kXs; ++q) {
           CNNEXT_IGEMM_UNROLL
           for (int j = 0; j < 4; ++j) {
-            v[q].w[j] = static_cast<uint32_t>(fetch(kc[2 * j], xc[q])) |
-                        static_cast<uint32_t>(fetch(kc[2 * j + 1], xc[q])) << 16;
+            if constexpr (sizeof(bits_t) == 2) {
+              v[q].w[j] = static_cast<uint32_t>(fetch(kc[2 * j], xc[q])) |
+                          static_cast<uint32_t>(fetch(kc[2 * j + 1], xc[q])) << 16;
+            } else {
+              v[q].w[j] = fetch(kc[j], xc[q]);
+            }
           }
         }
       }
@@ -171,19 +218,17 @@ struct TcLoader {
       CNNEXT_IGEMM_UNROLL
       for (int q = 0; q < (KRUN ? kXs : 4); ++q) {
         CNNEXT_IGEMM_UNROLL
-        for (int j = 0; j < (KRUN ? 8 : kKs); ++j) {
-          check(KRUN ? v[q].w[j / 2] >> (16 * (j % 2)) : s[q][j]);
-        }
+        for (int j = 0; j < (KRUN ? kVec : kKs); ++j) check(KRUN ? element(v[q], j) : s[q][j]);
       }
     }
   }
 
   __device__ __forceinline__ void store(scalar_t* tile) const {
-    constexpr int P = TcTile::kPitch;
+    constexpr int P = Tile::kPitch;
     if constexpr (KRUN) {
       CNNEXT_IGEMM_UNROLL
       for (int q = 0; q < kXs; ++q) {
-        tc_store16(tile + (lane_x + q * (kThreads / 4)) * P + lane_k, v[q]);
+        tc_store16(tile + (lane_x + q * (kThreads / kKLanes)) * P + lane_k, v[q]);
       }
     } else {
       CNNEXT_IGEMM_UNROLL
@@ -197,19 +242,25 @@ struct TcLoader {
   }
 };
 
-using TcAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+template <typename scalar_t>
+using TcAcc = wmma::fragment<wmma::accumulator, 16, 16, TcTraits<scalar_t>::kK, float>;
 
 // acc += A[k0:k1] * B[k0:k1] through two shared stages; warp (wm, wn) owns rows wm * 32 + {0, 16}
-// and columns wn * 32 + {0, 16} of fragments. ROW_SUMS: threads tid < kBM also sum their row of
-// A over k (wgrad's grad_bias, read from the tile already in shared memory).
+// and columns wn * 32 + {0, 16} of fragments. Float operands are rounded to tf32 once loaded
+// (element-wise, so the fragment layout does not matter). ROW_SUMS: threads tid < kBM also sum
+// their row of A over k (wgrad's grad_bias, read from the tile already in shared memory, so in
+// full precision).
 template <typename scalar_t, bool ROW_SUMS = false, class LA, class LB>
 __device__ __forceinline__ void tc_mainloop(LA& la, LB& lb, int32_t k0, int32_t k1, scalar_t* smem,
-                                            int wm, int wn, TcAcc (&acc)[2][2],
+                                            int wm, int wn, TcAcc<scalar_t> (&acc)[2][2],
                                             float* row_sum = nullptr, int tid = 0) {
-  using elem_t = typename TcElement<scalar_t>::type;
-  constexpr int P = TcTile::kPitch, BK = TcTile::kBK, ST = TcTile::kStage;
-  constexpr int B0 = TcTile::kBM * P;  // B after A within a stage
-  if (k0 >= k1) return;                // uniform over the block
+  using Tr = TcTraits<scalar_t>;
+  using Tile = TcTile<scalar_t>;
+  using frag_t = typename Tr::frag_t;
+  using mem_t = typename Tr::mem_t;
+  constexpr int P = Tile::kPitch, BK = Tile::kBK, ST = Tile::kStage, FK = Tr::kK;
+  constexpr int B0 = Tile::kBM * P;  // B after A within a stage
+  if (k0 >= k1) return;              // uniform over the block
   la.load(k0);
   lb.load(k0);
   la.store(smem);
@@ -222,25 +273,36 @@ __device__ __forceinline__ void tc_mainloop(LA& la, LB& lb, int32_t k0, int32_t 
       la.load(k + BK);
       lb.load(k + BK);
     }
-    const elem_t* ta = reinterpret_cast<const elem_t*>(smem + stage * ST);
-    const elem_t* tb = ta + B0;
+    const mem_t* ta = reinterpret_cast<const mem_t*>(smem + stage * ST);
+    const mem_t* tb = ta + B0;
     CNNEXT_IGEMM_UNROLL
-    for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, elem_t, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, elem_t, wmma::col_major> fb[2];
+    for (int kk = 0; kk < BK; kk += FK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, FK, frag_t, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, FK, frag_t, wmma::col_major> fb[2];
       CNNEXT_IGEMM_UNROLL
       for (int i = 0; i < 2; ++i)
         wmma::load_matrix_sync(fa[i], ta + (wm * 32 + i * 16) * P + kk, P);
       CNNEXT_IGEMM_UNROLL
       for (int j = 0; j < 2; ++j)
         wmma::load_matrix_sync(fb[j], tb + (wn * 32 + j * 16) * P + kk, P);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        CNNEXT_IGEMM_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          CNNEXT_IGEMM_UNROLL
+          for (int e = 0; e < fa[i].num_elements; ++e)
+            fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
+          CNNEXT_IGEMM_UNROLL
+          for (int e = 0; e < fb[i].num_elements; ++e)
+            fb[i].x[e] = wmma::__float_to_tf32(fb[i].x[e]);
+        }
+      }
       CNNEXT_IGEMM_UNROLL
       for (int i = 0; i < 2; ++i) {
         CNNEXT_IGEMM_UNROLL
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
     }
-    if (ROW_SUMS && tid < TcTile::kBM) {
+    if (ROW_SUMS && tid < Tile::kBM) {
       const scalar_t* row = smem + stage * ST + tid * P;
       CNNEXT_IGEMM_UNROLL
       for (int kk = 0; kk < BK; ++kk) *row_sum += static_cast<float>(row[kk]);
@@ -256,8 +318,9 @@ __device__ __forceinline__ void tc_mainloop(LA& la, LB& lb, int32_t k0, int32_t 
 
 // The accumulators to shared memory as a [kBM][kPitchC] float tile (the stages are free: the main
 // loop ended on a barrier).
-__device__ __forceinline__ void tc_stage(float* staged, int wm, int wn, const TcAcc (&acc)[2][2]) {
-  constexpr int PC = TcTile::kPitchC;
+template <class Acc>
+__device__ __forceinline__ void tc_stage(float* staged, int wm, int wn, const Acc (&acc)[2][2]) {
+  constexpr int PC = TcGeometry::kPitchC;
   CNNEXT_IGEMM_UNROLL
   for (int i = 0; i < 2; ++i) {
     CNNEXT_IGEMM_UNROLL
@@ -276,13 +339,14 @@ template <bool ROWS_FAST, typename out_t, class RowMap, class ColMap, class Epil
 __device__ __forceinline__ void tc_write(out_t* out, const RowMap& rows, const ColMap& cols,
                                          int32_t m0, int32_t n0, const float* staged,
                                          const Epilogue& epilogue, int64_t epi_base, int tid) {
-  constexpr int PC = TcTile::kPitchC, T = TcTile::kThreads;
-  constexpr int kFixed = ROWS_FAST ? TcTile::kBM : TcTile::kBN;  // threads along the fast axis
+  constexpr int PC = TcGeometry::kPitchC, T = TcGeometry::kThreads;
+  constexpr int kFixed =
+      ROWS_FAST ? TcGeometry::kBM : TcGeometry::kBN;  // threads along the fast axis
   const int fast = tid % kFixed;
   const Coord fc = ROWS_FAST ? rows.at(m0 + fast) : cols.at(n0 + fast);
   if (fc.h == kOutside) return;
   CNNEXT_IGEMM_UNROLL
-  for (int s = tid / kFixed; s < (ROWS_FAST ? TcTile::kBN : TcTile::kBM); s += T / kFixed) {
+  for (int s = tid / kFixed; s < (ROWS_FAST ? TcGeometry::kBN : TcGeometry::kBM); s += T / kFixed) {
     const int r = ROWS_FAST ? fast : s, c = ROWS_FAST ? s : fast;
     const Coord sc = ROWS_FAST ? cols.at(n0 + c) : rows.at(m0 + r);
     if (sc.h == kOutside) continue;
@@ -290,10 +354,10 @@ __device__ __forceinline__ void tc_write(out_t* out, const RowMap& rows, const C
   }
 }
 
-template <bool ROWS_FAST, typename out_t, class RowMap, class ColMap, class Epilogue>
+template <bool ROWS_FAST, typename out_t, class RowMap, class ColMap, class Epilogue, class Acc>
 __device__ __forceinline__ void tc_store(out_t* out, const RowMap& rows, const ColMap& cols,
                                          int32_t m0, int32_t n0, int wm, int wn,
-                                         const TcAcc (&acc)[2][2], float* staged,
+                                         const Acc (&acc)[2][2], float* staged,
                                          const Epilogue& epilogue, int64_t epi_base, int tid) {
   tc_stage(staged, wm, wn, acc);
   tc_write<ROWS_FAST>(out, rows, cols, m0, n0, staged, epilogue, epi_base, tid);
@@ -301,17 +365,17 @@ __device__ __forceinline__ void tc_store(out_t* out, const RowMap& rows, const C
 
 // ---- fprop -------------------------------------------------------------------------------------
 
-// args as for the SIMT fprop; a.vec and b.vec mean 8-element (16-byte) runs along k.
+// args as for the SIMT fprop; a.vec and b.vec mean 16-byte runs along k (TcTile::kVec elements).
 template <typename scalar_t, bool NHWC, class Epilogue>
-__global__ void __launch_bounds__(TcTile::kThreads)
+__global__ void __launch_bounds__(TcGeometry::kThreads)
     conv2d_implicit_gemm_tc_fprop_kernel(const FpropArgs<scalar_t> args, Epilogue epilogue) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  __align__(128) __shared__ unsigned char smem_raw[TcTile::kSmemBytes];
+  __align__(128) __shared__ unsigned char smem_raw[TcTile<scalar_t>::kSmemBytes];
   scalar_t* const smem = reinterpret_cast<scalar_t*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32;
-  const int wm = warp % TcTile::kWarpsM, wn = warp / TcTile::kWarpsM;
+  const int wm = warp % TcGeometry::kWarpsM, wn = warp / TcGeometry::kWarpsM;
   const int32_t grp = blockIdx.y / args.n_tiles, nt = blockIdx.y % args.n_tiles;
-  const int32_t m0 = blockIdx.x * TcTile::kBM, n0 = nt * TcTile::kBN;
+  const int32_t m0 = blockIdx.x * TcGeometry::kBM, n0 = nt * TcGeometry::kBN;
   const int32_t k0 = blockIdx.z * args.split.slice_len;
   const int32_t k1 = args.split.slices > 1 ? imin(args.k, k0 + args.split.slice_len) : args.k;
 
@@ -319,9 +383,9 @@ __global__ void __launch_bounds__(TcTile::kThreads)
   a.k.base += grp * args.a_group;
   auto b = args.b;
   b.x.base += grp * args.b_group;
-  TcLoader<scalar_t, TcTile::kBM, NHWC, decltype(a)> la(a, m0, tid);
-  TcLoader<scalar_t, TcTile::kBN, true, decltype(b)> lb(b, n0, tid);
-  TcAcc acc[2][2];
+  TcLoader<scalar_t, TcGeometry::kBM, NHWC, decltype(a)> la(a, m0, tid);
+  TcLoader<scalar_t, TcGeometry::kBN, true, decltype(b)> lb(b, n0, tid);
+  TcAcc<scalar_t> acc[2][2];
   CNNEXT_IGEMM_UNROLL
   for (int i = 0; i < 2; ++i) {
     CNNEXT_IGEMM_UNROLL
@@ -344,32 +408,32 @@ __global__ void __launch_bounds__(TcTile::kThreads)
                     static_cast<int64_t>(grp) * args.n, tid);
   }
 #else
-  __trap();  // no bfloat16 wmma before sm_80; the host never launches it there
+  __trap();  // no bfloat16 or tf32 wmma before sm_80; the host never launches it there
 #endif
 }
 
 // ---- dgrad -------------------------------------------------------------------------------------
 
 // As the SIMT dgrad (one GEMM per stride phase, grid z): A = grad_output gathered along the
-// phase's taps, B = filter rows; args.vec_a means 8-element runs of c_out.
+// phase's taps, B = filter rows; args.vec_a means 16-byte runs of c_out.
 template <typename scalar_t, bool NHWC, bool TAPS_FASTEST>
-__global__ void __launch_bounds__(TcTile::kThreads)
+__global__ void __launch_bounds__(TcGeometry::kThreads)
     conv2d_implicit_gemm_tc_dgrad_kernel(const DgradArgs<scalar_t> args) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  __align__(128) __shared__ unsigned char smem_raw[TcTile::kSmemBytes];
-  __shared__ int nonfinite_warps[TcTile::kThreads / 32];
+  __align__(128) __shared__ unsigned char smem_raw[TcTile<scalar_t>::kSmemBytes];
+  __shared__ int nonfinite_warps[TcGeometry::kThreads / 32];
   scalar_t* const smem = reinterpret_cast<scalar_t*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32;
-  const int wm = warp % TcTile::kWarpsM, wn = warp / TcTile::kWarpsM;
+  const int wm = warp % TcGeometry::kWarpsM, wn = warp / TcGeometry::kWarpsM;
   int32_t ph, pw;
   args.div_sw.divmod(blockIdx.z, ph, pw);
   const DgradAxis& ra = args.rows[ph];
   const DgradAxis& ca = args.cols[pw];
   const int32_t m = args.batch * ra.pixels * ca.pixels;
-  const int32_t m0 = blockIdx.x * TcTile::kBM;
+  const int32_t m0 = blockIdx.x * TcGeometry::kBM;
   if (m0 >= m) return;  // this phase has fewer pixels than the largest one
   const int32_t grp = blockIdx.y / args.n_tiles, nt = blockIdx.y % args.n_tiles;
-  const int32_t n0 = nt * TcTile::kBN;
+  const int32_t n0 = nt * TcGeometry::kBN;
   const int32_t taps_k = ra.count * ca.count * args.c_out;
 
   // A: grad_output at row i + off0 - dstep * tr.
@@ -397,9 +461,9 @@ __global__ void __launch_bounds__(TcTile::kThreads)
   b.x.base = 0, b.x.ld = args.w_sc, b.x.count = args.c_in;
   b.vec = false;
 
-  TcLoader<scalar_t, TcTile::kBM, NHWC, decltype(a)> la(a, m0, tid);
-  TcLoader<scalar_t, TcTile::kBN, TAPS_FASTEST, decltype(b), true> lb(b, n0, tid);
-  TcAcc acc[2][2];
+  TcLoader<scalar_t, TcGeometry::kBM, NHWC, decltype(a)> la(a, m0, tid);
+  TcLoader<scalar_t, TcGeometry::kBN, TAPS_FASTEST, decltype(b), true> lb(b, n0, tid);
+  TcAcc<scalar_t> acc[2][2];
   CNNEXT_IGEMM_UNROLL
   for (int i = 0; i < 2; ++i) {
     CNNEXT_IGEMM_UNROLL
@@ -413,12 +477,12 @@ __global__ void __launch_bounds__(TcTile::kThreads)
   tc_stage(staged, wm, wn, acc);  // its barrier also publishes the flags
   bool nonfinite = false;
   CNNEXT_IGEMM_UNROLL
-  for (int w = 0; w < TcTile::kThreads / 32; ++w) nonfinite |= nonfinite_warps[w] != 0;
+  for (int w = 0; w < TcGeometry::kThreads / 32; ++w) nonfinite |= nonfinite_warps[w] != 0;
   if (nonfinite) {  // uniform over the block
     // A non-finite filter value met the zeros that stand for padding: redo this tile summing
     // only real taps, so Inf/NaN reach exactly the gradients torch's col2im gives them.
-    for (int e = tid; e < TcTile::kBM * TcTile::kBN; e += TcTile::kThreads) {
-      const int r = e / TcTile::kBN, c = e % TcTile::kBN;
+    for (int e = tid; e < TcGeometry::kBM * TcGeometry::kBN; e += TcGeometry::kThreads) {
+      const int r = e / TcGeometry::kBN, c = e % TcGeometry::kBN;
       const Coord xa = a.x.at(m0 + r), xb = b.x.at(n0 + c);
       float sum = 0.f;
       if (xa.h != kOutside && xb.h != kOutside) {
@@ -430,7 +494,7 @@ __global__ void __launch_bounds__(TcTile::kThreads)
                  static_cast<float>(b.ptr[kb.ofs + xb.ofs]);
         }
       }
-      staged[r * TcTile::kPitchC + c] = sum;
+      staged[r * TcGeometry::kPitchC + c] = sum;
     }
     __syncthreads();
   }
@@ -451,15 +515,15 @@ __global__ void __launch_bounds__(TcTile::kThreads)
 // As the SIMT wgrad: A = grad_output [pixels x c_out], B = input [pixels x (tap, ci)], K split
 // over grid z; blocks of the first n tile also sum grad_bias from A's tiles.
 template <typename scalar_t, bool NHWC>
-__global__ void __launch_bounds__(TcTile::kThreads)
+__global__ void __launch_bounds__(TcGeometry::kThreads)
     conv2d_implicit_gemm_tc_wgrad_kernel(const WgradArgs<scalar_t> args) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  __align__(128) __shared__ unsigned char smem_raw[TcTile::kSmemBytes];
+  __align__(128) __shared__ unsigned char smem_raw[TcTile<scalar_t>::kSmemBytes];
   scalar_t* const smem = reinterpret_cast<scalar_t*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32;
-  const int wm = warp % TcTile::kWarpsM, wn = warp / TcTile::kWarpsM;
+  const int wm = warp % TcGeometry::kWarpsM, wn = warp / TcGeometry::kWarpsM;
   const int32_t grp = blockIdx.y / args.n_tiles, nt = blockIdx.y % args.n_tiles;
-  const int32_t m0 = blockIdx.x * TcTile::kBM, n0 = nt * TcTile::kBN;
+  const int32_t m0 = blockIdx.x * TcGeometry::kBM, n0 = nt * TcGeometry::kBN;
   const int32_t k0 = blockIdx.z * args.split.slice_len;
   const int32_t k1 = args.split.slices > 1 ? imin(args.k, k0 + args.split.slice_len) : args.k;
 
@@ -468,41 +532,46 @@ __global__ void __launch_bounds__(TcTile::kThreads)
   auto b = args.b;
   b.x.base += grp * args.b_group;
   // NHWC: channels are contiguous (along x); NCHW: pixels are (along k).
-  TcLoader<scalar_t, TcTile::kBM, !NHWC, decltype(a)> la(a, m0, tid);
-  TcLoader<scalar_t, TcTile::kBN, !NHWC, decltype(b)> lb(b, n0, tid);
-  TcAcc acc[2][2];
+  TcLoader<scalar_t, TcGeometry::kBM, !NHWC, decltype(a)> la(a, m0, tid);
+  TcLoader<scalar_t, TcGeometry::kBN, !NHWC, decltype(b)> lb(b, n0, tid);
+  TcAcc<scalar_t> acc[2][2];
   CNNEXT_IGEMM_UNROLL
   for (int i = 0; i < 2; ++i) {
     CNNEXT_IGEMM_UNROLL
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   }
-  float row_sum = 0.f;
-  const bool bias_block = args.db != nullptr && nt == 0;
-  if (bias_block) {
-    tc_mainloop<scalar_t, true>(la, lb, k0, k1, smem, wm, wn, acc, &row_sum, tid);
-  } else {
-    tc_mainloop<scalar_t>(la, lb, k0, k1, smem, wm, wn, acc);
-  }
-
   float* const staged = reinterpret_cast<float*>(smem_raw);
   const int32_t co = grp * args.m + m0 + tid;  // the bias row of threads tid < kBM
-  if (args.split.slices > 1) {
-    const LinearMap rows{static_cast<int64_t>(grp) * args.m * args.n, args.n, args.m};
-    const LinearMap cols{0, 1, args.n};
-    const int64_t slice_words = static_cast<int64_t>(gridDim.y / args.n_tiles) * args.m * args.n;
-    tc_store<false>(args.partial + blockIdx.z * slice_words, rows, cols, m0, n0, wm, wn, acc,
-                    staged, IdentityEpilogue{}, 0, tid);
-    if (bias_block && tid < TcTile::kBM && m0 + tid < args.m) {
-      args.partial_bias[static_cast<int64_t>(blockIdx.z) * (gridDim.y / args.n_tiles) * args.m +
-                        co] = row_sum;
+  // The store, once per kind of block: a bias flag kept live across the main loop costs a
+  // register that ptxas spilled (float, sm_90).
+  const auto finish = [&](auto bias_block, float row_sum) {
+    constexpr bool BIAS = decltype(bias_block)::value;
+    if (args.split.slices > 1) {
+      const LinearMap rows{static_cast<int64_t>(grp) * args.m * args.n, args.n, args.m};
+      const LinearMap cols{0, 1, args.n};
+      const int64_t slice_words = static_cast<int64_t>(gridDim.y / args.n_tiles) * args.m * args.n;
+      tc_store<false>(args.partial + blockIdx.z * slice_words, rows, cols, m0, n0, wm, wn, acc,
+                      staged, IdentityEpilogue{}, 0, tid);
+      if (BIAS && tid < TcGeometry::kBM && m0 + tid < args.m) {
+        args.partial_bias[static_cast<int64_t>(blockIdx.z) * (gridDim.y / args.n_tiles) * args.m +
+                          co] = row_sum;
+      }
+    } else {
+      const LinearMap rows{static_cast<int64_t>(grp) * args.m * args.out_ld, args.out_ld, args.m};
+      tc_store<false>(args.dw, rows, args.out_cols, m0, n0, wm, wn, acc, staged, IdentityEpilogue{},
+                      0, tid);
+      if (BIAS && tid < TcGeometry::kBM && m0 + tid < args.m) {
+        args.db[co] = static_cast<scalar_t>(row_sum);
+      }
     }
+  };
+  if (args.db != nullptr && nt == 0) {
+    float row_sum = 0.f;
+    tc_mainloop<scalar_t, true>(la, lb, k0, k1, smem, wm, wn, acc, &row_sum, tid);
+    finish(std::true_type{}, row_sum);
   } else {
-    const LinearMap rows{static_cast<int64_t>(grp) * args.m * args.out_ld, args.out_ld, args.m};
-    tc_store<false>(args.dw, rows, args.out_cols, m0, n0, wm, wn, acc, staged, IdentityEpilogue{},
-                    0, tid);
-    if (bias_block && tid < TcTile::kBM && m0 + tid < args.m) {
-      args.db[co] = static_cast<scalar_t>(row_sum);
-    }
+    tc_mainloop<scalar_t>(la, lb, k0, k1, smem, wm, wn, acc);
+    finish(std::false_type{}, 0.f);
   }
 #else
   __trap();
@@ -516,28 +585,41 @@ __global__ void __launch_bounds__(TcTile::kThreads)
 namespace cnnext {
 namespace {
 
-// The tensor-core path needs half/bfloat16, channels reduced per group a multiple of 8 (whole
-// 16-byte vectors along channels and filter rows) and, on a GPU, sm_80 or newer.
+// Whether fp32 convolutions may run in TF32: torch's own setting for its cuDNN convolutions
+// (torch.backends.cudnn.allow_tf32, or torch.backends.cudnn.conv.fp32_precision), read per call
+// as torch does. The emulator also needs emulate_cuda(tf32=True): its users compare emulated
+// float results with torch's CPU convolution, which never uses TF32.
+inline bool tc_tf32_allowed() {
+#ifdef CNNEXT_CUDA_EMULATION
+  if (!emu::tf32_enabled()) return false;
+#endif
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+}
+
+// The tensor-core path needs half/bfloat16, or float with TF32 allowed; channels reduced per
+// group in whole 16-byte vectors (a multiple of 8 half or 4 float values, along channels and
+// filter rows); on a GPU, sm_80 or newer.
 template <typename scalar_t>
 bool tc_supported(const Conv2dParams& p) {
   if constexpr (!kHasTensorCores<scalar_t>) {
     return false;
   } else {
+    if (std::is_same_v<scalar_t, float> && !tc_tf32_allowed()) return false;
 #ifndef CNNEXT_CUDA_EMULATION
     if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
 #endif
-    return p.c_in_per_group() % 8 == 0;
+    return p.c_in_per_group() % TcTile<scalar_t>::kVec == 0;
   }
 }
 
 // 64 x 64 tiles; K split over slices (multiples of kBK) until about two waves of blocks exist.
 inline IgemmShape plan_tc_shape(int64_t m, int64_t n, int64_t k, int64_t groups, bool allow_split,
                                 int64_t words_per_slice) {
-  constexpr int64_t BK = TcTile::kBK;
+  constexpr int64_t BK = TcGeometry::kBK;
   const int64_t sms = igemm_sm_count();
   IgemmShape s;
-  s.m_tiles = (m + TcTile::kBM - 1) / TcTile::kBM;
-  s.n_tiles = (n + TcTile::kBN - 1) / TcTile::kBN;
+  s.m_tiles = (m + TcGeometry::kBM - 1) / TcGeometry::kBM;
+  s.n_tiles = (n + TcGeometry::kBN - 1) / TcGeometry::kBN;
   const int64_t blocks = s.m_tiles * s.n_tiles * groups;
   int64_t slices = 1;
   if (allow_split && blocks < sms) {
@@ -566,9 +648,10 @@ bool plan_tc_fprop(const Conv2dParams& p, const at::Tensor& x, const at::Tensor&
   if (plan->shape.n_tiles * p.groups > 65535 || plan->shape.m_tiles > kInt32Max) return false;
   FpropArgs<scalar_t>& a = plan->args;
   const Strides4 xs = strides4(x);
-  a.a.vec = plan->nhwc && cg % 8 == 0 && xs.c == 1 && xs.w % 8 == 0 && xs.h % 8 == 0 &&
-            xs.n % 8 == 0 && aligned16(a.a.ptr);
-  a.b.vec = k % 8 == 0 && (plan->transform || aligned16(a.b.ptr));
+  constexpr int64_t V = TcTile<scalar_t>::kVec;
+  a.a.vec = plan->nhwc && cg % V == 0 && xs.c == 1 && xs.w % V == 0 && xs.h % V == 0 &&
+            xs.n % V == 0 && aligned16(a.a.ptr);
+  a.b.vec = k % V == 0 && (plan->transform || aligned16(a.b.ptr));
   a.n_tiles = static_cast<int32_t>(plan->shape.n_tiles);
   a.split = plan->shape.split;
   plan->filter_at = plan->transform ? ws->reserve(w.numel() * sizeof(scalar_t)) : -1;
@@ -594,10 +677,10 @@ void run_tc_fprop(FpropPlan<scalar_t>& plan, const at::Tensor& w, const Workspac
                   static_cast<unsigned>(a.split.slices));
   if (plan.nhwc) {
     CNNEXT_LAUNCH((conv2d_implicit_gemm_tc_fprop_kernel<scalar_t, true, Epilogue>), grid,
-                  dim3(TcTile::kThreads), 0, stream, a, epilogue);
+                  dim3(TcGeometry::kThreads), 0, stream, a, epilogue);
   } else {
     CNNEXT_LAUNCH((conv2d_implicit_gemm_tc_fprop_kernel<scalar_t, false, Epilogue>), grid,
-                  dim3(TcTile::kThreads), 0, stream, a, epilogue);
+                  dim3(TcGeometry::kThreads), 0, stream, a, epilogue);
   }
   if (a.split.slices > 1) {
     const int64_t numel = static_cast<int64_t>(a.m) * a.out_cols.count;
@@ -640,8 +723,9 @@ bool plan_tc_dgrad(const Conv2dParams& p, const at::Tensor& dy, const at::Tensor
   if (plan->shape.n_tiles * p.groups > 65535) return false;
   DgradArgs<scalar_t>& a = plan->args;
   const Strides4 ys = strides4(dy);
-  a.vec_a = plan->nhwc && p.c_out_per_group() % 8 == 0 && ys.c == 1 && ys.w % 8 == 0 &&
-            ys.h % 8 == 0 && ys.n % 8 == 0 && aligned16(a.dy);
+  constexpr int64_t V = TcTile<scalar_t>::kVec;
+  a.vec_a = plan->nhwc && p.c_out_per_group() % V == 0 && ys.c == 1 && ys.w % V == 0 &&
+            ys.h % V == 0 && ys.n % V == 0 && aligned16(a.dy);
   a.vec_b = false;
   a.n_tiles = static_cast<int32_t>(plan->shape.n_tiles);
   plan->filter_at = plan->transform ? ws->reserve(w.numel() * sizeof(scalar_t)) : -1;
@@ -663,7 +747,7 @@ void run_tc_dgrad(DgradPlan<scalar_t>& plan, const at::Tensor& w, const Workspac
     auto launch = [&](auto nhwc, auto taps_fastest) {
       constexpr bool NHWC = decltype(nhwc)::value, TF = decltype(taps_fastest)::value;
       CNNEXT_LAUNCH((conv2d_implicit_gemm_tc_dgrad_kernel<scalar_t, NHWC, TF>), grid,
-                    dim3(TcTile::kThreads), 0, current_stream(), a);
+                    dim3(TcGeometry::kThreads), 0, current_stream(), a);
     };
     using T = std::true_type;
     using F = std::false_type;
@@ -717,10 +801,10 @@ void run_tc_wgrad(WgradPlan<scalar_t>& plan, const Workspace& ws) {
                     static_cast<unsigned>(a.split.slices));
     if (plan.nhwc) {
       CNNEXT_LAUNCH((conv2d_implicit_gemm_tc_wgrad_kernel<scalar_t, true>), grid,
-                    dim3(TcTile::kThreads), 0, stream, a);
+                    dim3(TcGeometry::kThreads), 0, stream, a);
     } else {
       CNNEXT_LAUNCH((conv2d_implicit_gemm_tc_wgrad_kernel<scalar_t, false>), grid,
-                    dim3(TcTile::kThreads), 0, stream, a);
+                    dim3(TcGeometry::kThreads), 0, stream, a);
     }
     if (a.split.slices > 1) {
       const int64_t height = static_cast<int64_t>(a.m) * plan.groups;

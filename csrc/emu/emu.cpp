@@ -599,6 +599,12 @@ std::mutex& launch_mutex() {
 void set_schedule(const std::string& schedule) { current_schedule() = parse_schedule(schedule); }
 std::string get_schedule() { return current_schedule().text; }
 
+namespace {
+thread_local bool tl_tf32 = false;
+}  // namespace
+void set_tf32(bool enabled) { tl_tf32 = enabled; }
+bool tf32_enabled() { return tl_tf32; }
+
 const char* fiber_backend() {
 #ifdef CNNEXT_EMU_BOOST
   return "boost.context";

@@ -63,6 +63,10 @@ void launch(const char* kernel_name, dim3 grid, dim3 block, std::size_t smem, F&
 // environment variable CNNEXT_EMU_SCHEDULE (default "forward").
 void set_schedule(const std::string& schedule);
 std::string get_schedule();
+// Whether emulated float convolutions may use TF32 tensor cores (emulate_cuda(tf32=True), and
+// then only where torch's own TF32 setting allows). Per OS thread, off by default.
+void set_tf32(bool enabled);
+bool tf32_enabled();
 const char* fiber_backend();  // "boost.context" or "ucontext"
 
 // Barrier and warp primitives (the public CUDA names are defined below).

@@ -146,11 +146,11 @@ template <class T>
 float to_float(T v) {
   return static_cast<float>(v);
 }
-// tf32 operands: the tensor cores read only the top 19 bits of the float.
+// tf32 operands: the tensor cores read only the top 19 bits of the float (a NaN stays NaN).
 inline float tf32_operand(float v) {
   std::uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
-  bits &= ~0x1fffu;
+  if (v == v) bits &= ~0x1fffu;
   float out;
   std::memcpy(&out, &bits, sizeof out);
   return out;

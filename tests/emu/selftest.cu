@@ -259,6 +259,32 @@ __global__ void wmma_misuse_kernel(const __half* a, const __half* b, float* c, i
   wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
 }
 
+// TF32 rounding, exactly: c1 = A * Bsel and c2 = Asel * B, where the selectors hold one 1 per
+// output (Asel[i][p] = Bsel[p][i] = [p == i % 8]), so every output is one operand value times 1.
+// kConvert: the operands pass through __float_to_tf32 (round to nearest, ties away from zero);
+// otherwise the tensor core reads them as they are and drops their low 13 mantissa bits.
+template <bool kConvert>
+__global__ void wmma_tf32_rounding_kernel(const float* a, const float* asel, const float* b,
+                                          const float* bsel, float* c1, float* c2) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa, fs;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb, ft;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+  wmma::load_matrix_sync(fa, a, 8);
+  wmma::load_matrix_sync(fs, asel, 8);
+  wmma::load_matrix_sync(fb, b, 8);
+  wmma::load_matrix_sync(ft, bsel, 8);
+  if (kConvert) {
+    for (auto& v : fa.x) v = wmma::__float_to_tf32(v);
+    for (auto& v : fb.x) v = wmma::__float_to_tf32(v);
+  }
+  wmma::fill_fragment(acc, 0.f);
+  wmma::mma_sync(acc, fa, ft, acc);
+  wmma::store_matrix_sync(c1, acc, 16, wmma::mem_row_major);
+  wmma::fill_fragment(acc, 0.f);
+  wmma::mma_sync(acc, fs, fb, acc);
+  wmma::store_matrix_sync(c2, acc, 16, wmma::mem_row_major);
+}
+
 // ---- cp.async: two groups of 16-byte copies into shared memory ---------------------------------
 // out = 2 * the block's 512 inputs, each half reversed, read from shared memory filled by
 // cp.async in two groups (first half, second half). kBug: 0 correct (wait<1> before using the
@@ -587,6 +613,57 @@ void run_wmma_misuse(int bug) {
     if (v != 16.f) throw Wrong("wmma misuse kernel: got " + std::to_string(v));
 }
 
+// Drops the low 13 mantissa bits (toward zero), written apart from the emulator.
+float tf32_truncated(float v) {
+  const double scale = std::ldexp(1.0, std::ilogb(v) - 10);
+  return static_cast<float>(std::copysign(std::floor(std::fabs(v) / scale) * scale, v));
+}
+
+// 128 values for each operand: ties between two tf32 values (1 + 2^-11 rounds away from zero, to
+// odd, where round-to-nearest-even would keep 1), neighbours of ties, values whose dropped bits
+// are all set, and random floats of several magnitudes.
+void run_wmma_tf32_rounding() {
+  std::vector<float> vals;
+  const float tie = 1.f + std::ldexp(1.f, -11), ulp = std::ldexp(1.f, -23);
+  for (float base : {1.f, 1.5f, 3.f, 1e-3f, 7e5f}) {
+    vals.push_back(base * tie);
+    vals.push_back(-base * tie);
+    vals.push_back(base * (tie - ulp));
+    vals.push_back(-base * (tie + ulp));
+    vals.push_back(std::nextafter(base * (1.f + std::ldexp(1.f, -10)), 0.f));  // low bits all set
+  }
+  std::mt19937 rng(23);
+  while (vals.size() < 256) {
+    const float mag = std::ldexp(1.f, static_cast<int>(rng() % 40) - 20);
+    const float v = std::uniform_real_distribution<float>(-1.f, 1.f)(rng) * mag;
+    if (v != 0.f) vals.push_back(v);
+  }
+  alignas(32) static float a[16 * 8], asel[16 * 8], b[16 * 8], bsel[16 * 8];
+  alignas(32) static float c1[16 * 16], c2[16 * 16];
+  for (int i = 0; i < 16; ++i)
+    for (int p = 0; p < 8; ++p) {
+      a[i * 8 + p] = vals[i * 8 + p];  // row-major A [16][8]
+      asel[i * 8 + p] = p == i % 8 ? 1.f : 0.f;
+      b[i * 8 + p] = vals[128 + i * 8 + p];  // col-major B [8][16]: column i at b + 8 i
+      bsel[i * 8 + p] = p == i % 8 ? 1.f : 0.f;
+    }
+  for (bool convert : {true, false}) {
+    launch("wmma_tf32_rounding",
+           convert ? wmma_tf32_rounding_kernel<true> : wmma_tf32_rounding_kernel<false>, dim3(1),
+           dim3(32), 0, static_cast<const float*>(a), static_cast<const float*>(asel),
+           static_cast<const float*>(b), static_cast<const float*>(bsel), c1, c2);
+    std::vector<float> want1(256), want2(256);
+    auto round = convert ? tf32_reference : tf32_truncated;
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        want1[i * 16 + j] = round(a[i * 8 + j % 8]);
+        want2[i * 16 + j] = round(b[j * 8 + i % 8]);
+      }
+    expect_equal(std::vector<float>(c1, c1 + 256), want1);
+    expect_equal(std::vector<float>(c2, c2 + 256), want2);
+  }
+}
+
 template <int kBug>
 void run_async_copy() {
   const int blocks = 3;
@@ -676,6 +753,7 @@ int main(int argc, char** argv) {
       {"wmma_bf16", run_wmma_gemm<__nv_bfloat16, 16, wmma::col_major, wmma::row_major, false>},
       {"wmma_tf32",
        run_wmma_gemm<wmma::precision::tf32, 8, wmma::row_major, wmma::col_major, false>},
+      {"wmma_tf32_rounding", run_wmma_tf32_rounding},
       {"wmma_assumes_layout", run_wmma_gemm<__half, 16, wmma::row_major, wmma::col_major, true>},
       {"wmma_bad_ldm", [] { run_wmma_misuse(0); }},
       {"wmma_misaligned", [] { run_wmma_misuse(1); }},
