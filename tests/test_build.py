@@ -142,3 +142,21 @@ def test_both_extensions_under_rtld_global() -> None:
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(cnnext.__file__))),
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_families_include_only_common_and_their_own_headers() -> None:
+    """Convolution families share one dispatch (csrc/common/conv_dispatch.h) rather than include
+    each other: every op family's sources include csrc/common/ and their own folder only."""
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    wrong = []
+    for family in ("conv2d_direct", "conv2d_im2col", "conv_bn_relu", "pool2d"):
+        folder = os.path.join(csrc, family)
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name)) as f:
+                for line in f:
+                    if not line.startswith('#include "'):
+                        continue
+                    target = line.split('"')[1]
+                    if target.split("/")[0] not in ("common", family):
+                        wrong.append(f"{family}/{name}: {line.strip()}")
+    assert not wrong, wrong
