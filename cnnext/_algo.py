@@ -20,9 +20,9 @@ The heuristic (see ``choose`` for the thresholds and the measurements behind the
 
 This is the one rule: ``cnnext.ops.conv2d``, ``cnnext.ops.conv_bn_relu``, ``cnnext.nn.Conv2d``
 and ``cnnext.nn.ConvBNReLU2d`` all resolve ``"auto"`` here (``select``) before calling an op.
-The fused op's C++ ``resolve_algo`` mirrors it only for direct ``torch.ops.cnnext`` calls with
-``algo="auto"`` (csrc/conv_bn_relu/cpu.cpp, cuda.cu); tests/test_algo_rule.py holds all of
-them to ``choose``.
+The convolution dispatch's C++ ``resolve_conv_algo`` (csrc/common/conv_dispatch.h) mirrors it,
+with gradients assumed, only for direct ``torch.ops.cnnext`` calls with ``algo="auto"``;
+tests/test_algo_rule.py holds all of them to ``choose``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Where cnnext's ops get their derivatives.
 
 Each op family is differentiated by one hand-written C++ ``torch::autograd::Node`` (the
-``CNNEXT_AUTOGRAD`` block that closes its ``csrc/<family>/<family>.h``, on ``csrc/autograd.h``)
+``CNNEXT_AUTOGRAD`` block that closes its ``csrc/<family>/<family>.h``, on
+``csrc/common/autograd.h``)
 whose forward is registered for the Autograd key of the family's forward op, in both namespaces
 (``torch.ops.cnnext`` and the emulator's ``torch.ops.cnnext_emu``): ``max_pool2d_with_argmax``,
 ``avg_pool2d``, ``conv2d_direct``, ``conv2d_im2col`` and ``conv_bn_relu``. Calling the forward op

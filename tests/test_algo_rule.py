@@ -172,7 +172,7 @@ def test_cpu_inference_takes_direct_on_small_planes() -> None:
     x, w = _tensors((1, 64, 15, 15), (8, 64, 3, 3), False)
     assert _algo.choose(x.double(), w.double(), *conf, grads=False) == ("im2col", "auto")
     x, w = _tensors((1, 64, 15, 15), (8, 64, 1, 1), False)
-    assert _algo.choose(x, w, ((1, 1), (0, 0), (1, 1), 1), grads=False)[0] == "im2col"
+    assert _algo.choose(x, w, (1, 1), (0, 0), (1, 1), 1, grads=False)[0] == "im2col"
 
 
 def test_cuda_rule_documented_cases() -> None:

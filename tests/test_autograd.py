@@ -1,7 +1,7 @@
 """The C++ autograd of each op family (the CNNEXT_AUTOGRAD block of its csrc/<family>/<family>.h,
-on csrc/autograd.h): the node a differentiable call records, that neither forward nor backward
-re-enters Python, which gradients a backward pass computes, and calls that must record nothing.
-Gradient values are held against torch in each family's own test file."""
+on csrc/common/autograd.h): the node a differentiable call records, that neither forward nor
+backward re-enters Python, which gradients a backward pass computes, and calls that must record
+nothing. Gradient values are held against torch in each family's own test file."""
 
 from __future__ import annotations
 

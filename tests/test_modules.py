@@ -341,23 +341,23 @@ def _recording_backend(seen: list):
 def test_autotune_under_compile_uses_cache_never_times(tune_calls: list) -> None:
     torch._dynamo.reset()
     cnnext.set_autotune(True)
-    ref, ours = make_pair(64, 64, 3, padding=1)  # the heuristic picks im2col on CPU
+    ref, ours = make_pair(64, 64, 3, padding=1)  # inference on CPU: the heuristic picks direct
     x = torch.randn(1, 64, 6, 6)
     seen: list = []
     with torch.no_grad():
         out = torch.compile(ours, fullgraph=True, backend=_recording_backend(seen))(x)
         assert_close(out, ref(x), scale=8)
     assert tune_calls == [] and _algo.autotune_cache() == {}
-    assert "conv2d_im2col" in seen[-1]
+    assert "conv2d_direct" in seen[-1]
     # With the key cached (here: by hand), the traced call takes the cached choice.
     key = _algo._key(x, ours.weight, (1, 1), (1, 1), (1, 1), 1, (False, False))
-    _algo._cache[key] = ("direct", "auto")
+    _algo._cache[key] = ("im2col", "auto")
     torch._dynamo.reset()
     seen.clear()
     with torch.no_grad():
         out = torch.compile(ours, fullgraph=True, backend=_recording_backend(seen))(x)
     assert_close(out, ref(x), scale=8)
-    assert "conv2d_direct" in seen[-1] and tune_calls == []
+    assert "conv2d_im2col" in seen[-1] and tune_calls == []
 
 
 # ---- LeNet-5 from cnnext modules, trained on the emulated CUDA device ---------------------------

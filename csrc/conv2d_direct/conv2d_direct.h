@@ -36,11 +36,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cuda(
 
 // ==== autograd ===================================================================================
 // Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers the forward for the
-// Autograd key of conv2d_direct (the node is csrc/autograd.h's, shared with im2col).
+// Autograd key of conv2d_direct (the node is csrc/common/autograd.h's, shared with im2col).
 #ifdef CNNEXT_AUTOGRAD
 #include <string>
 
-#include "autograd.h"
+#include "common/autograd.h"
 
 namespace cnnext {
 

@@ -36,9 +36,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_im2col_backward_cuda(
 
 // ==== autograd ===================================================================================
 // Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers the forward for the
-// Autograd key of conv2d_im2col (the node is csrc/autograd.h's, shared with the direct one).
+// Autograd key of conv2d_im2col (the node is csrc/common/autograd.h's, shared with the direct one).
 #ifdef CNNEXT_AUTOGRAD
-#include "autograd.h"
+#include "common/autograd.h"
 
 namespace cnnext {
 

@@ -123,12 +123,12 @@ inline ConvAlgorithm conv_algorithm(const char* op, c10::string_view algo, int64
 
 // ==== autograd ===================================================================================
 // Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers the forward for the
-// Autograd key of conv_bn_relu (see csrc/autograd.h).
+// Autograd key of conv_bn_relu (see csrc/common/autograd.h).
 #ifdef CNNEXT_AUTOGRAD
 #include <mutex>
 #include <tuple>
 
-#include "autograd.h"
+#include "common/autograd.h"
 
 namespace cnnext::fused {
 

@@ -234,13 +234,13 @@ inline BackwardPlan plan_avg_backward(Backend backend, const at::Tensor& grad_ou
 
 // ==== autograd ===================================================================================
 // Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers these forwards for the
-// Autograd key of the ops (see csrc/autograd.h).
+// Autograd key of the ops (see csrc/common/autograd.h).
 #ifdef CNNEXT_AUTOGRAD
 #include <mutex>
 #include <tuple>
 #include <vector>
 
-#include "autograd.h"
+#include "common/autograd.h"
 
 namespace cnnext::pool2d {
 
