@@ -142,6 +142,24 @@ def test_channels_not_a_multiple_of_8_fall_back(emu_device: str, c_in: int, inpu
     _check_close(out, x, w, b, case)
 
 
+@pytest.mark.parametrize("name", ["nchw_strided_dilated", "nhwc_3x3_splitk"])
+def test_filter_not_16_byte_aligned_falls_back(emu_device: str, name: str) -> None:
+    """The tensor-core fprop reads the filter in 16-byte vectors only; one element past an
+    aligned start (a view into a larger buffer) runs on the SIMT family, with the right answer."""
+    case = CASES[name]
+    x, w, b = _tensors(case, torch.float16)
+    fmt = torch.channels_last if case.filter_cl else torch.contiguous_format
+    buf = torch.empty(w.numel() + 1, dtype=w.dtype)
+    shifted = buf[1:].view(w.permute(0, 2, 3, 1).shape if case.filter_cl else w.shape)
+    shifted = shifted.permute(0, 3, 1, 2) if case.filter_cl else shifted
+    shifted.copy_(w)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous(memory_format=fmt)
+    out, kernels = _run(case, x, shifted, b)
+    assert not any(TC_KERNEL in k for k in kernels), kernels
+    assert any("implicit_gemm_fprop" in k for k in kernels), kernels
+    _check_close(out, x, w, b, case)
+
+
 def test_a_simt_tile_on_request_and_float_stay_off_tensor_cores() -> None:
     case = CASES["nhwc_3x3"]
     x, w, b = _tensors(case, torch.float16)

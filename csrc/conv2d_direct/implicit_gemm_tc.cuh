@@ -383,6 +383,7 @@ __global__ void __launch_bounds__(TcGeometry::kThreads)
   a.k.base += grp * args.a_group;
   auto b = args.b;
   b.x.base += grp * args.b_group;
+  b.vec = true;  // plan_tc_fprop guarantees it; a constant here drops the scalar path
   TcLoader<scalar_t, TcGeometry::kBM, NHWC, decltype(a)> la(a, m0, tid);
   TcLoader<scalar_t, TcGeometry::kBN, true, decltype(b)> lb(b, n0, tid);
   TcAcc<scalar_t> acc[2][2];
@@ -651,7 +652,10 @@ bool plan_tc_fprop(const Conv2dParams& p, const at::Tensor& x, const at::Tensor&
   constexpr int64_t V = TcTile<scalar_t>::kVec;
   a.a.vec = plan->nhwc && cg % V == 0 && xs.c == 1 && xs.w % V == 0 && xs.h % V == 0 &&
             xs.n % V == 0 && aligned16(a.a.ptr);
+  // The kernel reads the filter in 16-byte vectors only (a runtime choice there cost ptxas a
+  // spilled predicate): a filter that is not 16-byte aligned runs on the SIMT family instead.
   a.b.vec = k % V == 0 && (plan->transform || aligned16(a.b.ptr));
+  if (!a.b.vec) return false;
   a.n_tiles = static_cast<int32_t>(plan->shape.n_tiles);
   a.split = plan->shape.split;
   plan->filter_at = plan->transform ? ws->reserve(w.numel() * sizeof(scalar_t)) : -1;
