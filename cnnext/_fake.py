@@ -119,13 +119,24 @@ def _avg_pool2d_backward_fake(
 
 
 @register_fake("conv2d_direct")
-def _conv2d_direct_fake(input, weight, bias, stride, padding, dilation, groups, variant):
+def _conv2d_direct_fake(
+    input, weight, bias, stride, padding, dilation, groups, variant, max_col_bytes=64 << 20
+):
     return empty_like_format(input, _conv_sizes(input, weight, stride, padding, dilation))
 
 
 @register_fake("conv2d_direct_backward")
 def _conv2d_direct_backward_fake(
-    grad_output, input, weight, stride, padding, dilation, groups, output_mask, variant="auto"
+    grad_output,
+    input,
+    weight,
+    stride,
+    padding,
+    dilation,
+    groups,
+    output_mask,
+    variant="auto",
+    max_col_bytes=64 << 20,
 ):
     return _conv_backward_fake(grad_output, input, weight, output_mask)
 

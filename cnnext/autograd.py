@@ -32,9 +32,10 @@ def conv2d_forward(
 ) -> torch.Tensor:
     """The forward op of ``algo`` (``"direct"`` or ``"im2col"``) in namespace ``ns``,
     differentiable through its registered autograd; ``conf`` is (stride, padding, dilation,
-    groups), ``variant`` the direct CUDA kernel, ``max_col_bytes`` im2col's buffer bound."""
+    groups), ``variant`` the direct CUDA kernel, ``max_col_bytes`` the bound on im2col's column
+    buffers (also those of the direct CPU backward's non-finite fallback)."""
     if algo == "direct":
-        return ns.conv2d_direct(input, weight, bias, *conf, variant)
+        return ns.conv2d_direct(input, weight, bias, *conf, variant, max_col_bytes)
     if algo == "im2col":
         return ns.conv2d_im2col(input, weight, bias, *conf, max_col_bytes)
     raise ValueError(f"cnnext.conv2d: algo must be 'direct' or 'im2col', got {algo!r}")

@@ -302,7 +302,7 @@ def conv2d(
     conf = (stride_, padding_, dilation_, groups)
     if not is_compiling():
         if algo == "direct":
-            out = _conv2d_direct(input, weight, bias, *conf, variant)
+            out = _conv2d_direct(input, weight, bias, *conf, variant, _im2col_workspace_limit)
         else:
             out = _conv2d_im2col(input, weight, bias, *conf, _im2col_workspace_limit)
         if out is not NotImplemented:

@@ -55,28 +55,30 @@ struct BelowAutocast {
 
 // ---- conv2d_direct, conv2d_im2col ----
 
-template <typename Extra>
+// Extra...: the arguments after groups (direct: variant, max_col_bytes; im2col: max_col_bytes).
+template <typename... Extra>
 using ConvSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                           at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, Extra);
+                           at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, Extra...);
 
-template <c10::DeviceType kDevice, typename Extra>
+template <c10::DeviceType kDevice, typename... Extra>
 at::Tensor conv_autocast(const char* name, const at::Tensor& input, const at::Tensor& weight,
                          const OptionalTensor& bias, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         Extra extra) {
+                         Extra... extra) {
   BelowAutocast<kDevice> below;
-  return find_op<ConvSig<Extra>>(name).call(to_lower<kDevice>(input), to_lower<kDevice>(weight),
-                                            to_lower<kDevice>(bias), stride, padding, dilation,
-                                            groups, extra);
+  return find_op<ConvSig<Extra...>>(name).call(to_lower<kDevice>(input), to_lower<kDevice>(weight),
+                                               to_lower<kDevice>(bias), stride, padding, dilation,
+                                               groups, extra...);
 }
 
 template <c10::DeviceType kDevice>
 at::Tensor conv2d_direct_autocast(const at::Tensor& input, const at::Tensor& weight,
                                   const OptionalTensor& bias, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                  c10::string_view variant) {
-  return conv_autocast<kDevice, c10::string_view>("conv2d_direct", input, weight, bias, stride,
-                                                  padding, dilation, groups, variant);
+                                  c10::string_view variant, int64_t max_col_bytes) {
+  return conv_autocast<kDevice, c10::string_view, int64_t>("conv2d_direct", input, weight, bias,
+                                                           stride, padding, dilation, groups,
+                                                           variant, max_col_bytes);
 }
 
 template <c10::DeviceType kDevice>

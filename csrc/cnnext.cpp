@@ -43,18 +43,20 @@ CNNEXT_LIBRARY_EXPAND(CNNEXT_NS, m) {
   // ---- direct convolution (csrc/conv2d_direct) ----
   m.def(
       "conv2d_direct(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, str variant) -> Tensor");
-  CNNEXT_AUTOGRAD_IMPL(m, "conv2d_direct", cnnext::autograd::conv2d_autograd<cnnext::DirectConv>);
+      "int[2] dilation, int groups, str variant, int max_col_bytes=67108864) -> Tensor");
+  CNNEXT_AUTOGRAD_IMPL(m, "conv2d_direct",
+                       cnnext::autograd::ConvAutograd<cnnext::DirectConv>::forward);
   m.def(
       "conv2d_direct_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, "
-      "str variant=\"auto\") -> (Tensor, Tensor, Tensor)");
+      "str variant=\"auto\", int max_col_bytes=67108864) -> (Tensor, Tensor, Tensor)");
 
   // ---- im2col + GEMM convolution (csrc/conv2d_im2col) ----
   m.def(
       "conv2d_im2col(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int max_col_bytes) -> Tensor");
-  CNNEXT_AUTOGRAD_IMPL(m, "conv2d_im2col", cnnext::autograd::conv2d_autograd<cnnext::Im2colConv>);
+  CNNEXT_AUTOGRAD_IMPL(m, "conv2d_im2col",
+                       cnnext::autograd::ConvAutograd<cnnext::Im2colConv>::forward);
   m.def(
       "conv2d_im2col_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, int max_col_bytes) "

@@ -469,6 +469,62 @@ def test_bad_variant(ns: str) -> None:
         lib.conv2d_direct_backward(grad[:, :3], x, w, *conf, [True, True, False])
 
 
+@pytest.mark.parametrize("ns", ["cnnext", "cnnext_emu"])
+def test_bad_max_col_bytes(ns: str) -> None:
+    lib = getattr(torch.ops, ns)
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    conf = ([1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct: expected max_col_bytes"):
+        lib.conv2d_direct(x, w, None, *conf, "auto", 0)
+    grad = torch.randn(1, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct_backward: expected max_col"):
+        lib.conv2d_direct_backward(grad, x, w, *conf, [True, True, False], "auto", -1)
+
+
+def _largest_allocation(fn) -> int:
+    """The largest single CPU allocation ``fn`` makes (torch's profiler records each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("operand", ["weight", "input"])
+def test_cpu_non_finite_fallback_honours_the_workspace_limit(operand: str) -> None:
+    """The direct CPU backward takes the gradients of non-finite operands from im2col (a NaN
+    weight: grad_input; a NaN input: grad_weight); its column buffers follow
+    set_im2col_workspace_limit as im2col's own do: a sample's columns (wider than any tensor of
+    the call) at the default, pieces of one at the smallest limit."""
+    x = torch.randn(4, 16, 20, 20)
+    w = torch.randn(2, 16, 5, 5)
+    (w if operand == "weight" else x)[0, 0, 1, 1] = float("nan")
+    x.requires_grad_()
+    w.requires_grad_()
+    grad = torch.randn(4, 2, 20, 20)
+    columns = 16 * 25 * 20 * 20 * x.element_size()  # one sample's unfolded input
+
+    def backward() -> tuple[torch.Tensor, ...]:
+        out = cnnext.ops.conv2d(x, w, padding=2, algo="direct")
+        return torch.autograd.grad(out, (x, w), grad)
+
+    previous = cnnext.ops.get_im2col_workspace_limit()
+    try:
+        whole = _largest_allocation(backward)
+        cnnext.ops.set_im2col_workspace_limit(1)
+        bounded = _largest_allocation(backward)
+        got = backward()
+    finally:
+        cnnext.ops.set_im2col_workspace_limit(previous)
+    assert whole >= columns, (whole, columns)  # not vacuous: the fallback ran im2col
+    assert bounded < columns // 4, (bounded, columns)
+    expected = torch.autograd.grad(F.conv2d(x, w, padding=2), (x, w), grad)
+    spread = expected[0 if operand == "weight" else 1].isnan()  # the other operand's gradient
+    assert spread.any() and not spread.all()
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_cpu_isa_copies(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every per-ISA copy of the CPU microkernels (capped by CNNEXT_CPU_ISA), on cases that use

@@ -114,78 +114,96 @@ inline at::Tensor placeholder(const at::Tensor& like, at::IntArrayRef sizes) {
 
 // ---- convolution (csrc/conv2d_direct, csrc/conv2d_im2col) ---------------------------------------
 
-// The two convolution families differ only in their op names and in the argument after groups
-// (Family::Extra, kept in the node as Family::Stored): the direct kernels' variant, im2col's
-// column-buffer bound. Each family header names its own (its CNNEXT_AUTOGRAD block).
-template <typename Family>
-using ConvSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                           at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                           typename Family::Extra);
-template <typename Family>
-using ConvBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-    at::IntArrayRef, int64_t, std::array<bool, 3>, typename Family::Extra);
+// The two convolution families differ only in their op names and in the arguments after groups
+// (Family::Extras, a std::tuple of their types; the node keeps each as StoredAs<T>): the direct
+// kernels' variant and column-buffer bound (its CPU backward's non-finite fallback runs im2col),
+// im2col's bound. Each family header names its own (its CNNEXT_AUTOGRAD block).
+template <typename T>
+struct StoredAs {
+  using type = T;
+};
+template <>
+struct StoredAs<c10::string_view> {
+  using type = std::string;
+};
+
+template <typename Family, typename Extras = typename Family::Extras>
+struct ConvAutograd;
 
 // Saves the input only if the weight needs a gradient and the weight only if the input does; a
 // tensor not saved reaches the backward op as a placeholder of the right shape (the ops read
 // `input` only for output_mask[1] and `weight` only for output_mask[0]). The mask is what this
 // backward pass asks for (torch.autograd.grad(out, x) computes no weight gradient). Edges:
 // input, weight, bias (empty without one).
-template <typename Family>
-struct ConvBackward : Node {
-  SavedVariable input, weight;
-  std::vector<int64_t> input_size, weight_size, stride, padding, dilation;
-  int64_t groups = 1;
-  bool has_bias = false;
-  typename Family::Stored extra{};
+template <typename Family, typename... Extra>
+struct ConvAutograd<Family, std::tuple<Extra...>> {
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, Extra...);
+  using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+      at::IntArrayRef, int64_t, std::array<bool, 3>, Extra...);
 
-  std::string name() const override { return Family::kNode; }
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input.reset_data();
-    weight.reset_data();
-  }
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    static const auto op = find_op<ConvBackwardSig<Family>>(Family::kBackward);
-    const at::Tensor& grad = grads[0];
-    const std::array<bool, 3> mask = {task_should_compute_output(0), task_should_compute_output(1),
-                                      has_bias && task_should_compute_output(2)};
-    at::Tensor x = input.unpack(), w = weight.unpack();
-    if (!x.defined()) x = placeholder(grad, input_size);
-    if (!w.defined()) w = placeholder(grad, weight_size);
-    auto [grad_input, grad_weight, grad_bias] = call_backward(
-        op, grad, x, w, stride, padding, dilation, groups, mask, typename Family::Extra(extra));
-    return {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_weight : at::Tensor(),
-            mask[2] ? grad_bias : at::Tensor()};
+  struct Backward : Node {
+    SavedVariable input, weight;
+    std::vector<int64_t> input_size, weight_size, stride, padding, dilation;
+    int64_t groups = 1;
+    bool has_bias = false;
+    std::tuple<typename StoredAs<Extra>::type...> extra{};
+
+    std::string name() const override { return Family::kNode; }
+    void release_variables() override {
+      std::lock_guard<std::mutex> lock(mutex_);
+      input.reset_data();
+      weight.reset_data();
+    }
+    variable_list apply(variable_list&& grads) override {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+      static const auto op = find_op<BackwardSig>(Family::kBackward);
+      const at::Tensor& grad = grads[0];
+      const std::array<bool, 3> mask = {task_should_compute_output(0),
+                                        task_should_compute_output(1),
+                                        has_bias && task_should_compute_output(2)};
+      at::Tensor x = input.unpack(), w = weight.unpack();
+      if (!x.defined()) x = placeholder(grad, input_size);
+      if (!w.defined()) w = placeholder(grad, weight_size);
+      auto [grad_input, grad_weight, grad_bias] = std::apply(
+          [&](const auto&... e) {
+            return call_backward(op, grad, x, w, stride, padding, dilation, groups, mask,
+                                 Extra(e)...);
+          },
+          extra);
+      return {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_weight : at::Tensor(),
+              mask[2] ? grad_bias : at::Tensor()};
+    }
+  };
+
+  // The forward's Autograd kernel.
+  static at::Tensor forward(const at::Tensor& input, const at::Tensor& weight,
+                            const OptionalTensor& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            Extra... extra) {
+    static const auto op = find_op<Sig>(Family::kForward);
+    if (!wants_grad(Family::kForward, input, weight, bias)) {
+      return call_below_autograd(op, input, weight, bias, stride, padding, dilation, groups,
+                                 extra...);
+    }
+    auto node = make_node<Backward>(input, weight, bias);
+    at::Tensor output =
+        call_below_autograd(op, input, weight, bias, stride, padding, dilation, groups, extra...);
+    if (weight.requires_grad()) node->input = save(input);
+    if (input.requires_grad()) node->weight = save(weight);
+    node->input_size = input.sizes().vec();
+    node->weight_size = weight.sizes().vec();
+    node->stride = stride.vec();
+    node->padding = padding.vec();
+    node->dilation = dilation.vec();
+    node->groups = groups;
+    node->has_bias = bias.has_value() && bias->defined();
+    node->extra = std::make_tuple(typename StoredAs<Extra>::type(extra)...);
+    finish_node(node, output);
+    return output;
   }
 };
-
-template <typename Family>
-at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
-                           const OptionalTensor& bias, at::IntArrayRef stride,
-                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                           typename Family::Extra extra) {
-  static const auto op = find_op<ConvSig<Family>>(Family::kForward);
-  if (!wants_grad(Family::kForward, input, weight, bias)) {
-    return call_below_autograd(op, input, weight, bias, stride, padding, dilation, groups, extra);
-  }
-  auto node = make_node<ConvBackward<Family>>(input, weight, bias);
-  at::Tensor output =
-      call_below_autograd(op, input, weight, bias, stride, padding, dilation, groups, extra);
-  if (weight.requires_grad()) node->input = save(input);
-  if (input.requires_grad()) node->weight = save(weight);
-  node->input_size = input.sizes().vec();
-  node->weight_size = weight.sizes().vec();
-  node->stride = stride.vec();
-  node->padding = padding.vec();
-  node->dilation = dilation.vec();
-  node->groups = groups;
-  node->has_bias = bias.has_value() && bias->defined();
-  node->extra = typename Family::Stored(extra);
-  finish_node(node, output);
-  return output;
-}
 
 }  // namespace cnnext::autograd

@@ -17,20 +17,22 @@ namespace cnnext {
 at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, c10::string_view variant);
+                                     int64_t groups, c10::string_view variant,
+                                     int64_t max_col_bytes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, c10::string_view variant);
+    std::array<bool, 3> output_mask, c10::string_view variant, int64_t max_col_bytes);
 
 at::Tensor conv2d_direct_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups, c10::string_view variant);
+                                      int64_t groups, c10::string_view variant,
+                                      int64_t max_col_bytes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, c10::string_view variant);
+    std::array<bool, 3> output_mask, c10::string_view variant, int64_t max_col_bytes);
 
 }  // namespace cnnext
 
@@ -48,8 +50,8 @@ struct DirectConv {
   static constexpr const char* kForward = "conv2d_direct";
   static constexpr const char* kBackward = "conv2d_direct_backward";
   static constexpr const char* kNode = "Conv2dDirectBackward";
-  using Extra = c10::string_view;  // the CUDA kernel variant
-  using Stored = std::string;
+  // The CUDA kernel variant; the bound on the CPU backward's non-finite fallback's im2col buffers.
+  using Extras = std::tuple<c10::string_view, int64_t>;
 };
 
 }  // namespace cnnext

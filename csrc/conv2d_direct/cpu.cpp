@@ -979,25 +979,29 @@ ConvGrads conv2d_direct_run_backward_cpu(const Conv2dParams& p, const at::Tensor
 at::Tensor conv2d_direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, c10::string_view variant) {
+                                     int64_t groups, c10::string_view variant,
+                                     int64_t max_col_bytes) {
   const Conv2dParams p = conv2d_params(kForwardOp, input, weight, bias, stride, padding, dilation,
                                        groups, /*allow_reduced=*/false);
   check_variant(kForwardOp, variant);
-  return conv_forward_cpu(p, input, weight, {ConvAlgo::kDirect, variant}, ConvEpilogue::bias(bias));
+  check_max_col_bytes(kForwardOp, max_col_bytes);
+  return conv_forward_cpu(p, input, weight, {ConvAlgo::kDirect, variant, max_col_bytes},
+                          ConvEpilogue::bias(bias));
 }
 
-// (see cnnext.autograd.Conv2dFunction for the placeholders). The op has no max_col_bytes: the
-// non-finite fallback's column buffers take the default bound.
+// `input` or `weight` may be a placeholder (csrc/common/autograd.h). max_col_bytes bounds the
+// column buffers of the non-finite fallback (im2col), as it does for the im2col op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, c10::string_view variant) {
+    std::array<bool, 3> output_mask, c10::string_view variant, int64_t max_col_bytes) {
   const Conv2dParams p = conv2d_params(kBackwardOp, input, weight, std::nullopt, stride, padding,
                                        dilation, groups, /*allow_reduced=*/false);
   check_variant(kBackwardOp, variant);
+  check_max_col_bytes(kBackwardOp, max_col_bytes);
   check_conv_grad_output(kBackwardOp, p, grad_output, input);
   return conv_backward_cpu(p, grad_output, input, weight, output_mask,
-                           {ConvAlgo::kDirect, variant});
+                           {ConvAlgo::kDirect, variant, max_col_bytes});
 }
 
 }  // namespace cnnext

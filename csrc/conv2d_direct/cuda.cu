@@ -103,7 +103,7 @@ at::Tensor conv2d_direct_run_forward_cuda(const char* op, const Conv2dParams& p,
 }
 
 // `input` is read only for grad_weight and `weight` only for grad_input: otherwise they may be
-// one-element placeholders expanded to the right shape (see cnnext.autograd.Conv2dFunction).
+// one-element placeholders expanded to the right shape (see csrc/common/autograd.h).
 ConvGrads conv2d_direct_run_backward_cuda(const char* op, const Conv2dParams& p,
                                           const at::Tensor& grad_output, const at::Tensor& input,
                                           const at::Tensor& weight, std::array<bool, 3> output_mask,
@@ -176,24 +176,27 @@ ConvGrads conv2d_direct_run_backward_cuda(const char* op, const Conv2dParams& p,
 at::Tensor conv2d_direct_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups, c10::string_view variant) {
+                                      int64_t groups, c10::string_view variant,
+                                      int64_t max_col_bytes) {
   const Conv2dParams p = conv2d_params(kForwardOp, input, weight, bias, stride, padding, dilation,
                                        groups, /*allow_reduced=*/true);
   parse_direct_variant(kForwardOp, variant);
-  return conv_forward_cuda(kForwardOp, p, input, weight, {ConvAlgo::kDirect, variant},
-                           ConvEpilogue::bias(bias));
+  check_max_col_bytes(kForwardOp, max_col_bytes);
+  return conv_forward_cuda(kForwardOp, p, input, weight,
+                           {ConvAlgo::kDirect, variant, max_col_bytes}, ConvEpilogue::bias(bias));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_direct_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, c10::string_view variant) {
+    std::array<bool, 3> output_mask, c10::string_view variant, int64_t max_col_bytes) {
   const Conv2dParams p = conv2d_params(kBackwardOp, input, weight, std::nullopt, stride, padding,
                                        dilation, groups, /*allow_reduced=*/true);
   parse_direct_variant(kBackwardOp, variant);
+  check_max_col_bytes(kBackwardOp, max_col_bytes);
   check_conv_grad_output(kBackwardOp, p, grad_output, input);
   return conv_backward_cuda(kBackwardOp, p, grad_output, input, weight, output_mask,
-                            {ConvAlgo::kDirect, variant});
+                            {ConvAlgo::kDirect, variant, max_col_bytes});
 }
 
 }  // namespace cnnext

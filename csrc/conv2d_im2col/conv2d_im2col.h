@@ -46,8 +46,7 @@ struct Im2colConv {
   static constexpr const char* kForward = "conv2d_im2col";
   static constexpr const char* kBackward = "conv2d_im2col_backward";
   static constexpr const char* kNode = "Conv2dIm2colBackward";
-  using Extra = int64_t;  // max_col_bytes
-  using Stored = int64_t;
+  using Extras = std::tuple<int64_t>;  // max_col_bytes
 };
 
 }  // namespace cnnext
