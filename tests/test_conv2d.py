@@ -456,29 +456,18 @@ def test_backward_is_deterministic(variant: str) -> None:
 
 
 @pytest.mark.parametrize("ns", ["cnnext", "cnnext_emu"])
-def test_bad_variant(ns: str) -> None:
+def test_bad_variant_and_max_col_bytes(ns: str) -> None:
     lib = getattr(torch.ops, ns)
-    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    x, w, grad = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(1, 4, 3, 3)
     conf = ([1, 1], [0, 0], [1, 1], 1)
-    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct: expected variant to be"):
-        lib.conv2d_direct(x, w, None, *conf, "fast")
-    grad = torch.randn(1, 4, 3, 3)
-    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct_backward: expected variant"):
-        lib.conv2d_direct_backward(grad, x, w, *conf, [True, True, False], "fast")
+    mask = [True, True, False]
+    for extra, name in ((("fast",), "variant"), (("auto", 0), "max_col_bytes")):
+        with pytest.raises(RuntimeError, match=f"cnnext::conv2d_direct: expected {name}"):
+            lib.conv2d_direct(x, w, None, *conf, *extra)
+        with pytest.raises(RuntimeError, match=f"cnnext::conv2d_direct_backward: expected {name}"):
+            lib.conv2d_direct_backward(grad, x, w, *conf, mask, *extra)
     with pytest.raises(RuntimeError, match="cnnext::conv2d_direct_backward: expected grad_output"):
-        lib.conv2d_direct_backward(grad[:, :3], x, w, *conf, [True, True, False])
-
-
-@pytest.mark.parametrize("ns", ["cnnext", "cnnext_emu"])
-def test_bad_max_col_bytes(ns: str) -> None:
-    lib = getattr(torch.ops, ns)
-    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
-    conf = ([1, 1], [0, 0], [1, 1], 1)
-    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct: expected max_col_bytes"):
-        lib.conv2d_direct(x, w, None, *conf, "auto", 0)
-    grad = torch.randn(1, 4, 3, 3)
-    with pytest.raises(RuntimeError, match="cnnext::conv2d_direct_backward: expected max_col"):
-        lib.conv2d_direct_backward(grad, x, w, *conf, [True, True, False], "auto", -1)
+        lib.conv2d_direct_backward(grad[:, :3], x, w, *conf, mask)
 
 
 def _largest_allocation(fn) -> int:
