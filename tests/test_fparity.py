@@ -313,3 +313,22 @@ def test_fast_op_declines_what_it_does_not_parse() -> None:
         cnnext._backend.fast_op("max_pool2d_with_argmax", outputs=3)
     with pytest.raises(RuntimeError, match="cnnext::avg_pool2d: .*kernel_size"):
         fast(x, 0, 1, 0, False, True, None)
+
+
+def test_fast_ops_of_cnnext_ops_are_typed_and_the_rest_boxed() -> None:
+    """cnnext.ops' bindings call their ops unboxed (csrc/fast_call.cpp's kTyped); an op without
+    a typed entry still works through the boxed call, with the same results as torch.ops."""
+    for name in ("_max_pool2d", "_max_pool2d_output", "_avg_pool2d"):
+        assert "(typed)" in repr(getattr(cnnext.ops, name)), name
+    for name in ("_conv2d_direct", "_conv2d_im2col", "_conv_bn_relu"):
+        assert "(typed)" in repr(getattr(cnnext.ops, name)), name
+    # cuBLAS's column-major GEMM (emulated: CPU tensors inside emulate_cuda), boxed.
+    boxed = cnnext._backend.fast_op("_gemm")
+    assert "(typed)" not in repr(boxed)
+    a, b, c = torch.randn(3, 4), torch.randn(5, 3), torch.zeros(5, 4)  # a^T, b^T column-major
+    args = ("n", "n", 4, 5, 3, 1.0, 0, 4, 3, 4, 0, 0, 0, 1)  # an int for a float, as torch.ops
+    with cnnext.emulate_cuda():
+        got = boxed(a.flatten(), b.flatten(), c.flatten(), *args)
+        expected = torch.ops.cnnext_emu._gemm(a.flatten(), b.flatten(), c.flatten(), *args)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got.view(5, 4), b @ a)
