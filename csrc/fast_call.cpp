@@ -119,85 +119,8 @@ bool to_pair(PyObject* obj, std::array<int64_t, 2>* out) {
   return true;
 }
 
-// Converts one argument; false: not a plain form (the caller goes through torch.ops).
-bool convert(Kind kind, PyObject* obj, torch::jit::Stack& stack) {
-  switch (kind) {
-    case Kind::kOptionalTensor:
-      if (obj == Py_None) {
-        stack.emplace_back();
-        return true;
-      }
-      [[fallthrough]];
-    case Kind::kTensor:
-      if (!THPVariable_CheckExact(obj)) return false;
-      stack.emplace_back(THPVariable_Unpack(obj));
-      return true;
-    case Kind::kOptionalInt:
-      if (obj == Py_None) {
-        stack.emplace_back();
-        return true;
-      }
-      [[fallthrough]];
-    case Kind::kInt: {
-      int64_t v = 0;
-      if (!to_int(obj, &v)) return false;
-      stack.emplace_back(v);
-      return true;
-    }
-    case Kind::kIntPair: {
-      std::array<int64_t, 2> v{};
-      if (!to_pair(obj, &v)) return false;
-      stack.emplace_back(std::vector<int64_t>{v[0], v[1]});
-      return true;
-    }
-    case Kind::kBool:
-      if (obj != Py_True && obj != Py_False) return false;
-      stack.emplace_back(obj == Py_True);
-      return true;
-    case Kind::kFloat: {
-      if (PyFloat_CheckExact(obj)) {
-        stack.emplace_back(PyFloat_AS_DOUBLE(obj));
-        return true;
-      }
-      int64_t v = 0;
-      if (!to_int(obj, &v)) return false;
-      stack.emplace_back(static_cast<double>(v));
-      return true;
-    }
-    case Kind::kStr: {
-      if (!PyUnicode_CheckExact(obj)) return false;
-      Py_ssize_t size = 0;
-      const char* data = PyUnicode_AsUTF8AndSize(obj, &size);
-      if (data == nullptr) return false;
-      stack.emplace_back(std::string(data, size));
-      return true;
-    }
-  }
-  return false;
-}
-
-const c10::OperatorHandle* handle(FastOpImpl& impl, bool emulated) {
-  const int i = emulated ? 1 : 0;
-  if (!impl.looked_up[i]) {  // under the GIL
-    const std::string qualified = std::string(emulated ? "cnnext_emu::" : "cnnext::") + impl.name;
-    impl.handles[i] = c10::Dispatcher::singleton().findSchema({qualified, ""});
-    impl.looked_up[i] = true;
-  }
-  return impl.handles[i] ? &*impl.handles[i] : nullptr;
-}
-
-PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
-
-// Releases the GIL while the op runs, as torch's bindings do; reacquired on the way out, also
-// when the op throws.
-struct ReleaseGil {
-  PyThreadState* state = PyEval_SaveThread();
-  ~ReleaseGil() { PyEval_RestoreThread(state); }
-};
-
-// ---- typed calls --------------------------------------------------------------------------------
-// Arg<T> holds one converted argument of C++ type T and gives it to the call; convert() accepts
-// exactly what convert(Kind, ...) above accepts for the matching schema type.
+// Arg<T> converts one plain Python argument to the kernels' C++ type T (false: not a plain form)
+// and holds it for the call; the boxed call converts through the same Arg<T> (convert below).
 template <typename T>
 struct Arg;
 
@@ -285,6 +208,59 @@ struct Arg<c10::string_view> {
   c10::string_view get() const { return value; }
 };
 
+// Converts one argument onto the boxed stack; false: not a plain form (the caller goes through
+// torch.ops).
+template <typename T>
+bool push(PyObject* obj, torch::jit::Stack& stack) {
+  Arg<T> arg;
+  if (!arg.convert(obj)) return false;
+  stack.emplace_back(arg.get());
+  return true;
+}
+
+bool convert(Kind kind, PyObject* obj, torch::jit::Stack& stack) {
+  switch (kind) {
+    case Kind::kTensor:
+      return push<const at::Tensor&>(obj, stack);
+    case Kind::kOptionalTensor:
+      return push<const std::optional<at::Tensor>&>(obj, stack);
+    case Kind::kInt:
+      return push<int64_t>(obj, stack);
+    case Kind::kOptionalInt:
+      return push<std::optional<int64_t>>(obj, stack);
+    case Kind::kIntPair:
+      return push<at::IntArrayRef>(obj, stack);
+    case Kind::kBool:
+      return push<bool>(obj, stack);
+    case Kind::kFloat:
+      return push<double>(obj, stack);
+    case Kind::kStr:
+      return push<c10::string_view>(obj, stack);
+  }
+  return false;
+}
+
+const c10::OperatorHandle* handle(FastOpImpl& impl, bool emulated) {
+  const int i = emulated ? 1 : 0;
+  if (!impl.looked_up[i]) {  // under the GIL
+    const std::string qualified = std::string(emulated ? "cnnext_emu::" : "cnnext::") + impl.name;
+    impl.handles[i] = c10::Dispatcher::singleton().findSchema({qualified, ""});
+    impl.looked_up[i] = true;
+  }
+  return impl.handles[i] ? &*impl.handles[i] : nullptr;
+}
+
+PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
+
+// Releases the GIL while the op runs, as torch's bindings do; reacquired on the way out, also
+// when the op throws.
+struct ReleaseGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~ReleaseGil() { PyEval_RestoreThread(state); }
+};
+
+// ---- typed calls --------------------------------------------------------------------------------
+
 // The first `count` tensors of an op's result, as the boxed path returns them.
 PyObject* wrap(at::Tensor&& t, size_t /*count*/) { return THPVariable_Wrap(std::move(t)); }
 template <typename... Ts>
@@ -309,8 +285,6 @@ template <typename Sig>
 struct Typed;
 template <typename R, typename... A>
 struct Typed<R(A...)> {
-  static constexpr size_t kArity = sizeof...(A);
-
   static PyObject* call(FastOpImpl& impl, PyObject* const* args) {
     return call(impl, args, std::index_sequence_for<A...>{});
   }
