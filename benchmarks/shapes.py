@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cnnext
+
 FAMILIES = ("conv", "fused", "pool", "host")
 
 
@@ -175,9 +177,14 @@ def layers_for(family: str, tiny: bool, gpu: bool = False) -> list[ConvLayer] | 
     return GPU_FUSED_LAYERS if gpu else FUSED_LAYERS
 
 
-OPS = {
-    "conv": ("conv2d",),
-    "fused": ("conv_bn_relu.eval", "conv_bn_relu.train"),
-    "pool": ("max_pool2d", "avg_pool2d"),
-    "host": tuple(HOST_CASES),
-}
+def _table_cases() -> dict[str, tuple[str, ...]]:
+    """Each family's cases, from the op table (``cnnext.ops.OPS``: every op names the
+    benchmark family and cases that time it)."""
+    cases: dict[str, tuple[str, ...]] = {}
+    for row in cnnext.ops.OPS:
+        family, names = row.bench
+        cases[family] = tuple(dict.fromkeys(cases.get(family, ()) + names))
+    return cases
+
+
+OPS = {**_table_cases(), "host": tuple(HOST_CASES)}

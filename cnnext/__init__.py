@@ -12,7 +12,7 @@ Quick start::
 from __future__ import annotations
 
 from . import (
-    _fake,  # noqa: F401  (fake kernels for torch.compile)
+    _fake,  # noqa: F401  (registers cnnext.ops.OPS' fake kernels for torch.compile)
     autograd,
     nn,
     ops,

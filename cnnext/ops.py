@@ -4,17 +4,28 @@ Each is differentiable through its op's C++ autograd (see ``cnnext.autograd``)."
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.compiler import is_compiling
 
 from . import _algo, _backend
-from ._shapes import conv_output_size
+from ._shapes import (
+    conv_backward_empty,
+    conv_output_size,
+    conv_sizes,
+    empty_like_format,
+    pool_sizes,
+    stats_dtype,
+)
 from .autograd import conv2d_forward
 
 __all__ = [
+    "OPS",
+    "OpDef",
     "avg_pool2d",
     "conv2d",
     "conv_bn_relu",
@@ -34,8 +45,10 @@ VARIANTS = (
 )
 
 # The im2col column buffer is built per chunk of the batch so that it stays under this many
-# bytes (a whole-batch buffer of a ResNet layer at N=128 is ~300 MB).
-_im2col_workspace_limit = 64 << 20
+# bytes (a whole-batch buffer of a ResNet layer at N=128 is ~300 MB). The schemas' default of
+# max_col_bytes (csrc/cnnext.cpp) and the C++ kDefaultMaxColBytes are the same 64 MiB.
+DEFAULT_WORKSPACE_LIMIT = 64 << 20
+_im2col_workspace_limit = DEFAULT_WORKSPACE_LIMIT
 
 
 def set_im2col_workspace_limit(num_bytes: int) -> None:
@@ -53,6 +66,8 @@ def get_im2col_workspace_limit() -> int:
 
 
 IntPair = int | Sequence[int]
+Tensor = torch.Tensor
+Ints = Sequence[int]  # an int[2] / int[] schema argument
 
 
 class ArgumentError(RuntimeError, ValueError):
@@ -170,6 +185,31 @@ def max_pool2d(
     return (output, argmax) if return_indices else output
 
 
+def _max_pool2d_fake(
+    input: Tensor,
+    kernel_size: Ints,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints,
+    ceil_mode: bool,
+) -> tuple[Tensor, Tensor]:
+    sizes = pool_sizes(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return empty_like_format(input, sizes), empty_like_format(input, sizes, dtype=torch.int64)
+
+
+def _max_pool2d_backward_fake(
+    grad_output: Tensor,
+    argmax: Tensor,
+    input_size: Ints,
+    kernel_size: Ints,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints,
+    ceil_mode: bool,
+) -> Tensor:
+    return empty_like_format(grad_output, input_size)
+
+
 def avg_pool2d(
     input: torch.Tensor,
     kernel_size: IntPair,
@@ -217,6 +257,31 @@ def avg_pool2d(
         divisor_override = _int(divisor_override, "divisor_override", op)
     ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
     return ns.avg_pool2d(input, *args, count_include_pad, divisor_override)
+
+
+def _avg_pool2d_fake(
+    input: Tensor,
+    kernel_size: Ints,
+    stride: Ints,
+    padding: Ints,
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None,
+) -> Tensor:
+    return empty_like_format(input, pool_sizes(input, kernel_size, stride, padding, 1, ceil_mode))
+
+
+def _avg_pool2d_backward_fake(
+    grad_output: Tensor,
+    input_size: Ints,
+    kernel_size: Ints,
+    stride: Ints,
+    padding: Ints,
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None,
+) -> Tensor:
+    return empty_like_format(grad_output, input_size)
 
 
 # ---- convolution (direct and im2col) ------------------------------------------------------------
@@ -309,6 +374,62 @@ def conv2d(
             return out
     ns = _backend.ops_for(input)  # differentiable by its C++ autograd (cnnext.autograd)
     return conv2d_forward(ns, input, weight, bias, conf, algo, variant, _im2col_workspace_limit)
+
+
+def _conv2d_direct_fake(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints,
+    groups: int,
+    variant: str,
+    max_col_bytes: int = DEFAULT_WORKSPACE_LIMIT,
+) -> Tensor:
+    return empty_like_format(input, conv_sizes(input, weight, stride, padding, dilation))
+
+
+def _conv2d_direct_backward_fake(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints,
+    groups: int,
+    output_mask: Sequence[bool],
+    variant: str = "auto",
+    max_col_bytes: int = DEFAULT_WORKSPACE_LIMIT,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return conv_backward_empty(grad_output, input, weight, output_mask)
+
+
+def _conv2d_im2col_fake(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints,
+    groups: int,
+    max_col_bytes: int,
+) -> Tensor:
+    return empty_like_format(input, conv_sizes(input, weight, stride, padding, dilation))
+
+
+def _conv2d_im2col_backward_fake(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints,
+    groups: int,
+    output_mask: Sequence[bool],
+    max_col_bytes: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return conv_backward_empty(grad_output, input, weight, output_mask)
 
 
 # ---- fused conv + batch norm + ReLU -------------------------------------------------------------
@@ -405,3 +526,157 @@ def conv_bn_relu(
         if out is not NotImplemented:
             return out[0]
     return _backend.ops_for(input).conv_bn_relu(*args)[0]
+
+
+def _conv_bn_relu_fake(
+    input: Tensor,
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints,
+    groups: int,
+    algo: str = "auto",
+    max_col_bytes: int = DEFAULT_WORKSPACE_LIMIT,
+) -> tuple[Tensor, ...]:
+    sizes = conv_sizes(input, weight, stride, padding, dilation)
+    channels = weight.shape[0]
+    stats = stats_dtype(input.dtype)
+    output = empty_like_format(input, sizes)
+    save_mean = input.new_empty(channels, dtype=stats)
+    save_invstd = input.new_empty(channels, dtype=stats)
+    if training:
+        batch_var = input.new_empty(channels, dtype=stats)
+        return output, save_mean, save_invstd, batch_var, empty_like_format(input, sizes)
+    return output, save_mean, save_invstd, input.new_empty(0), input.new_empty(0)
+
+
+def _conv_bn_relu_backward_fake(
+    grad_output: Tensor,
+    conv_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    training: bool,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints,
+    groups: int,
+    algo: str,
+    max_col_bytes: int,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, ...]:
+    channels = weight.shape[0]
+
+    def vector(want: bool) -> torch.Tensor:
+        return grad_output.new_empty(channels if want else 0)
+
+    # grad_input takes the layout the forward computed in: conv_output's (training), the
+    # input's (eval).
+    ref = conv_output if training else input
+    grad_input = empty_like_format(ref, input.shape) if output_mask[0] else grad_output.new_empty(0)
+    grad_weight = grad_output.new_empty(weight.shape if output_mask[1] else (0,))
+    return (
+        grad_input,
+        grad_weight,
+        vector(output_mask[2]),
+        vector(output_mask[3]),
+        vector(output_mask[4]),
+    )
+
+
+# ---- the op table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One registered op (a forward and its backward) and what the Python side hangs off it.
+
+    The one table of cnnext's ops: ``cnnext._fake`` registers the fakes from it; the test suites
+    collect their ``OpSpec``s from the test module it names (tests/opspecs.py), pick the
+    bad-input rows by its ``family``, and run that module's emulated cases under the sanitizers
+    (tests/test_sanitizers.py); the benchmarks time the cases it names (benchmarks/shapes.py).
+
+    Attributes:
+        op: the forward op, ``torch.ops.cnnext.<op>`` (and ``cnnext_emu``).
+        function: the public function that calls it.
+        fakes: shape-only kernel of each registered op of the row (forward and backward).
+        family: the class of arguments it takes, for the shared bad-input rows: ``"conv"``,
+            ``"fused"``, ``"max"`` or ``"avg"``.
+        tests: the test module (``tests/<tests>.py``) holding its ``OPSPECS`` and emulated cases.
+        bench: ``(family, cases)`` of ``python -m benchmarks.run`` that time it.
+    """
+
+    op: str
+    function: Callable[..., Any]
+    fakes: Mapping[str, Callable[..., Any]]
+    family: str
+    tests: str
+    bench: tuple[str, tuple[str, ...]]
+
+
+OPS: tuple[OpDef, ...] = (
+    OpDef(
+        op="max_pool2d_with_argmax",
+        function=max_pool2d,
+        fakes={
+            "max_pool2d_with_argmax": _max_pool2d_fake,
+            "max_pool2d_backward": _max_pool2d_backward_fake,
+        },
+        family="max",
+        tests="test_pool",
+        bench=("pool", ("max_pool2d",)),
+    ),
+    OpDef(
+        op="avg_pool2d",
+        function=avg_pool2d,
+        fakes={"avg_pool2d": _avg_pool2d_fake, "avg_pool2d_backward": _avg_pool2d_backward_fake},
+        family="avg",
+        tests="test_pool",
+        bench=("pool", ("avg_pool2d",)),
+    ),
+    OpDef(
+        op="conv2d_direct",
+        function=conv2d,
+        fakes={
+            "conv2d_direct": _conv2d_direct_fake,
+            "conv2d_direct_backward": _conv2d_direct_backward_fake,
+        },
+        family="conv",
+        tests="test_conv2d",
+        bench=("conv", ("conv2d",)),
+    ),
+    OpDef(
+        op="conv2d_im2col",
+        function=conv2d,
+        fakes={
+            "conv2d_im2col": _conv2d_im2col_fake,
+            "conv2d_im2col_backward": _conv2d_im2col_backward_fake,
+        },
+        family="conv",
+        tests="test_conv2d_im2col",
+        bench=("conv", ("conv2d",)),
+    ),
+    OpDef(
+        op="conv_bn_relu",
+        function=conv_bn_relu,
+        fakes={
+            "conv_bn_relu": _conv_bn_relu_fake,
+            "conv_bn_relu_backward": _conv_bn_relu_backward_fake,
+        },
+        family="fused",
+        tests="test_conv_bn_relu",
+        bench=("fused", ("conv_bn_relu.eval", "conv_bn_relu.train")),
+    ),
+)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import cnnext
 
+from .opspecs import conv_spec
 from .reference import assert_close, dtypes_for, make_input
 
 ALGOS = ["direct", "im2col"]
@@ -538,3 +539,7 @@ def test_cpu_batch_chunks() -> None:
     case = Case(130, 16, 64, 64, 16, 3, 3, stride=(2, 1), padding=(1, 1))
     x, w, b = case.tensors("cpu", torch.float32, "channels_last")
     _check_forward_backward(case, x, w, b, "auto")
+
+
+# The OpSpec of the cross-op suites (tests/opspecs.py: fuzzing, bad input, determinism, leaks).
+OPSPECS = [conv_spec("direct")]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import cnnext
 
+from .opspecs import conv_spec
 from .reference import assert_close, make_input
 
 
@@ -204,3 +205,7 @@ def test_bad_workspace_limit(device: str) -> None:
         ns.conv2d_im2col_backward(grad[:, :3], x, w, *conf, [True, True, False], 64)
     with pytest.raises(ValueError, match="workspace limit must be positive"):
         cnnext.ops.set_im2col_workspace_limit(0)
+
+
+# The OpSpec of the cross-op suites (tests/opspecs.py: fuzzing, bad input, determinism, leaks).
+OPSPECS = [conv_spec("im2col")]

@@ -4,14 +4,19 @@ input, on cpu, the emulated CUDA device in every schedule order, and cuda."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume
+from hypothesis import strategies as st
 
 import cnnext
+from cnnext._shapes import pool_output_size
 
+from .opspecs import Config, OpSpec, Tensors, common_cfg, input_tensor, size_for, touches
 from .reference import assert_close, avg_pool2d_reference, dtypes_for, make_input
 
 
@@ -571,3 +576,119 @@ def test_bad_backward_arguments(ns: str) -> None:
         lib.avg_pool2d_backward(grad, [1, 2, 7, 9], *geometry, False, True, None)
     with pytest.raises(RuntimeError, match=f"{op}: expected divisor_override to be non-zero"):
         lib.avg_pool2d_backward(grad, [1, 2, 6, 6], *geometry, False, True, 0)
+
+
+# ---- OpSpecs (tests/opspecs.py: fuzzing, bad input, determinism, leaks) -------------------------
+
+
+def _draw_pool(draw: Callable, emulated: bool, dilated: bool) -> Config:
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dh, dw = (draw(st.integers(1, 3)), draw(st.integers(1, 3))) if dilated else (1, 1)
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    stride = st.one_of(st.integers(1, 3), st.integers(4, 40))
+    cfg = dict(
+        n=draw(st.integers(0, 3)),
+        c=draw(st.integers(1, 5)),
+        kernel=(kh, kw),
+        # None: stride = kernel_size, as in torch.
+        stride=draw(st.one_of(st.none(), st.tuples(stride, stride))),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        ceil_mode=draw(st.booleans()),
+        h=size_for(draw, dh * (kh - 1) + 1, ph, 8 if emulated else 12),
+        w=size_for(draw, dw * (kw - 1) + 1, pw, 8 if emulated else 12),
+    )
+    return common_cfg(draw, cfg)
+
+
+def _draw_max(draw: Callable, emulated: bool) -> Config:
+    cfg = _draw_pool(draw, emulated, dilated=True)
+    stride = cfg["stride"] or cfg["kernel"]
+    for i, size in enumerate((cfg["h"], cfg["w"])):
+        k, s, p, d = cfg["kernel"][i], stride[i], cfg["padding"][i], cfg["dilation"][i]
+        out = pool_output_size(size, k, s, p, d, cfg["ceil_mode"])
+        assume(all(touches(o * s - p, k, d, size) for o in range(out)))
+    return cfg
+
+
+def _draw_avg(draw: Callable, emulated: bool) -> Config:
+    cfg = _draw_pool(draw, emulated, dilated=False)
+    cfg["count_include_pad"] = draw(st.booleans())
+    divisor = st.one_of(st.integers(-3, -1), st.integers(1, 7))
+    cfg["divisor_override"] = draw(st.one_of(st.none(), divisor))
+    return cfg
+
+
+def _make_pool(cfg: Config, device: str, dtype: torch.dtype) -> Tensors:
+    return [input_tensor(cfg, device, dtype, cfg["c"])]
+
+
+def _max_kwargs(cfg: Config) -> dict:
+    return dict(
+        kernel_size=cfg["kernel"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        ceil_mode=cfg["ceil_mode"],
+    )
+
+
+def _avg_kwargs(cfg: Config) -> dict:
+    return dict(
+        kernel_size=cfg["kernel"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        ceil_mode=cfg["ceil_mode"],
+        count_include_pad=cfg["count_include_pad"],
+        divisor_override=cfg["divisor_override"],
+    )
+
+
+def _run_max(cfg: Config, t: Tensors) -> tuple[torch.Tensor, tuple]:
+    out, idx = cnnext.ops.max_pool2d(t[0], return_indices=True, **_max_kwargs(cfg))
+    return out, (idx,)
+
+
+def _ref_max(cfg: Config, t: Tensors) -> tuple[torch.Tensor, tuple]:
+    out, idx = F.max_pool2d(t[0], return_indices=True, **_max_kwargs(cfg))
+    return out, (idx,)
+
+
+def _run_avg(cfg: Config, t: Tensors) -> tuple[torch.Tensor, tuple]:
+    return cnnext.ops.avg_pool2d(t[0], **_avg_kwargs(cfg)), ()
+
+
+def _ref_avg(cfg: Config, t: Tensors) -> tuple[torch.Tensor, tuple]:
+    return avg_pool2d_reference(t[0], **_avg_kwargs(cfg)), ()
+
+
+POOL_EXAMPLE = dict(
+    n=2, c=3, kernel=(3, 2), stride=(1, 2), padding=(1, 1), dilation=(1, 1), ceil_mode=True,
+    h=9, w=8, batched=True, layout="contiguous", count_include_pad=False, divisor_override=None,
+)  # fmt: skip
+
+MAX_SPEC = OpSpec(
+    name="max_pool2d",
+    op="max_pool2d_with_argmax",
+    draw=_draw_max,
+    make=_make_pool,
+    run=_run_max,
+    ref=_ref_max,
+    scales=lambda cfg: (1.0, 1.0),
+    grad_names=("input",),
+    example={**POOL_EXAMPLE, "dilation": (2, 1)},
+)
+AVG_SPEC = OpSpec(
+    name="avg_pool2d",
+    op="avg_pool2d",
+    draw=_draw_avg,
+    make=_make_pool,
+    run=_run_avg,
+    ref=_ref_avg,
+    scales=lambda cfg: (1.0, 1.0),
+    grad_names=("input",),
+    example=POOL_EXAMPLE,
+)
+
+
+OPSPECS = [MAX_SPEC, AVG_SPEC]

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+import cnnext
+
 from .test_emulator import build as build_selftest
 from .test_emulator import run as run_selftest
 
@@ -33,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # gradcheck (thousands of launches): one schedule order is enough for it (its verdict rests on
 # happens-before, not on the order), and no gradcheck. Measured on the quiet 2-core dev machine:
 # ASan conv2d 71 s, pool 24 s, conv_bn_relu 28 s, conv2d_im2col 7 s; TSan 22, 13, 19, 16 s.
-OP_TESTS = ["test_conv2d", "test_conv2d_im2col", "test_pool", "test_conv_bn_relu"]
+# Each op's test module, from its row of cnnext.ops.OPS.
+OP_TESTS = list(dict.fromkeys(row.tests for row in cnnext.ops.OPS))
 ASAN_RUNS: list[list[str]] = [["tests/test_gemm.py", "-k", "emu"]] + [
     [f"tests/{name}.py", "-k", "emu"] for name in OP_TESTS
 ]
