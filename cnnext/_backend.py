@@ -57,15 +57,16 @@ def ops_for(tensor: torch.Tensor) -> Any:
     return lib(use_emulator(tensor))
 
 
-def fast_op(name: str, outputs: int | None = None) -> Any:
+def fast_op(name: str, outputs: int | None = None, min_dim: int = 0) -> Any:
     """``cnnext._C.FastOp(name)``: the lean binding of ``cnnext::name`` (``cnnext_emu::name`` for
     CPU tensors inside ``emulate_cuda()``), csrc/fast_call.cpp. It takes positional arguments of
     the plain forms only (exact tensors, ints, int pairs as an int or a sequence of one or two,
     bools, floats, str, None) and returns ``NotImplemented`` for anything else or while a torch
     function mode is active; callers then go through ``torch.ops``, as they do while
-    torch.compile traces (the binding is opaque to it). ``outputs``: give back only the first
-    ``outputs`` of the op's returns (a single one: the tensor itself, not a tuple)."""
-    return _C.FastOp(name) if outputs is None else _C.FastOp(name, outputs)
+    Dynamo traces (the binding is opaque to it). ``outputs``: give back only the first
+    ``outputs`` of the op's returns (a single one: the tensor itself, not a tuple).
+    ``min_dim``: decline a first tensor of fewer dimensions (the checked path raises)."""
+    return _C.FastOp(name, -1 if outputs is None else outputs, min_dim)
 
 
 def default_schedule() -> str:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.compiler import is_compiling
+from torch.compiler import is_dynamo_compiling  # why not is_compiling: cnnext/ops.py
 
 from . import ops
 
@@ -55,7 +55,7 @@ class MaxPool2d(nn.Module):
         """Max-pool ``input``; with ``return_indices`` also return the argmax."""
         # ops.max_pool2d's lean binding, called from here: on a small layer the Python frame
         # in between is a measurable part of the call.
-        if not is_compiling():
+        if not is_dynamo_compiling():
             out = (ops._max_pool2d if self.return_indices else ops._max_pool2d_output)(
                 input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
             )
@@ -124,7 +124,9 @@ class AvgPool2d(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Average-pool ``input``."""
-        if not is_compiling() and input.dim() >= 3:  # as MaxPool2d.forward
+        if (
+            not is_dynamo_compiling()
+        ):  # the binding declines input of rank < 3 (ops.avg_pool2d raises)
             out = ops._avg_pool2d(
                 input,
                 self.kernel_size,

@@ -10,7 +10,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.compiler import is_compiling
+
+# Only Dynamo must not see the lean bindings (opaque to it; it folds this call to True). Other
+# tracers pass fake or proxy tensors, which the bindings decline (exact tensors only), or see
+# the op through the dispatcher; torch.compiler.is_compiling costs a second Python frame.
+from torch.compiler import is_dynamo_compiling
 
 from . import _algo, _backend
 from ._shapes import (
@@ -135,7 +139,7 @@ def _bool(value: object, name: str, op: str) -> bool:
 # (NotImplemented) anything but the plain forms, which then take the checked path below.
 _max_pool2d = _backend.fast_op("max_pool2d_with_argmax")
 _max_pool2d_output = _backend.fast_op("max_pool2d_with_argmax", outputs=1)  # argmax dropped
-_avg_pool2d = _backend.fast_op("avg_pool2d")
+_avg_pool2d = _backend.fast_op("avg_pool2d", min_dim=3)  # rank < 3: RankError below
 
 
 def max_pool2d(
@@ -160,7 +164,7 @@ def max_pool2d(
     Returns:
         ``Tensor[N, C, H_out, W_out]`` (in the input's memory format), and the argmax if asked.
     """
-    if not is_compiling():
+    if not is_dynamo_compiling():
         out = (_max_pool2d if return_indices else _max_pool2d_output)(
             input,
             kernel_size,
@@ -231,14 +235,8 @@ def avg_pool2d(
     Returns:
         ``Tensor[N, C, H_out, W_out]`` in the input's memory format.
     """
-    op = "cnnext.avg_pool2d"
-    if input.dim() < 3:
-        raise RankError(
-            "cnnext::avg_pool2d: expected input to be a 3D or 4D tensor, got "
-            f"{input.dim()}D with shape {list(input.shape)}"
-        )
-    if not is_compiling():
-        out = _avg_pool2d(
+    if not is_dynamo_compiling():
+        out = _avg_pool2d(  # declines input of rank < 3 (min_dim), refused below
             input,
             kernel_size,
             kernel_size if stride is None else stride,
@@ -249,6 +247,12 @@ def avg_pool2d(
         )
         if out is not NotImplemented:
             return out
+    op = "cnnext.avg_pool2d"
+    if input.dim() < 3:
+        raise RankError(
+            "cnnext::avg_pool2d: expected input to be a 3D or 4D tensor, got "
+            f"{input.dim()}D with shape {list(input.shape)}"
+        )
     k = _pair(kernel_size, "kernel_size", op)
     args = (k, _pool_stride(stride, k, op), _pair(padding, "padding", op))
     args += (_bool(ceil_mode, "ceil_mode", op),)
@@ -365,7 +369,7 @@ def conv2d(
         algo, chosen = _algo.select(input, weight, stride_, padding_, dilation_, groups)
         variant = chosen if variant == "auto" else variant
     conf = (stride_, padding_, dilation_, groups)
-    if not is_compiling():
+    if not is_dynamo_compiling():
         if algo == "direct":
             out = _conv2d_direct(input, weight, bias, *conf, variant, _im2col_workspace_limit)
         else:
@@ -521,7 +525,7 @@ def conv_bn_relu(
         input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
         momentum, eps, stride_, padding_, dilation_, groups, algo, _im2col_workspace_limit,
     )  # fmt: skip
-    if not is_compiling():
+    if not is_dynamo_compiling():
         out = _conv_bn_relu(*args)
         if out is not NotImplemented:
             return out[0]

@@ -14,7 +14,7 @@
 // ints. For anything else, or while a torch function mode is active, it returns NotImplemented
 // and the caller (cnnext.ops) goes through torch.ops, which handles __torch_function__,
 // subclasses, SymInts and the argument forms torch.nn.functional accepts. The callers never use
-// it while torch.compile traces.
+// it while Dynamo traces (opaque to it); other tracers' fake tensors are declined.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
@@ -49,6 +49,9 @@ struct FastOpImpl {
   Invoker typed = nullptr;
   std::vector<Kind> kinds;
   size_t returns = 0;  // how many of the op's returns a call gives back (the first ones)
+  // A first tensor of fewer dimensions is declined: the caller's checked path raises the error
+  // torch raises for it (avg_pool2d: an IndexError), cheaper here than a Python rank check.
+  int64_t min_dim = 0;
   // Per namespace (cnnext, cnnext_emu), looked up on first use: the emulator's module is
   // imported after this one, and may be absent.
   std::array<std::optional<c10::OperatorHandle>, 2> handles;
@@ -296,6 +299,7 @@ struct Typed<R(A...)> {
       if (PyErr_Occurred()) PyErr_Clear();
       return not_implemented();
     }
+    if (std::get<0>(slots).get().dim() < impl.min_dim) return not_implemented();
     const bool emulated =
         emulating.load(std::memory_order_relaxed) && std::get<0>(slots).get().device().is_cpu();
     const c10::OperatorHandle* op = handle(impl, emulated);
@@ -348,8 +352,9 @@ PyObject* fast_op_call(PyObject* self, PyObject* const* args, size_t nargsf, PyO
       return not_implemented();
     }
   }
-  const bool emulated = emulating.load(std::memory_order_relaxed) && stack[0].isTensor() &&
-                        stack[0].toTensor().device().is_cpu();
+  if (stack[0].toTensor().dim() < impl.min_dim) return not_implemented();
+  const bool emulated =
+      emulating.load(std::memory_order_relaxed) && stack[0].toTensor().device().is_cpu();
   const c10::OperatorHandle* op = handle(impl, emulated);
   if (op == nullptr) return not_implemented();
   {
@@ -375,13 +380,15 @@ PyObject* fast_op_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   HANDLE_TH_ERRORS
   const char* name = nullptr;
   Py_ssize_t outputs = -1;
-  static const char* keywords[] = {"name", "outputs", nullptr};
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "s|n", const_cast<char**>(keywords), &name,
-                                   &outputs)) {
+  Py_ssize_t min_dim = 0;
+  static const char* keywords[] = {"name", "outputs", "min_dim", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "s|nn", const_cast<char**>(keywords), &name,
+                                   &outputs, &min_dim)) {
     return nullptr;
   }
   auto impl = std::make_unique<FastOpImpl>();
   impl->name = name;
+  impl->min_dim = min_dim;
   const auto op = c10::Dispatcher::singleton().findSchema({"cnnext::" + impl->name, ""});
   TORCH_CHECK_VALUE(op.has_value(), "cnnext._C.FastOp: no op cnnext::", impl->name);
   const c10::FunctionSchema& schema = op->schema();
@@ -450,7 +457,8 @@ bool cnnext_add_fast_call(PyObject* module) {
   fast_op_type.tp_basicsize = sizeof(FastOp);
   fast_op_type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
   fast_op_type.tp_doc =
-      "FastOp(name, outputs=all): a lean binding of cnnext::name (see csrc/fast_call.cpp)";
+      "FastOp(name, outputs=all, min_dim=0): a lean binding of cnnext::name (see "
+      "csrc/fast_call.cpp)";
   fast_op_type.tp_new = fast_op_new;
   fast_op_type.tp_dealloc = fast_op_dealloc;
   fast_op_type.tp_repr = fast_op_repr;

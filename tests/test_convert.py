@@ -345,6 +345,30 @@ def test_compile_fullgraph(backend: str) -> None:
         assert_close(x2.grad, x1.grad)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_export(strict: bool) -> None:
+    """torch.export, Dynamo-traced (strict) and not (non-strict: the Python runs on fake
+    tensors, which the lean bindings decline): the graph holds cnnext's ops and the exported
+    program computes what the torch model does."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 4, 3), nn.AvgPool2d(2),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    converted = cnnext.convert(model)
+    x = torch.randn(2, 3, 12, 12)
+    program = torch.export.export(converted, (x,), strict=strict)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    names = ("conv_bn_relu", "max_pool2d_with_argmax", "avg_pool2d")
+    assert {f"cnnext.{name}.default" for name in names} <= targets, targets
+    assert any(t.startswith("cnnext.conv2d_") for t in targets), targets
+    assert not any(t.startswith("aten.") for t in targets), targets
+    with torch.no_grad():
+        assert_close(program.module()(x), model(x))
+
+
 # ---- DistributedDataParallel (gloo, 2 CPU processes) --------------------------------------------
 
 

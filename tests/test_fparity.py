@@ -313,6 +313,18 @@ def test_fast_op_declines_what_it_does_not_parse() -> None:
         cnnext._backend.fast_op("max_pool2d_with_argmax", outputs=3)
     with pytest.raises(RuntimeError, match="cnnext::avg_pool2d: .*kernel_size"):
         fast(x, 0, 1, 0, False, True, None)
+    # min_dim: a first tensor of lower rank is declined, typed and boxed alike, so the caller's
+    # checked path raises torch's exception for it (avg_pool2d: an IndexError).
+    ranked = cnnext._backend.fast_op("avg_pool2d", min_dim=3)
+    assert ranked(x[0, 0], 2, 2, 0, False, True, None) is NotImplemented
+    torch.testing.assert_close(ranked(x[0], 2, 2, 0, False, True, None), F.avg_pool2d(x[0], 2))
+    gemm = cnnext._backend.fast_op("_gemm", min_dim=2)
+    flat = torch.zeros(4)
+    assert (
+        gemm(flat, flat, flat, "n", "n", 2, 2, 1, 1.0, 0.0, 2, 1, 2, 0, 0, 0, 1) is NotImplemented
+    )
+    with pytest.raises(IndexError):
+        cnnext.nn.AvgPool2d(2)(x[0, 0])
 
 
 def test_fast_ops_of_cnnext_ops_are_typed_and_the_rest_boxed() -> None:
