@@ -158,3 +158,51 @@ def test_fused_op_updates_running_stats(device: str) -> None:
     lib.conv_bn_relu(x, w, None, None, None, mean, var, False, 0.3, 1e-5, *conf)
     lib.conv_bn_relu(x[:0], w, None, None, None, mean, var, True, 0.3, 1e-5, *conf)
     assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
+
+
+def test_compiled_autograd_captures_every_node() -> None:
+    """torch._dynamo.compiled_autograd on an eager forward: each family's node is lifted into
+    the captured backward graph (a call of its functional form), AOTAutograd traces through it
+    to the family's backward op, and the gradients are eager's. A second pass with the same
+    shapes reuses the compiled graph."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    dynamo_graphs: list[str] = []
+    aot_graphs: list[str] = []
+
+    def inner(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        aot_graphs.append(gm.code)
+        return gm.forward
+
+    aot = aot_autograd(fw_compiler=inner)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        dynamo_graphs.append(gm.code)
+        return aot(gm, example_inputs)
+
+    for family, ours, _, leaves in _calls(*_leaves("cpu")):
+        out = ours()
+        grad = torch.randn_like(out)
+        want = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+        dynamo_graphs.clear()
+        aot_graphs.clear()
+        for _ in range(2):
+            with compiled_autograd._enable(torch.compile(backend=backend, fullgraph=True)):
+                got = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+            for g, e in zip(got, want, strict=True):
+                torch.testing.assert_close(g, e, rtol=0, atol=0)
+        assert len(dynamo_graphs) == 1 and len(aot_graphs) == 1, (family, dynamo_graphs)
+        assert family in dynamo_graphs[0], (family, dynamo_graphs[0])
+        assert "torch.ops.cnnext." in aot_graphs[0] and "_backward" in aot_graphs[0], (
+            family,
+            aot_graphs[0],
+        )
+    # Behind a node torch lifts (sum's backward), as in a training step.
+    for _, ours, theirs, leaves in _calls(*_leaves("cpu")):
+        with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+            got = torch.autograd.grad(ours().square().sum(), leaves)
+        want = torch.autograd.grad(theirs().square().sum(), leaves)
+        for g, e in zip(got, want, strict=True):
+            torch.testing.assert_close(g, e)

@@ -13,10 +13,13 @@
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/node.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 
 #include <array>
 #include <cstdint>
@@ -59,6 +62,136 @@ auto call_backward(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
   if (c10::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
   return call_below_autograd(op, std::forward<Args>(args)...);
 }
+
+// ---- the node base: eager and compiled autograd ---------------------------------------------
+
+// A node's backward is `Self::run(grads, needs)` (needs: c10::ArrayRef<bool>): needs[i] says
+// whether input i's gradient is wanted. Eager autograd calls apply (needs from
+// task_should_compute_output). Compiled autograd (torch._dynamo.compiled_autograd) calls
+// apply_with_saved: the node's fields go into the captured graph as a call of `functional`, which
+// rebuilds the fields and runs the same `run` (Dynamo traces through it: the backward op is
+// recorded, its fake kernel gives the shapes), as torch's own C++ autograd functions are lifted. A
+// node lists every member its backward reads in `Self::visit(self, f)`: they key the captured graph
+// (compiled_args), are swapped for the capture's proxies (saved tensors) and packed, in that order.
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
+
+namespace detail {
+inline void collect(CompiledNodeArgs& args, const SavedVariable& v) {
+  args.collect(v, /*is_output=*/false);  // as `save` below stores them
+}
+template <typename T>
+void collect(CompiledNodeArgs& args, const T& v) {
+  args.collect(v);
+}
+template <typename T, size_t N>
+void collect(CompiledNodeArgs& args, const std::array<T, N>& v) {
+  for (const T& x : v) collect(args, x);
+}
+template <typename... T>
+void collect(CompiledNodeArgs& args, const std::tuple<T...>& v) {
+  std::apply([&](const auto&... x) { (collect(args, x), ...); }, v);
+}
+
+// Only saved tensors are swapped; plain values keep theirs (they key the graph).
+inline void swap(SwapSavedVariables& saved, SavedVariable& v, bool before) {
+  before ? saved.before(v) : saved.after(v);
+}
+template <typename T>
+void swap(SwapSavedVariables& /*saved*/, const T& /*v*/, bool /*before*/) {}
+
+using Packed = std::vector<c10::IValue>;
+inline void pack(Packed& out, const SavedVariable& v) { out.emplace_back(v.unpack()); }
+template <typename T>
+void pack(Packed& out, const T& v) {
+  out.emplace_back(v);
+}
+template <typename T, size_t N>
+void pack(Packed& out, const std::array<T, N>& v) {
+  for (const T& x : v) pack(out, x);
+}
+template <typename... T>
+void pack(Packed& out, const std::tuple<T...>& v) {
+  std::apply([&](const auto&... x) { (pack(out, x), ...); }, v);
+}
+
+struct Unpacker {
+  const Packed& args;
+  size_t next = 0;
+  const c10::IValue& take() { return args.at(next++); }
+  void operator()(SavedVariable& v) {
+    const c10::IValue& x = take();
+    v = SavedVariable(x.isTensor() ? x.toTensor() : at::Tensor(), /*is_output=*/false);
+  }
+  void operator()(std::vector<int64_t>& v) { v = take().toIntVector(); }
+  void operator()(int64_t& v) { v = take().toInt(); }
+  void operator()(bool& v) { v = take().toBool(); }
+  void operator()(std::string& v) { v = take().toStringRef(); }
+  void operator()(std::optional<int64_t>& v) {
+    const c10::IValue& x = take();
+    v = x.isNone() ? std::nullopt : std::optional<int64_t>(x.toInt());
+  }
+  template <typename T, size_t N>
+  void operator()(std::array<T, N>& v) {
+    for (T& x : v) (*this)(x);
+  }
+  template <typename... T>
+  void operator()(std::tuple<T...>& v) {
+    std::apply([&](auto&... x) { ((*this)(x), ...); }, v);
+  }
+};
+}  // namespace detail
+
+template <typename Self>
+struct CompiledNode : Node {
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<const Self&>(*this).run(std::move(grads), needs());
+  }
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(name());
+    Self::visit(static_cast<const Self&>(*this), [&](const auto& f) { detail::collect(args, f); });
+  }
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    auto& self = static_cast<Self&>(*this);
+    Self::visit(self, [&](auto& f) { detail::swap(saved, f, /*before=*/true); });
+    detail::Packed args;
+    Self::visit(static_cast<const Self&>(self), [&](const auto& f) { detail::pack(args, f); });
+    c10::List<bool> wanted;
+    for (const bool b : needs()) wanted.push_back(b);
+    args.emplace_back(std::move(wanted));
+    std::vector<at::TypePtr> schema;
+    for (const c10::IValue& a : args)
+      schema.push_back(a.isTensor() ? at::TensorType::get() : a.type());
+    namespace ca = torch::dynamo::autograd;
+    const auto& py = ca::getPyCompilerInterface();
+    const std::string fn = py->bind_function(saved.get_py_compiler(), name(), &functional, schema,
+                                             /*is_custom_function=*/true, /*is_traceable=*/true);
+    const c10::IValue metadata =
+        ca::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            ca::get_input_metadata(next_edges()));
+    variable_list result =
+        py->call_function(saved.get_py_compiler(), "apply_functional", fn, grads, args, metadata);
+    Self::visit(self, [&](auto& f) { detail::swap(saved, f, /*before=*/false); });
+    return result;
+  }
+
+ private:
+  // On the stack: eager backward calls this once per node (a heap vector showed in host cost).
+  c10::SmallVector<bool, 8> needs() const {
+    c10::SmallVector<bool, 8> out(num_outputs());
+    for (size_t i = 0; i < out.size(); ++i) out[i] = task_should_compute_output(i);
+    return out;
+  }
+  static variable_list functional(const variable_list& grads, const detail::Packed& args) {
+    Self node;
+    detail::Unpacker unpack{args};
+    Self::visit(node, unpack);
+    const c10::List<bool> wanted = unpack.take().toBoolList();
+    c10::SmallVector<bool, 8> needs(wanted.begin(), wanted.end());
+    return node.run(variable_list(grads), needs);
+  }
+};
 
 inline bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 inline bool requires_grad(const OptionalTensor& t) { return t && requires_grad(*t); }
@@ -143,27 +276,30 @@ struct ConvAutograd<Family, std::tuple<Extra...>> {
       const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
       at::IntArrayRef, int64_t, std::array<bool, 3>, Extra...);
 
-  struct Backward : Node {
+  struct Backward : CompiledNode<Backward> {
     SavedVariable input, weight;
     std::vector<int64_t> input_size, weight_size, stride, padding, dilation;
     int64_t groups = 1;
     bool has_bias = false;
     std::tuple<typename StoredAs<Extra>::type...> extra{};
 
+    template <typename Self, typename F>
+    static void visit(Self& s, F&& f) {
+      f(s.input), f(s.weight), f(s.input_size), f(s.weight_size), f(s.stride), f(s.padding);
+      f(s.dilation), f(s.groups), f(s.has_bias), f(s.extra);
+    }
+
     std::string name() const override { return Family::kNode; }
     void release_variables() override {
-      std::lock_guard<std::mutex> lock(mutex_);
+      std::lock_guard<std::mutex> lock(this->mutex_);
       input.reset_data();
       weight.reset_data();
     }
-    variable_list apply(variable_list&& grads) override {
-      std::lock_guard<std::mutex> lock(mutex_);
+    variable_list run(variable_list&& grads, c10::ArrayRef<bool> needs) const {
       if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
       static const auto op = find_op<BackwardSig>(Family::kBackward);
       const at::Tensor& grad = grads[0];
-      const std::array<bool, 3> mask = {task_should_compute_output(0),
-                                        task_should_compute_output(1),
-                                        has_bias && task_should_compute_output(2)};
+      const std::array<bool, 3> mask = {needs[0], needs[1], has_bias && needs[2]};
       at::Tensor x = input.unpack(), w = weight.unpack();
       if (!x.defined()) x = placeholder(grad, input_size);
       if (!w.defined()) w = placeholder(grad, weight_size);

@@ -152,7 +152,7 @@ using FusedBackwardSig = FusedOutputs(const at::Tensor&, const at::Tensor&, cons
 // forward). Training saves the input only for the weight's gradient and the weight only for the
 // input's (a tensor not saved reaches the backward op as a placeholder of the right shape); eval
 // saves both. Edges: input, weight, conv_bias, bn_weight, bn_bias (empty where absent).
-struct ConvBNReLU2dBackward : autograd::Node {
+struct ConvBNReLU2dBackward : autograd::CompiledNode<ConvBNReLU2dBackward> {
   autograd::SavedVariable conv_output, save_mean, save_invstd, input, weight, conv_bias, bn_weight,
       bn_bias;
   std::vector<int64_t> input_size, weight_size, output_stride, stride, padding, dilation;
@@ -160,6 +160,14 @@ struct ConvBNReLU2dBackward : autograd::Node {
   bool training = false;
   int64_t groups = 1, max_col_bytes = 0;
   std::string algo;
+
+  template <typename Self, typename F>
+  static void visit(Self& s, F&& f) {
+    f(s.conv_output), f(s.save_mean), f(s.save_invstd), f(s.input), f(s.weight), f(s.conv_bias);
+    f(s.bn_weight), f(s.bn_bias), f(s.input_size), f(s.weight_size), f(s.output_stride);
+    f(s.stride), f(s.padding), f(s.dilation), f(s.given), f(s.training), f(s.groups);
+    f(s.max_col_bytes), f(s.algo);
+  }
 
   std::string name() const override { return "ConvBNReLU2dBackward"; }
   void release_variables() override {
@@ -169,16 +177,13 @@ struct ConvBNReLU2dBackward : autograd::Node {
       v->reset_data();
     }
   }
-  autograd::variable_list apply(autograd::variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+  autograd::variable_list run(autograd::variable_list&& grads, c10::ArrayRef<bool> needs) const {
     autograd::variable_list result(5);
     if (!grads[0].defined()) return result;
     static const auto op = autograd::find_op<FusedBackwardSig>("conv_bn_relu_backward");
     const at::Tensor grad = autograd::like_output(grads[0], output_stride);
-    const std::array<bool, 5> mask = {task_should_compute_output(0), task_should_compute_output(1),
-                                      given[0] && task_should_compute_output(2),
-                                      given[1] && task_should_compute_output(3),
-                                      given[2] && task_should_compute_output(4)};
+    const std::array<bool, 5> mask = {needs[0], needs[1], given[0] && needs[2],
+                                      given[1] && needs[3], given[2] && needs[4]};
     at::Tensor x = input.unpack(), w = weight.unpack();
     if (!x.defined()) x = autograd::placeholder(grad, input_size);
     if (!w.defined()) w = autograd::placeholder(grad, weight_size);

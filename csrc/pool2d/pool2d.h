@@ -257,18 +257,24 @@ using AvgPoolBackwardSig = at::Tensor(const at::Tensor&, at::IntArrayRef, at::In
                                       std::optional<int64_t>);
 
 // Saves the argmax; backward scatters the gradient through it (the op gathers on CUDA).
-struct MaxPool2dBackward : autograd::Node {
+struct MaxPool2dBackward : autograd::CompiledNode<MaxPool2dBackward> {
   autograd::SavedVariable argmax;
   std::vector<int64_t> input_size, output_stride, kernel_size, stride, padding, dilation;
   bool ceil_mode = false;
+
+  template <typename Self, typename F>
+  static void visit(Self& s, F&& f) {
+    f(s.argmax), f(s.input_size), f(s.output_stride), f(s.kernel_size), f(s.stride);
+    f(s.padding), f(s.dilation), f(s.ceil_mode);
+  }
 
   std::string name() const override { return "MaxPool2dBackward"; }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     argmax.reset_data();
   }
-  autograd::variable_list apply(autograd::variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+  autograd::variable_list run(autograd::variable_list&& grads,
+                              c10::ArrayRef<bool> /*needs: input's, the only edge*/) const {
     if (!grads[0].defined()) return {at::Tensor()};
     static const auto op = autograd::find_op<MaxPoolBackwardSig>("max_pool2d_backward");
     return {autograd::call_backward(op, autograd::like_output(grads[0], output_stride),
@@ -301,13 +307,20 @@ inline std::tuple<at::Tensor, at::Tensor> max_pool2d_with_argmax_autograd(
 }
 
 // Saves no tensor: backward spreads each output gradient over its window.
-struct AvgPool2dBackward : autograd::Node {
+struct AvgPool2dBackward : autograd::CompiledNode<AvgPool2dBackward> {
   std::vector<int64_t> input_size, output_stride, kernel_size, stride, padding;
   bool ceil_mode = false, count_include_pad = true;
   std::optional<int64_t> divisor_override;
 
+  template <typename Self, typename F>
+  static void visit(Self& s, F&& f) {
+    f(s.input_size), f(s.output_stride), f(s.kernel_size), f(s.stride), f(s.padding);
+    f(s.ceil_mode), f(s.count_include_pad), f(s.divisor_override);
+  }
+
   std::string name() const override { return "AvgPool2dBackward"; }
-  autograd::variable_list apply(autograd::variable_list&& grads) override {
+  autograd::variable_list run(autograd::variable_list&& grads,
+                              c10::ArrayRef<bool> /*needs: input's, the only edge*/) const {
     if (!grads[0].defined()) return {at::Tensor()};
     static const auto op = autograd::find_op<AvgPoolBackwardSig>("avg_pool2d_backward");
     return {autograd::call_backward(op, autograd::like_output(grads[0], output_stride), input_size,
