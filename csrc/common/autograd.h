@@ -77,20 +77,34 @@ using torch::dynamo::autograd::CompiledNodeArgs;
 using torch::dynamo::autograd::SwapSavedVariables;
 
 namespace detail {
+// Calls f on each leaf of a member: the elements of arrays and tuples, the member otherwise.
+template <typename T, typename F>
+void leaves(T& v, F&& f) {
+  f(v);
+}
+template <typename T, size_t N, typename F>
+void leaves(std::array<T, N>& v, F&& f) {
+  for (T& x : v) leaves(x, f);
+}
+template <typename T, size_t N, typename F>
+void leaves(const std::array<T, N>& v, F&& f) {
+  for (const T& x : v) leaves(x, f);
+}
+template <typename... T, typename F>
+void leaves(std::tuple<T...>& v, F&& f) {
+  std::apply([&](auto&... x) { (leaves(x, f), ...); }, v);
+}
+template <typename... T, typename F>
+void leaves(const std::tuple<T...>& v, F&& f) {
+  std::apply([&](const auto&... x) { (leaves(x, f), ...); }, v);
+}
+
 inline void collect(CompiledNodeArgs& args, const SavedVariable& v) {
   args.collect(v, /*is_output=*/false);  // as `save` below stores them
 }
 template <typename T>
 void collect(CompiledNodeArgs& args, const T& v) {
   args.collect(v);
-}
-template <typename T, size_t N>
-void collect(CompiledNodeArgs& args, const std::array<T, N>& v) {
-  for (const T& x : v) collect(args, x);
-}
-template <typename... T>
-void collect(CompiledNodeArgs& args, const std::tuple<T...>& v) {
-  std::apply([&](const auto&... x) { (collect(args, x), ...); }, v);
 }
 
 // Only saved tensors are swapped; plain values keep theirs (they key the graph).
@@ -105,14 +119,6 @@ inline void pack(Packed& out, const SavedVariable& v) { out.emplace_back(v.unpac
 template <typename T>
 void pack(Packed& out, const T& v) {
   out.emplace_back(v);
-}
-template <typename T, size_t N>
-void pack(Packed& out, const std::array<T, N>& v) {
-  for (const T& x : v) pack(out, x);
-}
-template <typename... T>
-void pack(Packed& out, const std::tuple<T...>& v) {
-  std::apply([&](const auto&... x) { (pack(out, x), ...); }, v);
 }
 
 struct Unpacker {
@@ -131,14 +137,6 @@ struct Unpacker {
     const c10::IValue& x = take();
     v = x.isNone() ? std::nullopt : std::optional<int64_t>(x.toInt());
   }
-  template <typename T, size_t N>
-  void operator()(std::array<T, N>& v) {
-    for (T& x : v) (*this)(x);
-  }
-  template <typename... T>
-  void operator()(std::tuple<T...>& v) {
-    std::apply([&](auto&... x) { ((*this)(x), ...); }, v);
-  }
 };
 }  // namespace detail
 
@@ -150,13 +148,13 @@ struct CompiledNode : Node {
   }
   void compiled_args(CompiledNodeArgs& args) const override {
     args.collect(name());
-    Self::visit(static_cast<const Self&>(*this), [&](const auto& f) { detail::collect(args, f); });
+    each(static_cast<const Self&>(*this), [&](const auto& f) { detail::collect(args, f); });
   }
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
     auto& self = static_cast<Self&>(*this);
-    Self::visit(self, [&](auto& f) { detail::swap(saved, f, /*before=*/true); });
+    each(self, [&](auto& f) { detail::swap(saved, f, /*before=*/true); });
     detail::Packed args;
-    Self::visit(static_cast<const Self&>(self), [&](const auto& f) { detail::pack(args, f); });
+    each(static_cast<const Self&>(self), [&](const auto& f) { detail::pack(args, f); });
     c10::List<bool> wanted;
     for (const bool b : needs()) wanted.push_back(b);
     args.emplace_back(std::move(wanted));
@@ -172,11 +170,16 @@ struct CompiledNode : Node {
             ca::get_input_metadata(next_edges()));
     variable_list result =
         py->call_function(saved.get_py_compiler(), "apply_functional", fn, grads, args, metadata);
-    Self::visit(self, [&](auto& f) { detail::swap(saved, f, /*before=*/false); });
+    each(self, [&](auto& f) { detail::swap(saved, f, /*before=*/false); });
     return result;
   }
 
  private:
+  // Every leaf of every member `visit` lists, in order.
+  template <typename S, typename F>
+  static void each(S& self, F&& f) {
+    Self::visit(self, [&](auto& member) { detail::leaves(member, f); });
+  }
   // On the stack: eager backward calls this once per node (a heap vector showed in host cost).
   c10::SmallVector<bool, 8> needs() const {
     c10::SmallVector<bool, 8> out(num_outputs());
@@ -186,7 +189,7 @@ struct CompiledNode : Node {
   static variable_list functional(const variable_list& grads, const detail::Packed& args) {
     Self node;
     detail::Unpacker unpack{args};
-    Self::visit(node, unpack);
+    each(node, unpack);
     const c10::List<bool> wanted = unpack.take().toBoolList();
     c10::SmallVector<bool, 8> needs(wanted.begin(), wanted.end());
     return node.run(variable_list(grads), needs);
