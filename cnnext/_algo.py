@@ -10,9 +10,10 @@ The heuristic (see ``choose`` for the thresholds and the measurements behind the
 
 * CPU (measured, benchmarks/algo.py): the direct kernel for grouped/depthwise convolutions and
   for ``groups == 1`` layers with a large output plane (>= 256 pixels) and >= 8 input
-  channels; im2col (BLAS GEMMs) for 1x1 kernels, small output planes and first layers with
-  1-7 input channels. With no gradient to compute (inference), float32 layers with >= 16
-  input channels per group take the direct kernel on small planes too.
+  channels; im2col (BLAS GEMMs) for 1x1 kernels, small output planes, first layers with 1-7
+  input channels and, with gradients to compute, strided layers. With no gradient to compute
+  (inference), float32 layers with >= 16 input channels per group take the direct kernel on
+  small planes too.
 * CUDA (reasoned, not yet measured): im2col (cuBLAS) only where im2col is a plain GEMM with
   no column buffer, a 1x1 kernel with stride 1 and no padding, ungrouped, with C_in and C_out
   both >= 32; the direct kernel (variant ``"auto"``: the implicit-GEMM kernel) for everything
@@ -107,6 +108,12 @@ CPU_DIRECT_MIN_CHANNELS = 8  # C_in / groups
 # suite's 3x3 layers below 256 pixels, direct 0.9-1.9x oneDNN, im2col 0.6-1.3x, direct ahead in
 # 26 of 28 (benchmarks/results/direct_cpu_kernel-2026-12-07-2.txt, 1 thread, CPU time).
 CPU_DIRECT_NOGRAD_MIN_CHANNELS = 16  # C_in / groups
+# With gradients, strided layers take im2col: the direct backward (phase-split grad_input,
+# grad_weight) loses to the GEMMs there. Forward+backward vs oneDNN, 1 thread, direct / im2col
+# (the forward and both gradients timed apart, summed; 2026-12-07): ResNet-18 CIFAR
+# layer2.0.conv1 (64->128, 32x32, s2) 1.05 / 1.26 and 0.84 / 0.97 (two runs) at batch 8,
+# 0.73 / 0.99 at 32, 0.80 / 1.18 at 128; ResNet-18 224 layer2/3/4.0.conv1 0.74-0.85 /
+# 0.96-1.05 at 32, 0.86-1.00 / 1.18-1.31 at 128.
 # CUDA: reasoned, not yet measured on a GPU. An earlier H100 run (benchmarks/results/
 # cuda-2026-11-22.md) found cuBLAS 3-100x faster than the old direct kernels on every deep layer,
 # but those kernels were plain FMA loops; the implicit-GEMM direct kernel builds no column buffer
@@ -173,6 +180,8 @@ def choose(
         grads = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
     if not grads and c_per_group >= CPU_DIRECT_NOGRAD_MIN_CHANNELS and input.dtype == torch.float32:
         return ("direct", "auto")
+    if grads and (stride[0] > 1 or stride[1] > 1):
+        return ("im2col", "auto")
     h_out = (ishape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (ishape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if h_out * w_out < CPU_DIRECT_MIN_PIXELS:

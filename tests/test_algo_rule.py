@@ -175,6 +175,17 @@ def test_cpu_inference_takes_direct_on_small_planes() -> None:
     assert _algo.choose(x, w, (1, 1), (0, 0), (1, 1), 1, grads=False)[0] == "im2col"
 
 
+def test_cpu_training_takes_im2col_on_strided_layers() -> None:
+    """With gradients a strided CPU layer takes im2col whatever its plane (the direct backward
+    loses there); without, the forward decides (direct for float32 with >= 16 channels)."""
+    x, w = _tensors((1, 64, 64, 64), (8, 64, 3, 3), False)  # 32 x 32 output pixels at stride 2
+    for stride in ((2, 2), (1, 2), (2, 1)):
+        conf = (stride, (1, 1), (1, 1), 1)
+        assert _algo.choose(x, w, *conf, grads=True) == ("im2col", "auto"), stride
+        assert _algo.choose(x, w, *conf, grads=False) == ("direct", "auto"), stride
+    assert _algo.choose(x, w, (1, 1), (1, 1), (1, 1), 1, grads=True) == ("direct", "auto")
+
+
 def test_cuda_rule_documented_cases() -> None:
     """The CUDA rule: im2col only for a plain GEMM (1x1, stride 1, no padding, ungrouped,
     C_in and C_out >= 32), the direct kernel's "auto" variant for everything else."""
