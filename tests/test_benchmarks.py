@@ -19,8 +19,9 @@ import torch.nn.functional as F
 import cnnext
 from benchmarks import conv_bn_relu, conv_direct, conv_im2col, host, pool, shapes
 from benchmarks import run as bench_run
+from benchmarks.cases import build_case
 from benchmarks.cases.base import precision_flags
-from benchmarks.config import Config, Plan, enumerate_specs, parse_threads
+from benchmarks.config import Config, Plan, Spec, enumerate_specs, parse_threads
 from benchmarks.machine import gpu_datasheet
 from benchmarks.report import host_table, markdown, results_stem, write_results
 from benchmarks.suite import Results, run_suite
@@ -78,6 +79,17 @@ def test_run_writes_json_md_png(tmp_path: Path, capsys: pytest.CaptureFixture) -
         "conv_bn_relu.eval",
         "conv_bn_relu.train",
     }
+
+
+def test_conv_rows_name_the_pick_of_their_pass() -> None:
+    """A conv case names what algo="auto" runs in its pass: the CPU rule decides training and
+    inference apart (16 channels on a 4x4 plane: im2col with gradients, direct without)."""
+    layer = shapes.ConvLayer("test", "deep-small", 16, 4, 16, 3, padding=1)
+    picks = {}
+    for pass_ in ("fwd", "fwd+bwd"):
+        spec = Spec("conv", "conv2d", layer, 2, pass_, "fp32", "contiguous")
+        picks[pass_] = build_case(spec, Plan("cpu"), Config(**TINY)).extra["auto_pick"]
+    assert picks == {"fwd": "direct", "fwd+bwd": "im2col"}
 
 
 def test_validation_rejects_wrong_forward(monkeypatch: pytest.MonkeyPatch) -> None:

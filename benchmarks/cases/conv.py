@@ -104,7 +104,8 @@ def conv_case(
     choose = getattr(getattr(cnnext, "_algo", None), "choose", None)
     if choose is not None and phase == "main":
         with plan.cnnext_context():  # the emulated device chooses as CUDA does
-            algo, variant = choose(inputs[0], inputs[1], s, p, (1, 1), g)
+            # The pick of this pass: training and inference are decided apart on the CPU.
+            algo, variant = choose(inputs[0], inputs[1], s, p, (1, 1), g, grads=backward)
         extra["auto_pick"] = algo + ("" if variant == "auto" else f".{variant}")
     return Case(
         spec=spec,
