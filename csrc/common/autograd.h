@@ -72,7 +72,8 @@ auto call_backward(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
 // rebuilds the fields and runs the same `run` (Dynamo traces through it: the backward op is
 // recorded, its fake kernel gives the shapes), as torch's own C++ autograd functions are lifted. A
 // node lists every member its backward reads in `Self::visit(self, f)`: they key the captured graph
-// (compiled_args), are swapped for the capture's proxies (saved tensors) and packed, in that order.
+// (compiled_args), are swapped for the capture's proxies (saved tensors) and packed, in that order;
+// the saved tensors among them are also what release_variables frees.
 using torch::dynamo::autograd::CompiledNodeArgs;
 using torch::dynamo::autograd::SwapSavedVariables;
 
@@ -114,6 +115,10 @@ inline void swap(SwapSavedVariables& saved, SavedVariable& v, bool before) {
 template <typename T>
 void swap(SwapSavedVariables& /*saved*/, const T& /*v*/, bool /*before*/) {}
 
+inline void release(SavedVariable& v) { v.reset_data(); }
+template <typename T>
+void release(const T& /*v*/) {}
+
 using Packed = std::vector<c10::IValue>;
 inline void pack(Packed& out, const SavedVariable& v) { out.emplace_back(v.unpack()); }
 template <typename T>
@@ -145,6 +150,11 @@ struct CompiledNode : Node {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     return static_cast<const Self&>(*this).run(std::move(grads), needs());
+  }
+  // Frees the saved tensors once backward has run (unless the graph is retained).
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    each(static_cast<Self&>(*this), [](auto& f) { detail::release(f); });
   }
   void compiled_args(CompiledNodeArgs& args) const override {
     args.collect(name());
@@ -293,11 +303,6 @@ struct ConvAutograd<Family, std::tuple<Extra...>> {
     }
 
     std::string name() const override { return Family::kNode; }
-    void release_variables() override {
-      std::lock_guard<std::mutex> lock(this->mutex_);
-      input.reset_data();
-      weight.reset_data();
-    }
     variable_list run(variable_list&& grads, c10::ArrayRef<bool> needs) const {
       if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
       static const auto op = find_op<BackwardSig>(Family::kBackward);

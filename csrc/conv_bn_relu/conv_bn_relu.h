@@ -125,7 +125,6 @@ inline ConvAlgorithm conv_algorithm(const char* op, c10::string_view algo, int64
 // Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers the forward for the
 // Autograd key of conv_bn_relu (see csrc/common/autograd.h).
 #ifdef CNNEXT_AUTOGRAD
-#include <mutex>
 #include <tuple>
 
 #include "common/autograd.h"
@@ -170,13 +169,6 @@ struct ConvBNReLU2dBackward : autograd::CompiledNode<ConvBNReLU2dBackward> {
   }
 
   std::string name() const override { return "ConvBNReLU2dBackward"; }
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto* v : {&conv_output, &save_mean, &save_invstd, &input, &weight, &conv_bias, &bn_weight,
-                    &bn_bias}) {
-      v->reset_data();
-    }
-  }
   autograd::variable_list run(autograd::variable_list&& grads, c10::ArrayRef<bool> needs) const {
     autograd::variable_list result(5);
     if (!grads[0].defined()) return result;

@@ -236,7 +236,6 @@ inline BackwardPlan plan_avg_backward(Backend backend, const at::Tensor& grad_ou
 // Compiled into csrc/cnnext.cpp only (CNNEXT_AUTOGRAD), which registers these forwards for the
 // Autograd key of the ops (see csrc/common/autograd.h).
 #ifdef CNNEXT_AUTOGRAD
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -269,10 +268,6 @@ struct MaxPool2dBackward : autograd::CompiledNode<MaxPool2dBackward> {
   }
 
   std::string name() const override { return "MaxPool2dBackward"; }
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    argmax.reset_data();
-  }
   autograd::variable_list run(autograd::variable_list&& grads,
                               c10::ArrayRef<bool> /*needs: input's, the only edge*/) const {
     if (!grads[0].defined()) return {at::Tensor()};
