@@ -78,10 +78,12 @@ def conv_sizes(
     input: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int],
 ) -> tuple[Int, ...]:  # fmt: skip
-    """A convolution's output size."""
+    """A convolution's output size. The kernel size is the weight's last two dimensions, so a
+    caller checking before the op (which refuses a weight that is not 4D) gets a size, not an
+    IndexError."""
     (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
-    h_out = conv_output_size(input.shape[-2], weight.shape[2], sh, ph, dh)
-    w_out = conv_output_size(input.shape[-1], weight.shape[3], sw, pw, dw)
+    h_out = conv_output_size(input.shape[-2], weight.shape[-2], sh, ph, dh)
+    w_out = conv_output_size(input.shape[-1], weight.shape[-1], sw, pw, dw)
     return (*input.shape[:-3], weight.shape[0], h_out, w_out)
 
 

@@ -124,9 +124,8 @@ class AvgPool2d(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Average-pool ``input``."""
-        if (
-            not is_dynamo_compiling()
-        ):  # the binding declines input of rank < 3 (ops.avg_pool2d raises)
+        # The binding declines input of rank < 3 (ops.avg_pool2d raises torch's error).
+        if not is_dynamo_compiling():
             out = ops._avg_pool2d(
                 input,
                 self.kernel_size,

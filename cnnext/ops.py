@@ -19,7 +19,6 @@ from torch.compiler import is_dynamo_compiling
 from . import _algo, _backend
 from ._shapes import (
     conv_backward_empty,
-    conv_output_size,
     conv_sizes,
     empty_like_format,
     pool_sizes,
@@ -501,16 +500,7 @@ def conv_bn_relu(
         algo = _algo.select(input, weight, stride_, padding_, dilation_, groups)[0]
     if training:
         # torch.nn.functional.batch_norm's check, with its exception type and message.
-        sizes = (
-            *input.shape[:-3],
-            weight.shape[0],
-            conv_output_size(
-                input.shape[-2], weight.shape[-2], stride_[0], padding_[0], dilation_[0]
-            ),
-            conv_output_size(
-                input.shape[-1], weight.shape[-1], stride_[1], padding_[1], dilation_[1]
-            ),
-        )
+        sizes = conv_sizes(input, weight, stride_, padding_, dilation_)
         values = 1
         for i, s in enumerate(sizes):
             if i != len(sizes) - 3:
