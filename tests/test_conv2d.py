@@ -534,8 +534,9 @@ def test_cpu_isa_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cpu_batch_chunks() -> None:
-    """A batch whose packed copy exceeds the CPU workspace is processed in chunks (forward,
-    grad_input and the grad_weight sums that run across chunks)."""
+    """A batch whose packed copy exceeds the CPU workspace (~1 MiB for rows this wide, 32 MiB
+    for narrow planes) is processed in chunks (forward, grad_input and the grad_weight sums that
+    run across chunks)."""
     case = Case(130, 16, 64, 64, 16, 3, 3, stride=(2, 1), padding=(1, 1))
     x, w, b = case.tensors("cpu", torch.float32, "channels_last")
     _check_forward_backward(case, x, w, b, "auto")

@@ -467,10 +467,20 @@ inline void store_row(const Kernels& k, const float* tile, int64_t ocb, int64_t 
   }
 }
 
-// Samples per packed chunk: packed copies stay near 32 MiB (at least one sample).
-inline int64_t chunk_samples(int64_t n, int64_t sample_floats) {
-  constexpr int64_t kWorkspaceFloats = (int64_t(32) << 20) / sizeof(float);
-  return std::clamp<int64_t>(kWorkspaceFloats / std::max<int64_t>(1, sample_floats), 1, n);
+// Samples per packed chunk: packed copies stay near `bytes` (at least one sample).
+inline int64_t chunk_samples(int64_t n, int64_t sample_floats, int64_t bytes) {
+  const int64_t floats = bytes / static_cast<int64_t>(sizeof(float));
+  return std::clamp<int64_t>(floats / std::max<int64_t>(1, sample_floats), 1, n);
+}
+
+// The bound on a chunk for output rows `wo` wide. Wide rows run sample by sample (run_conv's
+// items, grad_weight's calls), so a chunk of ~1 MiB is packed and then used while it is still in
+// L2. 32 MiB chunks went out to memory between the two passes (and past glibc's mmap threshold:
+// fresh pages every call): at batch 32, 1 thread, ResNet-18's 56x56 layer and stride-2 layers ran
+// 5-15% slower forward and 15-30% slower in grad_weight. Narrow planes run many samples per filter
+// block (run_conv) or per register block (grad_weight), which wants them all in one chunk.
+inline int64_t chunk_bytes(const Kernels& k, int64_t wo) {
+  return wo >= k.row_block ? int64_t(1) << 20 : int64_t(32) << 20;
 }
 
 // Forward with the fused epilogue of cpu.cpp: acc * scale[c] + bias[c] (null scale: 1, null
@@ -494,7 +504,8 @@ inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
   });
   const Strides os = strides_of(output);
   float* out = output.mutable_data_ptr<float>();
-  const int64_t step = chunk_samples(p.n, rows * cols * odd_lines(p.c_in, sizeof(float)));
+  const int64_t step =
+      chunk_samples(p.n, rows * cols * odd_lines(p.c_in, sizeof(float)), chunk_bytes(k, p.w_out));
   for (int64_t n0 = 0; n0 < p.n; n0 += step) {
     const int64_t count = std::min(step, p.n - n0);
     const Source src = make_source(k, input, n0, count, rows, cols, p.ph, p.pw);
@@ -563,7 +574,10 @@ inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad
   const Strides is = strides_of(grad_input);
   float* gi = grad_input.mutable_data_ptr<float>();
   const int64_t icb = block_width(k, cin);
-  const int64_t step = chunk_samples(p.n, rows * cols * odd_lines(p.c_out, sizeof(float)));
+  int64_t narrowest = cols;
+  for (const Phase& f : phases) narrowest = std::min(narrowest, f.cols);
+  const int64_t step = chunk_samples(p.n, rows * cols * odd_lines(p.c_out, sizeof(float)),
+                                     chunk_bytes(k, narrowest));
   for (int64_t n0 = 0; n0 < p.n; n0 += step) {
     const int64_t count = std::min(step, p.n - n0);
     // Source pixel (ys, xs) is grad_output (ys - bh, xs - bw), zero outside it.
@@ -641,8 +655,8 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
 
   const Strides gs = strides_of(grad_output);
   const float* go = grad_output.const_data_ptr<float>();
-  const int64_t step =
-      chunk_samples(p.n, rows * cols * odd_lines(p.c_in, sizeof(float)) + hw * cgo);
+  const int64_t step = chunk_samples(p.n, rows * cols * odd_lines(p.c_in, sizeof(float)) + hw * cgo,
+                                     chunk_bytes(k, p.w_out));
   // On cache lines: the kernel's vector loads of it would otherwise each span two lines.
   Packed gop(step * hw * cgo);
   for (int64_t n0 = 0; n0 < p.n; n0 += step) {
