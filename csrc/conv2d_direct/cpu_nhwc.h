@@ -55,7 +55,12 @@ using GwRunFn = void (*)(const GwArgs&, int64_t, const float*, const float*, flo
 
 // One ISA's kernels, indexed by the number of channel vectors (1 or 2). Block sizes: ~24
 // accumulators of 32 zmm registers (more lost 17% to register pressure in a first measurement),
-// 12 of 16 ymm with AVX2.
+// 12 of 16 ymm with AVX2. Loads, not FMAs, bound the 2 x 12 loop (14 loads per 24 FMAs): a probe
+// of it with every operand in L1 runs at 82-84% of the register-only FMA peak on a Sapphire
+// Rapids core, 85% at 3 x 8 (11 loads), 90% at 4 x 6 (10). A 3 x 8 block for 96+ channels ran
+// the kernel 2-4% faster alone but whole layers only 0-5% at 1 thread, and its 48-wide blocks
+// of 256/512 channels (5 x 48 + 16, ...) split unevenly over 2 threads on narrow planes: not
+// taken. 4 x 6's 64-wide filter blocks of 512 channels outgrow what L2 streams.
 struct Kernels {
   int64_t lanes = 0;
   int64_t row_block = 0;     // pixels per block with two vectors: narrower planes run flattened
