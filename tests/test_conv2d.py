@@ -533,11 +533,20 @@ def test_cpu_isa_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
         cnnext.ops.conv2d(x, w, algo="direct")
 
 
-def test_cpu_batch_chunks() -> None:
-    """A batch whose packed copy exceeds the CPU workspace (~1 MiB for rows this wide, 32 MiB
-    for narrow planes) is processed in chunks (forward, grad_input and the grad_weight sums that
-    run across chunks)."""
-    case = Case(130, 16, 64, 64, 16, 3, 3, stride=(2, 1), padding=(1, 1))
+@pytest.mark.parametrize(
+    "case",
+    [
+        # Wide rows: the packed copy exceeds ~1 MiB, chunks of 65 samples.
+        Case(130, 16, 64, 64, 16, 3, 3, stride=(2, 1), padding=(1, 1)),
+        # A 6x6 plane: at most 4096 / 36 = 113 samples per chunk (one run of the flattened
+        # plane), three chunks of 101, 101 and 99 samples; 40 outputs: blocks of 32 and 8.
+        Case(301, 16, 6, 6, 40, 3, 3, padding=(1, 1)),
+    ],
+    ids=["wide", "narrow"],
+)
+def test_cpu_batch_chunks(case: Case) -> None:
+    """A batch larger than one chunk of the CPU direct engine is processed in chunks of equal
+    size (forward, grad_input and the grad_weight sums that run across chunks)."""
     x, w, b = case.tensors("cpu", torch.float32, "channels_last")
     _check_forward_backward(case, x, w, b, "auto")
 
