@@ -399,9 +399,11 @@ def main() -> None:
     torch.set_num_threads(1)
     # Peak and kernel interleaved, one thread, in short runs (2 ms: shorter than a scheduler
     # slice, so that some runs are not preempted): on a shared machine the best run approaches
-    # the uncontended speed, the median shows what the load left.
+    # the uncontended speed, the median shows what the load left. The ratio is of the medians:
+    # on a quiet host the probe's best run reads 5-15% above its median now and then (clock
+    # boosts of a 2 ms run), which would make best/best a ratio to an outlier.
     print(f"kernel in isolation ({args.isa}, 1 thread), GFLOP/s over {args.kernel_rounds} runs")
-    head = f"{'peak med':>9} {'best':>7} {'kernel med':>11} {'best':>7} {'best/best':>10}"
+    head = f"{'peak med':>9} {'best':>7} {'kernel med':>11} {'best':>7} {'med/med':>8}"
     print(f"{'layer':<22} {head}")
     for layer in layers:
         peaks, kerns = [], []
@@ -410,7 +412,7 @@ def main() -> None:
             kerns.append(kernel_gflops(dll, avx512, layer, 0.002))
         pm, km = statistics.median(peaks), statistics.median(kerns)
         pb, kb = max(peaks), max(kerns)
-        print(f"{layer[0]:<22} {pm:>9.1f} {pb:>7.1f} {km:>11.1f} {kb:>7.1f} {100 * kb / pb:>9.1f}%")
+        print(f"{layer[0]:<22} {pm:>9.1f} {pb:>7.1f} {km:>11.1f} {kb:>7.1f} {100 * km / pm:>7.1f}%")
     if args.no_op:
         return
     print("\nwhole layer: cnnext direct vs oneDNN (F.conv2d), ms and GFLOP/s, fastest of calls")
