@@ -107,7 +107,9 @@ extern "C" double conv_rows(int avx512, int nv, long calls, const long* taps, lo
                             long wo, float* out, double* seconds) {
   const nhwc::ConvArgs a{reinterpret_cast<const int64_t*>(taps), ntaps, chans, xstep, w, ocb};
   using Fn = void (*)(const nhwc::ConvArgs&, const float*, int64_t, float*);
-  Fn fn = avx512 ? (nv == 2 ? &nhwc::avx512::conv_row<2, 12> : &nhwc::avx512::conv_row<1, 16>)
+  Fn fn = avx512 ? (nv == 4   ? &nhwc::avx512::conv_row<4, 6>
+                    : nv == 2 ? &nhwc::avx512::conv_row<2, 12>
+                              : &nhwc::avx512::conv_row<1, 16>)
                  : (nv == 2 ? &nhwc::avx2::conv_row<2, 6> : &nhwc::avx2::conv_row<1, 12>);
   const double t0 = now();
   for (long i = 0; i < calls; ++i) fn(a, x, wo, out);
@@ -121,7 +123,9 @@ extern "C" double conv_planes(int avx512, int nv, long calls, const long* taps, 
                               const long* pix, long npix, float* out, double* seconds) {
   const nhwc::ConvArgs a{reinterpret_cast<const int64_t*>(taps), ntaps, chans, xstep, w, ocb};
   using Fn = void (*)(const nhwc::ConvArgs&, const float*, const int64_t*, int64_t, float*);
-  Fn fn = avx512 ? (nv == 2 ? &nhwc::avx512::conv_plane<2, 12> : &nhwc::avx512::conv_plane<1, 16>)
+  Fn fn = avx512 ? (nv == 4   ? &nhwc::avx512::conv_plane<4, 6>
+                    : nv == 2 ? &nhwc::avx512::conv_plane<2, 12>
+                              : &nhwc::avx512::conv_plane<1, 16>)
                  : (nv == 2 ? &nhwc::avx2::conv_plane<2, 6> : &nhwc::avx2::conv_plane<1, 12>);
   const int64_t* p = reinterpret_cast<const int64_t*>(pix);
   const double t0 = now();
@@ -188,7 +192,11 @@ def kernel_gflops(dll: ctypes.CDLL, avx512: bool, layer: tuple, seconds: float =
     it)."""
     _, _, c_in, size, c_out, k, stride, pad = layer
     lanes = 16 if avx512 else 8
-    nv = 2 if c_out >= 2 * lanes else 1
+    # The op's block width (cpu_nhwc.h, conv_width): four vectors for 128-256 channels of a 3x3.
+    four = (
+        avx512 and c_out >= 4 * lanes and c_in >= 128 and c_in * k * k * 4 * lanes * 4 <= 576 << 10
+    )
+    nv = 4 if four else 2 if c_out >= 2 * lanes else 1
     ocb = nv * lanes
     wo = (size + 2 * pad - k) // stride + 1
     cols = (wo - 1) * stride + k

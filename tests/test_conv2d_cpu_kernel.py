@@ -1,8 +1,9 @@
 """The register-blocked CPU direct convolution (csrc/conv2d_direct/cpu_nhwc.h: float32 layers with
 at least 16 input and output channels per group) against torch.nn.functional.conv2d run in
 float64 on the same values: forward, grad_input, grad_weight and grad_bias, in both per-ISA
-copies, on shapes chosen to hit its edges: register blocks of pixels (12 and 16 with AVX-512, 6
-and 12 with AVX2) and of input channels cut short, output channels past a 16- or 32-wide block,
+copies, on shapes chosen to hit its edges: register blocks of pixels (6, 8, 12 and 16 with
+AVX-512, 6 and 12 with AVX2) and of input channels cut short, output channels past a 16-, 32- or
+64-wide block,
 stride, padding larger than the filter's reach, dilation, groups, channels_last and NCHW input,
 batch 0 and 1; and thread-count independence of every result."""
 
@@ -35,6 +36,16 @@ SHAPES = [
     # block packed one vector wide.
     (1, 131, 4, 13, 40, 3, 1, 1, 1, 1),
     (1, 40, 5, 6, 150, 3, 2, 1, 1, 1),  # grad_input reduces over 150 = 128 + 22 = ... + 5 x 4 + 2
+    # Four-vector blocks (AVX-512, 128-256 reduced channels of a 3x3: conv_width), 6-pixel
+    # register blocks, and last blocks of one to three vectors. Forward: 80 = 64 + 16 on 15-wide
+    # rows (3 x 5 pixels); 112 = 64 + 48 on a 3x3 plane at stride 2 over 136 = 128 + 8 channels;
+    # 96 = 64 + 32 per group. grad_input: 72 = 64 + 8 inputs on a 7x7 plane, and 96 = 64 + 32
+    # inputs over the four stride phases (1, 2, 2 and 4 taps of one packed block width).
+    (2, 128, 5, 15, 80, 3, 1, 1, 1, 1),
+    (1, 136, 6, 6, 112, 3, 2, 1, 1, 1),
+    (1, 256, 4, 13, 192, 3, 1, 1, 1, 2),
+    (2, 72, 7, 7, 144, 3, 1, 1, 1, 1),
+    (1, 96, 9, 9, 160, 3, 2, 1, 1, 1),
     # Planes narrower than a register block run the pixels of several samples as one sequence:
     # register blocks that straddle samples, with groups and a one-vector last block (33 = 32 + 1
     # per group); a 1x1 plane; runs of samples that differ with the thread count.
@@ -120,7 +131,9 @@ def test_blocked_kernel_unbatched_input() -> None:
     torch.testing.assert_close(out, F.conv2d(x[0], w, b, padding=1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[8], SHAPES[-1]], ids=str)
+@pytest.mark.parametrize(
+    "shape", [SHAPES[1], SHAPES[3], SHAPES[8], SHAPES[16], SHAPES[19], SHAPES[-1]], ids=str
+)
 def test_blocked_kernel_thread_count_independent(shape: tuple) -> None:
     """Every output and gradient is bitwise the same at 1 and 2 threads (each element is summed
     by one task in a fixed order)."""

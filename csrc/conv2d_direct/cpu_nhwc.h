@@ -60,13 +60,14 @@ using GwRunFn = void (*)(const GwArgs&, int64_t, const float*, const float*, flo
 // Rapids core, 85% at 3 x 8 (11 loads), 90% at 4 x 6 (10). A 3 x 8 block for 96+ channels ran
 // the kernel 2-4% faster alone but whole layers only 0-5% at 1 thread, and its 48-wide blocks
 // of 256/512 channels (5 x 48 + 16, ...) split unevenly over 2 threads on narrow planes: not
-// taken. 4 x 6's 64-wide filter blocks of 512 channels outgrow what L2 streams.
+// taken. 4 x 6 runs where its 64-wide filter blocks stay small (conv_width); 3 x 8 only for a
+// last block of 48.
 struct Kernels {
   int64_t lanes = 0;
-  int64_t row_block = 0;     // pixels per block with two vectors: narrower planes run flattened
-  int64_t gw_chans[3] = {};  // gw_run's input channels per register block
-  ConvRowFn conv_row[3] = {};
-  ConvPlaneFn conv_plane[3] = {};
+  int64_t row_block = 0;       // pixels per block with two vectors: narrower planes run flattened
+  int64_t gw_chans[3] = {};    // gw_run's input channels per register block
+  ConvRowFn conv_row[5] = {};  // up to four vectors (AVX-512: 32 registers); AVX2 up to two
+  ConvPlaneFn conv_plane[5] = {};
   GwRunFn gw_run[3] = {};
 };
 
@@ -75,8 +76,10 @@ inline const Kernels* kernels_for(CpuIsa isa) {
   static const Kernels k512{16,
                             12,
                             {0, 16, 12},
-                            {nullptr, &avx512::conv_row<1, 16>, &avx512::conv_row<2, 12>},
-                            {nullptr, &avx512::conv_plane<1, 16>, &avx512::conv_plane<2, 12>},
+                            {nullptr, &avx512::conv_row<1, 16>, &avx512::conv_row<2, 12>,
+                             &avx512::conv_row<3, 8>, &avx512::conv_row<4, 6>},
+                            {nullptr, &avx512::conv_plane<1, 16>, &avx512::conv_plane<2, 12>,
+                             &avx512::conv_plane<3, 8>, &avx512::conv_plane<4, 6>},
                             {nullptr, &avx512::gw_run<1, 16>, &avx512::gw_run<2, 12>}};
   static const Kernels k256{8,
                             6,
@@ -228,6 +231,22 @@ inline int64_t block_width(const Kernels& k, int64_t outs) {
   return outs >= 2 * k.lanes ? 2 * k.lanes : k.lanes;
 }
 
+// Output channels per block of the conv kernel (forward and grad_input, which reduces over
+// `chans` channels and `ntaps` taps): four vectors x 6 pixels (10 loads per 24 FMAs, not 14)
+// where a 64-wide filter block stays small, 128-256 channels of a 3x3 (<= 576 KiB, read from L2
+// by every register block). Against 2 x 12, alternating in one process, 1 / 2 threads: ResNet's
+// 128-channel layers +9-15% / 0-5%, 256-channel 8x8 and 14x14 +3-4% / 1-8%; 64 channels at 56x56
+// lost 6-8% and 512 channels (1.2 MiB blocks) 0-6%: those keep block_width. The last block of
+// 16-48 outputs runs the one- to three-vector kernel.
+inline int64_t conv_width(const Kernels& k, int64_t outs, int64_t chans, int64_t ntaps) {
+  constexpr int64_t kMaxBlockBytes = int64_t(576) << 10;
+  const int64_t wide = 4 * k.lanes;
+  if (k.conv_row[4] != nullptr && outs >= wide && chans >= 128 &&
+      chans * ntaps * wide * static_cast<int64_t>(sizeof(float)) <= kMaxBlockBytes)
+    return wide;
+  return block_width(k, outs);
+}
+
 // A zero-bordered NHWC image: pixel (y, x), channel c of sample n at
 //   data[n * sample + y * row + x * pix + c]; (y, x) is source pixel (y - top, x - left).
 struct Source {
@@ -377,13 +396,14 @@ constexpr int64_t kRunPixels = 4096;
 
 // Runs the conv kernel over `count` samples of `src`: ho x wo output pixels whose windows start
 // at source pixel (oy * sh, ox * sw), reduced over `chans` channels per group (group g's start at
-// channel g * chans) and `taps`. `store(n, g, o0, nout, oy, tile)` writes one row: tile[ox * ocb
-// + o] for the group's outputs o0 + o, o < nout.
+// channel g * chans) and `taps`, with the filter packed in blocks of ocb outputs (conv_width).
+// `store(n, g, o0, nout, oy, tile)` writes one row: tile[ox * ocb + o] for the group's outputs
+// o0 + o, o < nout.
 template <typename Store>
 void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups, int64_t chans,
               int64_t outs, int64_t ho, int64_t wo, int64_t sh, int64_t sw,
-              const std::vector<int64_t>& taps, const Packed& filter, Store store) {
-  const int64_t ocb = block_width(k, outs), blocks = div_up(outs, ocb);
+              const std::vector<int64_t>& taps, const Packed& filter, int64_t ocb, Store store) {
+  const int64_t blocks = div_up(outs, ocb);
   const int64_t ntaps = static_cast<int64_t>(taps.size()), block = ntaps * chans * ocb;
   if (wo < k.row_block) {
     // Narrow planes (ResNet's 7x7, VGG's 4x4 and 2x2): the pixels of several samples run as one
@@ -517,10 +537,10 @@ inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
   const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ws2 = weight.stride(2),
                 ws3 = weight.stride(3);
   const float* w = weight.const_data_ptr<float>();
-  const FilterPtr filter = cached_filter(weight, p.groups, block_width(k, cout), [&] {
+  const int64_t ocb = conv_width(k, cout, cin, ntaps);
+  const FilterPtr filter = cached_filter(weight, p.groups, ocb, [&] {
     return pack_filter(
-        p.groups, cout, cin, ntaps, block_width(k, cout), k.lanes,
-        [&](int64_t g, int64_t o, int64_t c, int64_t t) {
+        p.groups, cout, cin, ntaps, ocb, k.lanes, [&](int64_t g, int64_t o, int64_t c, int64_t t) {
           return w[(g * cout + o) * ws0 + c * ws1 + (t / p.kw) * ws2 + (t % p.kw) * ws3];
         });
   });
@@ -534,9 +554,8 @@ inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
     std::vector<int64_t> taps;
     for (int64_t t = 0; t < ntaps; ++t)
       taps.push_back((t / p.kw) * p.dh * src.row + (t % p.kw) * p.dw * src.pix);
-    run_conv(k, src, count, p.groups, cin, cout, p.h_out, p.w_out, p.sh, p.sw, taps, *filter,
+    run_conv(k, src, count, p.groups, cin, cout, p.h_out, p.w_out, p.sh, p.sw, taps, *filter, ocb,
              [&](int64_t n, int64_t g, int64_t o0, int64_t nout, int64_t oy, const float* tile) {
-               const int64_t ocb = block_width(k, cout);
                float* dst = out + (n0 + n) * os.n + (g * cout + o0) * os.c + oy * os.h;
                store_row(k, tile, ocb, p.w_out, nout, dst, os.c, os.w,
                          scale != nullptr ? scale + g * cout + o0 : nullptr,
@@ -586,16 +605,17 @@ inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad
   const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ws2 = weight.stride(2),
                 ws3 = weight.stride(3);
   const float* w = weight.const_data_ptr<float>();
+  // One block width for every phase: the layer's, not each phase's share of the taps.
+  const int64_t icb = conv_width(k, cin, cout, p.kh * p.kw);
   for (Phase& f : phases) {
     f.filter =
-        pack_filter(p.groups, cin, cout, static_cast<int64_t>(f.ky.size()), block_width(k, cin),
-                    k.lanes, [&](int64_t g, int64_t i, int64_t o, int64_t t) {
+        pack_filter(p.groups, cin, cout, static_cast<int64_t>(f.ky.size()), icb, k.lanes,
+                    [&](int64_t g, int64_t i, int64_t o, int64_t t) {
                       return w[(g * cout + o) * ws0 + i * ws1 + f.ky[t] * ws2 + f.kx[t] * ws3];
                     });
   }
   const Strides is = strides_of(grad_input);
   float* gi = grad_input.mutable_data_ptr<float>();
-  const int64_t icb = block_width(k, cin);
   int64_t narrowest = cols, most = INT64_MAX;
   for (const Phase& f : phases) {
     narrowest = std::min(narrowest, f.cols);
@@ -614,7 +634,7 @@ inline void grad_input(const Conv2dParams& p, CpuIsa isa, const at::Tensor& grad
         taps.push_back((f.a0 - f.ky[t] * p.dh / p.sh + bh) * src.row +
                        (f.c0 - f.kx[t] * p.dw / p.sw + bw) * src.pix);
       }
-      run_conv(k, src, count, p.groups, cout, cin, f.rows, f.cols, 1, 1, taps, f.filter,
+      run_conv(k, src, count, p.groups, cout, cin, f.rows, f.cols, 1, 1, taps, f.filter, icb,
                [&](int64_t n, int64_t g, int64_t i0, int64_t nin, int64_t a, const float* tile) {
                  float* dst = gi + (n0 + n) * is.n + (g * cin + i0) * is.c +
                               ((f.a0 + a) * p.sh + f.rh - p.ph) * is.h +
