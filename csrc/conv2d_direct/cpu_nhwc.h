@@ -2,8 +2,8 @@
 // float32, AVX-512 or AVX2: the forward, grad_input and grad_weight.
 //
 // The input is read as NHWC with zero borders (channels_last input without padding in place,
-// anything else copied once per call), the filter packed into blocks of one or two vectors of
-// output channels ([block][channel block][tap][channel][ocb], zero past the last channel). A
+// anything else copied once per call), the filter packed into blocks of one, two or four vectors
+// of output channels ([block][channel block][tap][channel][ocb], zero past the last channel). A
 // microkernel keeps a register block of RB output pixels along a row x ocb channels in RB * NV
 // accumulators and does one FMA per broadcast input value (cpu_nhwc_kernels.h). grad_input is
 // the same kernel on the zero-bordered grad_output with the flipped, transposed filter, once per
