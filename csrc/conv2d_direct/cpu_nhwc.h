@@ -394,6 +394,14 @@ FilterPtr cached_filter(const at::Tensor& weight, int64_t groups, int64_t ocb, P
 // Output pixels of one run of a narrow plane in run_conv: its tile (x ocb) stays under ~512 KiB.
 constexpr int64_t kRunPixels = 4096;
 
+// The most samples per chunk for output planes ho x wo: narrow planes, one run of run_conv. At
+// batch 96-128, 1 thread, chunks of two runs each (the filter blocks alternating between them)
+// ran ResNet-18's 7x7 layer and the CIFAR 256-channel 8x8 layer 4-9% slower forward.
+inline int64_t chunk_most(const Kernels& k, int64_t ho, int64_t wo) {
+  return wo < k.row_block ? std::max<int64_t>(1, kRunPixels / std::max<int64_t>(1, ho * wo))
+                          : INT64_MAX;
+}
+
 // Runs the conv kernel over `count` samples of `src`: ho x wo output pixels whose windows start
 // at source pixel (oy * sh, ox * sw), reduced over `chans` channels per group (group g's start at
 // channel g * chans) and `taps`, with the filter packed in blocks of ocb outputs (conv_width).
@@ -412,7 +420,7 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
     // split the batch only as far as the threads need (each pixel's sum is the same either way).
     const int64_t plane = ho * wo;
     const int64_t threads = at::get_num_threads();
-    const int64_t by_size = std::max<int64_t>(1, kRunPixels / plane);
+    const int64_t by_size = chunk_most(k, ho, wo);
     const int64_t by_threads = div_up(count, div_up(2 * threads, groups * blocks));
     const int64_t run = std::clamp<int64_t>(std::min(by_size, by_threads), 1, count);
     const int64_t runs = div_up(count, run);
@@ -505,14 +513,6 @@ inline int64_t chunk_samples(int64_t n, int64_t sample_floats, int64_t bytes,
   const int64_t step =
       std::clamp<int64_t>(std::min(most, floats / std::max<int64_t>(1, sample_floats)), 1, n);
   return div_up(n, div_up(n, step));
-}
-
-// The most samples per chunk for output planes ho x wo: narrow planes, one run of run_conv. At
-// batch 96-128, 1 thread, chunks of two runs each (the filter blocks alternating between them)
-// ran ResNet-18's 7x7 layer and the CIFAR 256-channel 8x8 layer 4-9% slower forward.
-inline int64_t chunk_most(const Kernels& k, int64_t ho, int64_t wo) {
-  return wo < k.row_block ? std::max<int64_t>(1, kRunPixels / std::max<int64_t>(1, ho * wo))
-                          : INT64_MAX;
 }
 
 // The bound on a chunk for output rows `wo` wide. Wide rows run sample by sample (run_conv's
