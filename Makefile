@@ -21,11 +21,13 @@ help:
 	@echo "make lint   ruff + clang-format checks;  make format: apply them"
 	@echo "make bench  run the benchmark suite (python -m benchmarks.run --quick)"
 
+# --no-cache-dir: torch's CUDA wheels fill ~5.5 GB of the venv; a second copy in pip's cache
+# once ran a CI machine out of disk.
 $(VENV)/.deps-stamp: requirements-dev.txt
 	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip setuptools wheel
+	$(PY) -m pip install -q --no-cache-dir $(TORCH_SPEC)
+	$(PY) -m pip install -q --no-cache-dir -r requirements-dev.txt
 	@touch $@
 
 setup: $(VENV)/.deps-stamp sysdeps
