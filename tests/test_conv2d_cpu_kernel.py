@@ -52,6 +52,14 @@ SHAPES = [
     (5, 32, 3, 3, 66, 3, 1, 1, 1, 2),
     (3, 16, 1, 1, 16, 3, 1, 1, 1, 1),
     (5, 16, 3, 3, 16, 3, 1, 1, 1, 1),
+    # Pixels by the taps that reach data (a tap that reads only the zero border is skipped):
+    # 16 samples of a 4x4 plane fill a block per class (corners, edges, interior), forward and
+    # grad_input; stride 2 and dilation 2 classes; 13 samples of 3x2 at padding 2, where some
+    # pixels' windows reach no data.
+    (16, 32, 4, 4, 48, 3, 1, 1, 1, 1),
+    (12, 16, 7, 5, 32, 3, 2, 1, 1, 1),
+    (13, 16, 5, 5, 16, 3, 1, 2, 2, 1),
+    (13, 16, 3, 2, 24, 3, 1, 2, 1, 1),
 ]
 
 
@@ -132,7 +140,7 @@ def test_blocked_kernel_unbatched_input() -> None:
 
 
 @pytest.mark.parametrize(
-    "shape", [SHAPES[1], SHAPES[3], SHAPES[8], SHAPES[16], SHAPES[19], SHAPES[-1]], ids=str
+    "shape", [SHAPES[1], SHAPES[3], SHAPES[8], SHAPES[16], SHAPES[19], SHAPES[-3]], ids=str
 )
 def test_blocked_kernel_thread_count_independent(shape: tuple) -> None:
     """Every output and gradient is bitwise the same at 1 and 2 threads (each element is summed
@@ -172,6 +180,58 @@ def test_fused_epilogue_on_blocked_kernel(
         out = block(x)
     assert ref.isnan().sum() == 48 * 9
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("n, h, w", [(16, 4, 4), (2, 5, 20)], ids=["plane", "rows"])
+def test_border_taps_skipped(
+    n: int, h: int, w: int, isa: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tap whose reads all fall in the zero padding is not multiplied (as oneDNN, torch's CPU
+    convolution): an infinite weight at the top-left tap leaves the pixels where it reads the
+    border finite, not NaN (inf x 0), and makes the others infinite. On a narrow plane (pixels
+    in classes by their taps) every border pixel; on wide rows (the taps of a row) the top row.
+    grad_input alike: the inputs that no output reaches through that tap stay finite. And
+    grad_weight: an infinite grad_output at the top-left pixel reaches only the taps that read
+    data there."""
+    monkeypatch.setenv("CNNEXT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 16, h, w, generator=gen).requires_grad_()
+    wt = torch.randn(32, 16, 3, 3, generator=gen) / 12
+    wt[5, 3, 0, 0] = float("inf")
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = cnnext.ops.conv2d(x, wt, padding=1, algo="direct")
+            (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+            results.append((out.detach(), gx))
+    finally:
+        torch.set_num_threads(before)
+    out, gx = results[0]
+    for a, c in zip(results[0], results[1], strict=True):
+        assert torch.equal(a.nan_to_num(), c.nan_to_num())
+    others = [o for o in range(32) if o != 5]
+    assert torch.isfinite(out[:, others]).all()
+    assert torch.isfinite(out[:, 5, 0]).all()
+    assert torch.isinf(out[:, 5, 1:, 1:]).all()
+    if h < 12 and w < 12:
+        assert torch.isfinite(out[:, 5, :, 0]).all()
+    # Input (iy, ix) meets the infinite weight through output (iy + 1, ix + 1).
+    assert torch.isinf(gx[:, 3, :-1, :-1]).all()
+    assert torch.isfinite(gx[:, 3, -1]).all()
+    if h < 12 and w < 12:
+        assert torch.isfinite(gx[:, 3, :, -1]).all()
+    assert torch.isfinite(gx[:, [c for c in range(16) if c != 3]]).all()
+    wf = (wt.nan_to_num(posinf=1.0) / 12).requires_grad_()
+    out = cnnext.ops.conv2d(x.detach(), wf, padding=1, algo="direct")
+    grad = torch.ones_like(out)
+    grad[0, 5, 0, 0] = float("inf")
+    (gw,) = torch.autograd.grad(out, wf, grad)
+    assert torch.isinf(gw[5, :, 1:, 1:]).all()
+    assert torch.isfinite(gw[5, :, 0]).all() and torch.isfinite(gw[5, :, :, 0]).all()
+    assert torch.isfinite(gw[others]).all()
 
 
 def test_gradcheck_double_on_wide_layer() -> None:

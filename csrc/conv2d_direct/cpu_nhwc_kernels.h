@@ -29,6 +29,12 @@ struct ConvArgs {
   // vectors (a block of ocb outputs narrower than ocb is packed at its own vector count).
   const float* w;
   int64_t ocb;  // floats between output pixels in `out`
+  // A subset of the packed filter's taps (the rest would multiply a zero border): tap t is the
+  // filter's tap wtaps[t] of wntaps. Null: the filter's own ntaps taps, in order.
+  const int64_t* wtaps = nullptr;
+  int64_t wntaps = 0;
+  // conv_plane's pixel j goes to out + opix[j] (null: out + j * ocb).
+  const int64_t* opix = nullptr;
 };
 
 struct GwArgs {
@@ -39,6 +45,7 @@ struct GwArgs {
   // Samples summed in one call, and floats between their windows and grad_output planes: small
   // planes (4x4: 16 pixels) would otherwise load and store the accumulators every few pixels.
   int64_t nsamp = 1, xsample = 0, gsample = 0;
+  int64_t grow = 0;  // floats between grad_output rows (0: wo * gstep; more: a span of columns)
 };
 
 }  // namespace cnnext::nhwc
@@ -68,10 +75,11 @@ CNNEXT_NHWC_FN void conv_block(const ConvArgs& a, const float* x, float* out) {
   constexpr int kBases = (RB + 2) / 3;
   constexpr int kW = NV * kLanes;
   const int64_t xstep = a.xstep;
-  const float* w = a.w;
+  const int64_t wntaps = a.wtaps != nullptr ? a.wntaps : a.ntaps;
   for (int64_t c0 = 0; c0 < a.chans; c0 += kChanBlock) {
     const int64_t nc = std::min<int64_t>(kChanBlock, a.chans - c0);
     for (int64_t t = 0; t < a.ntaps; ++t) {
+      const float* w = a.w + (c0 * wntaps + (a.wtaps != nullptr ? a.wtaps[t] : t) * nc) * kW;
       const float* base[kBases];
       for (int m = 0; m < kBases; ++m) base[m] = x + a.taps[t] + c0 + 3 * m * xstep;
       int64_t c = 0;
@@ -132,16 +140,17 @@ CNNEXT_NHWC_TARGET void conv_row(const ConvArgs& a, const float* x, int64_t wo, 
 // as conv_block.
 template <int NV, int RB>
 CNNEXT_NHWC_FN void conv_gather_block(const ConvArgs& a, const float* x, const int64_t* pix,
-                                      float* out) {
+                                      const int64_t* opix, float* out) {
   Reg acc[RB][NV];
   for (int j = 0; j < RB; ++j) {
     for (int v = 0; v < NV; ++v) acc[j][v] = V::zero();
   }
   constexpr int kW = NV * kLanes;
-  const float* w = a.w;
+  const int64_t wntaps = a.wtaps != nullptr ? a.wntaps : a.ntaps;
   for (int64_t c0 = 0; c0 < a.chans; c0 += kChanBlock) {
     const int64_t nc = std::min<int64_t>(kChanBlock, a.chans - c0);
     for (int64_t t = 0; t < a.ntaps; ++t) {
+      const float* w = a.w + (c0 * wntaps + (a.wtaps != nullptr ? a.wtaps[t] : t) * nc) * kW;
       const float* px[RB];
       for (int j = 0; j < RB; ++j) px[j] = x + pix[j] + a.taps[t] + c0;
       int64_t c = 0;
@@ -167,16 +176,17 @@ CNNEXT_NHWC_FN void conv_gather_block(const ConvArgs& a, const float* x, const i
     }
   }
   for (int j = 0; j < RB; ++j) {
-    for (int v = 0; v < NV; ++v) V::store(out + j * a.ocb + v * kLanes, acc[j][v]);
+    float* o = out + (opix != nullptr ? opix[j] : j * a.ocb);
+    for (int v = 0; v < NV; ++v) V::store(o + v * kLanes, acc[j][v]);
   }
 }
 
 template <int NV, int R>
 CNNEXT_NHWC_FN void gather_tail(int64_t rem, const ConvArgs& a, const float* x, const int64_t* pix,
-                                float* out) {
+                                const int64_t* opix, float* out) {
   if constexpr (R > 0) {
-    if (rem == R) return conv_gather_block<NV, R>(a, x, pix, out);
-    gather_tail<NV, R - 1>(rem, a, x, pix, out);
+    if (rem == R) return conv_gather_block<NV, R>(a, x, pix, opix, out);
+    gather_tail<NV, R - 1>(rem, a, x, pix, opix, out);
   }
 }
 
@@ -188,10 +198,12 @@ CNNEXT_NHWC_TARGET void conv_plane(const ConvArgs& a, const float* x, const int6
   int64_t j = 0;
   for (int64_t i = 0; i < blocks; ++i) {
     const int64_t rb = size + (i < longer ? 1 : 0);
+    const int64_t* opix = a.opix != nullptr ? a.opix + j : nullptr;
+    float* o = a.opix != nullptr ? out : out + j * a.ocb;
     if (rb == RB) {
-      conv_gather_block<NV, RB>(a, x, pix + j, out + j * a.ocb);
+      conv_gather_block<NV, RB>(a, x, pix + j, opix, o);
     } else {
-      gather_tail<NV, RB - 1>(rb, a, x, pix + j, out + j * a.ocb);
+      gather_tail<NV, RB - 1>(rb, a, x, pix + j, opix, o);
     }
     j += rb;
   }
@@ -208,10 +220,11 @@ CNNEXT_NHWC_FN void gw_block(const GwArgs& a, const float* x, const float* go, f
   for (int i = 0; i < RC; ++i) {
     for (int v = 0; v < NV; ++v) acc[i][v] = V::load(acc_mem + i * a.ocb + v * kLanes);
   }
+  const int64_t grow = a.grow != 0 ? a.grow : a.wo * a.gstep;
   for (int64_t sr = 0, r = 0; sr < a.nsamp * a.nrows; ++sr, ++r) {
     if (r == a.nrows) r = 0, x += a.xsample, go += a.gsample;
     const float* __restrict__ xr = x + r * a.xrow;
-    const float* __restrict__ gr = go + r * a.wo * a.gstep;
+    const float* __restrict__ gr = go + r * grow;
     int64_t q = 0;
     for (; q + 2 <= a.wo; q += 2) {
 #pragma GCC unroll 2
