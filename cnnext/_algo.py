@@ -11,9 +11,9 @@ The heuristic (see ``choose`` for the thresholds and the measurements behind the
 * CPU (measured, benchmarks/algo.py): the direct kernel for grouped/depthwise convolutions and
   for ``groups == 1`` layers with a large output plane (>= 256 pixels) and >= 8 input
   channels; im2col (BLAS GEMMs) for 1x1 kernels, small output planes, first layers with 1-7
-  input channels and, with gradients to compute, strided layers. With no gradient to compute
-  (inference), float32 layers with >= 16 input channels per group take the direct kernel on
-  small planes too.
+  input channels and, with gradients to compute, strided layers. Float32 layers with >= 16
+  input channels per group take the direct kernel on small planes too: always with no gradient
+  to compute (inference), and with one when the batch holds >= 512 output pixels.
 * CUDA (reasoned, not yet measured): im2col (cuBLAS) only where im2col is a plain GEMM with
   no column buffer, a 1x1 kernel with stride 1 and no padding, ungrouped, with C_in and C_out
   both >= 32; the direct kernel (variant ``"auto"``: the implicit-GEMM kernel) for everything
@@ -108,6 +108,15 @@ CPU_DIRECT_MIN_CHANNELS = 8  # C_in / groups
 # suite's 3x3 layers below 256 pixels, direct 0.9-1.9x oneDNN, im2col 0.6-1.3x, direct ahead in
 # 26 of 28 (benchmarks/results/direct_cpu_kernel-2026-12-07-2.txt, 1 thread, CPU time).
 CPU_DIRECT_NOGRAD_MIN_CHANNELS = 16  # C_in / groups
+# With gradients, that kernel takes small planes too once the batch holds enough of their pixels:
+# it skips the taps that read only the zero border (oneDNN's 4x4 and 2x2 planes multiply 31% and
+# 56% fewer products than a plain 3x3 loop), runs the pixels of several samples per register
+# block, and its grad_weight reduces over them all. Forward+backward vs oneDNN, 1 thread,
+# direct / im2col (benchmarks/results/cpu-deep-2026-12-08*): at batch 32, ResNet's 4x4, 7x7,
+# 8x8 and 14x14 layers 0.91-0.98 / 0.76-0.87, VGG's 8x8 and 4x4 0.95-1.06 / 0.80-0.85; at batch 8
+# the 8x8 planes 0.88-0.97 / 0.79-0.85, the 4x4 ones 0.59-0.72 / 1.05-1.10, VGG's 2x2 0.38 /
+# 1.96 (1.08 / 1.31 at batch 32).
+CPU_BLOCKED_MIN_PIXELS = 512  # N * H_out * W_out
 # With gradients, strided layers take im2col: the direct backward (phase-split grad_input,
 # grad_weight) loses to the GEMMs there. Forward+backward vs oneDNN, 1 thread, direct / im2col
 # (the forward and both gradients timed apart, summed; 2026-12-07): ResNet-18 CIFAR
@@ -184,9 +193,13 @@ def choose(
         return ("im2col", "auto")
     h_out = (ishape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (ishape[-1] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if h_out * w_out < CPU_DIRECT_MIN_PIXELS:
-        return ("im2col", "auto")
-    return ("direct", "auto")
+    if h_out * w_out >= CPU_DIRECT_MIN_PIXELS:
+        return ("direct", "auto")
+    if c_per_group >= CPU_DIRECT_NOGRAD_MIN_CHANNELS and input.dtype == torch.float32:
+        n = ishape[0] if len(ishape) == 4 else 1
+        if n * h_out * w_out >= CPU_BLOCKED_MIN_PIXELS:
+            return ("direct", "auto")
+    return ("im2col", "auto")
 
 
 # ---- the autotuner ------------------------------------------------------------------------------

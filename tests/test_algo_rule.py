@@ -33,6 +33,10 @@ CPU_GRID = [
     ("grouped", (1, 128, 8, 8), (8, 64, 3, 3), 1, 1, 2),
     ("stride 2, 289 px", (1, 64, 33, 33), (8, 64, 3, 3), 2, 1, 1),
     ("unbatched", (64, 16, 16), (8, 64, 3, 3), 1, 1, 1),
+    # Small planes over a batch (float32, >= 16 channels): 31 x 16 and 32 x 16 output pixels.
+    ("31 x 4x4", (31, 64, 4, 4), (8, 64, 3, 3), 1, 1, 1),
+    ("32 x 4x4", (32, 64, 4, 4), (8, 64, 3, 3), 1, 1, 1),
+    ("32 x 4x4, 12 in-channels", (32, 12, 4, 4), (8, 12, 3, 3), 1, 1, 1),
 ]
 CUDA_GRID = [
     ("1x1 gemm", (1, 64, 5, 5), (32, 64, 1, 1), 1, 0, 1),
@@ -186,6 +190,23 @@ def test_cpu_training_takes_im2col_on_strided_layers() -> None:
     assert _algo.choose(x, w, (1, 1), (1, 1), (1, 1), 1, grads=True) == ("direct", "auto")
 
 
+def test_cpu_training_takes_direct_on_batched_small_planes() -> None:
+    """With gradients a small plane takes the direct kernel once the batch holds 512 output
+    pixels, for float32 with >= 16 channels per group (the register-blocked kernel); float64,
+    12 channels and a single sample keep im2col."""
+    conf = ((1, 1), (1, 1), (1, 1), 1)
+    for n, algo in ((31, "im2col"), (32, "direct"), (8, "im2col")):
+        x, w = _tensors((n, 64, 4, 4), (8, 64, 3, 3), False)
+        assert _algo.choose(x, w, *conf, grads=True) == (algo, "auto"), n
+    x, w = _tensors((8, 64, 8, 8), (8, 64, 3, 3), False)
+    assert _algo.choose(x, w, *conf, grads=True) == ("direct", "auto")
+    assert _algo.choose(x.double(), w.double(), *conf, grads=True) == ("im2col", "auto")
+    x, w = _tensors((8, 12, 8, 8), (8, 12, 3, 3), False)
+    assert _algo.choose(x, w, *conf, grads=True) == ("im2col", "auto")
+    x, w = _tensors((64, 15, 15), (8, 64, 3, 3), False)
+    assert _algo.choose(x, w, *conf, grads=True) == ("im2col", "auto")
+
+
 def test_cuda_rule_documented_cases() -> None:
     """The CUDA rule: im2col only for a plain GEMM (1x1, stride 1, no padding, ungrouped,
     C_in and C_out >= 32), the direct kernel's "auto" variant for everything else."""
@@ -254,7 +275,7 @@ def test_fused_op_cpu_auto_mirrors_the_rule() -> None:
     512 output pixels where the rule uses 256)."""
     told, wrong = _mirror_picks("cpu")
     # Not vacuous: the cases between the old and the new threshold are among those told apart.
-    assert {"256 px", "484 px", "225 px", "529 px"} <= told, told
+    assert {"256 px", "484 px", "225 px", "529 px", "31 x 4x4", "32 x 4x4"} <= told, told
     assert not wrong, wrong
 
 

@@ -70,12 +70,15 @@ inline void check_max_col_bytes(const char* op, int64_t max_col_bytes) {
 // forward's algorithm (the fused eval backward recomputes the ReLU mask from it).
 // tests/test_algo_rule.py holds the two to the same choices.
 // CPU (measured): the direct kernel for grouped layers and for unstrided planes of at least 256
-// output pixels with 8 or more input channels per group; im2col for 1x1 kernels, small planes,
+// output pixels with 8 or more input channels per group, or of at least 512 over the batch for
+// float32 with 16 or more (the register-blocked kernel); im2col for 1x1 kernels, small planes,
 // strided layers (_algo: the direct backward loses there) and first layers. CUDA (reasoned): im2col
 // (cuBLAS) only where it is a plain GEMM on the input (1x1, stride 1, no padding, ungrouped, 32 or
 // more channels in and out); the direct kernel otherwise.
 constexpr int64_t kCpuDirectMinPixels = 256;    // _algo.CPU_DIRECT_MIN_PIXELS
 constexpr int64_t kCpuDirectMinChannels = 8;    // _algo.CPU_DIRECT_MIN_CHANNELS
+constexpr int64_t kCpuBlockedMinPixels = 512;   // _algo.CPU_BLOCKED_MIN_PIXELS
+constexpr int64_t kCpuBlockedMinChannels = 16;  // _algo.CPU_DIRECT_NOGRAD_MIN_CHANNELS
 constexpr int64_t kCudaIm2colMinChannels = 32;  // _algo.CUDA_IM2COL_MIN_CHANNELS
 
 inline ConvAlgo resolve_conv_algo(ConvAlgo algo, const Conv2dParams& p, bool cuda) {
@@ -88,11 +91,13 @@ inline ConvAlgo resolve_conv_algo(ConvAlgo algo, const Conv2dParams& p, bool cud
     return plain_gemm ? ConvAlgo::kIm2col : ConvAlgo::kDirect;
   }
   if (p.groups > 1) return ConvAlgo::kDirect;
-  if (pointwise || p.sh > 1 || p.sw > 1 || p.h_out * p.w_out < kCpuDirectMinPixels ||
-      p.c_in_per_group() < kCpuDirectMinChannels) {
+  if (pointwise || p.sh > 1 || p.sw > 1 || p.c_in_per_group() < kCpuDirectMinChannels)
     return ConvAlgo::kIm2col;
-  }
-  return ConvAlgo::kDirect;
+  const bool blocked = p.dtype == at::kFloat && p.c_in_per_group() >= kCpuBlockedMinChannels;
+  const int64_t pixels = p.h_out * p.w_out;
+  if (pixels >= kCpuDirectMinPixels || (blocked && p.n * pixels >= kCpuBlockedMinPixels))
+    return ConvAlgo::kDirect;
+  return ConvAlgo::kIm2col;
 }
 
 // How a convolution runs: the engine ("auto": the rule above), the direct kernel's variant

@@ -81,6 +81,7 @@ Conv2dParams conv2d_params(const char* op, const at::Tensor& input, const at::Te
   check_same(op, "weight", weight, "input", input);
   Conv2dParams p;
   p.batched = input.dim() == 4;
+  p.dtype = input.scalar_type();
   const int64_t off = p.batched ? 1 : 0;
   p.n = p.batched ? input.size(0) : 1;
   p.c_in = input.size(off);

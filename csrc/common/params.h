@@ -22,6 +22,7 @@ struct Conv2dParams {
   int64_t c_out = 0, kh = 0, kw = 0;
   int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, groups = 1;
   int64_t h_out = 0, w_out = 0;
+  at::ScalarType dtype = at::kFloat;  // the input's
 
   int64_t c_in_per_group() const { return c_in / groups; }
   int64_t c_out_per_group() const { return c_out / groups; }
