@@ -438,6 +438,19 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
     for (const int64_t t : c.tap) c.offset.push_back(taps.offset[t]);
     return c;
   };
+  // The kernel's arguments for class c's taps on filter block b of group g.
+  const auto args_of = [&](const Class& c, int64_t g, int64_t b) {
+    const int64_t n = static_cast<int64_t>(c.tap.size());
+    return ConvArgs{c.offset.data(),
+                    n,
+                    chans,
+                    sw * src.pix,
+                    filter.data() + (g * blocks + b) * block,
+                    ocb,
+                    n < ntaps ? c.tap.data() : nullptr,
+                    ntaps,
+                    c.opix.empty() ? nullptr : c.opix.data()};
+  };
   if (wo < k.row_block) {
     // Narrow planes (ResNet's 7x7, VGG's 4x4 and 2x2): the pixels of several samples run as one
     // sequence, so that register blocks are full (a 2x2 plane alone fills 4 of 12) and one filter
@@ -504,16 +517,8 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
             const float* x = src.data + n0 * src.sample + g * chans;
             for (const Class& c : classes) {
               const int64_t np = static_cast<int64_t>(c.pix.size()) / run * nn;
-              const ConvArgs a{c.offset.data(),
-                               static_cast<int64_t>(c.tap.size()),
-                               chans,
-                               sw * src.pix,
-                               filter.data() + (g * blocks + b) * block,
-                               ocb,
-                               static_cast<int64_t>(c.tap.size()) < ntaps ? c.tap.data() : nullptr,
-                               ntaps,
-                               c.opix.data()};
-              k.conv_plane[div_up(nout, k.lanes)](a, x, c.pix.data(), np, tile.data());
+              k.conv_plane[div_up(nout, k.lanes)](args_of(c, g, b), x, c.pix.data(), np,
+                                                  tile.data());
             }
             for (int64_t n = 0; n < nn; ++n) {
               for (int64_t oy = 0; oy < ho; ++oy)
@@ -540,17 +545,8 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
       const int64_t oy = item % ho, b = item / ho % blocks, g = item / (ho * blocks) % groups;
       const int64_t n = item / (ho * blocks * groups);
       const int64_t nout = std::min(ocb, outs - b * ocb);
-      const Class& c = row_taps[oy];
-      const ConvArgs a{c.offset.data(),
-                       static_cast<int64_t>(c.tap.size()),
-                       chans,
-                       sw * src.pix,
-                       filter.data() + (g * blocks + b) * block,
-                       ocb,
-                       static_cast<int64_t>(c.tap.size()) < ntaps ? c.tap.data() : nullptr,
-                       ntaps};
       const float* x = src.data + n * src.sample + oy * sh * src.row + g * chans;
-      k.conv_row[div_up(nout, k.lanes)](a, x, wo, tile.data());
+      k.conv_row[div_up(nout, k.lanes)](args_of(row_taps[oy], g, b), x, wo, tile.data());
       store(n, g, b * ocb, nout, oy, tile.data());
     }
   });
