@@ -9,8 +9,11 @@
 // the same kernel on the zero-bordered grad_output with the flipped, transposed filter, once per
 // stride phase (only the taps that reach it: no products with the zeros between strided
 // outputs); grad_weight swaps pixels and channels: RC input channels x ocb output channels
-// reduced over pixels. Work is split over samples, groups, channel blocks and rows; each output
-// element is summed by one task in a fixed order, so results do not depend on the thread count.
+// reduced over pixels. A tap that reads only the zero border is skipped, as oneDNN does (pixels
+// of narrow planes in classes by their taps, rows by their tap rows, grad_weight's calls cut to
+// the rows and columns with data). Work is split over samples, groups, channel blocks and rows;
+// each output element is summed by one task in a fixed order, so results do not depend on the
+// thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
