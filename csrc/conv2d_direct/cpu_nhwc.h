@@ -418,6 +418,17 @@ struct Taps {
   bool col_reaches(int64_t t, int64_t x) const { return x + dx[t] >= x0 && x + dx[t] < x1; }
 };
 
+// The layer's taps on a Source of its input made with borders (ph, pw): forward and grad_weight.
+inline Taps input_taps(const Conv2dParams& p, const Source& src) {
+  Taps taps{{}, {}, {}, p.ph, p.ph + p.h, p.pw, p.pw + p.w};
+  for (int64_t t = 0; t < p.kh * p.kw; ++t) {
+    taps.dy.push_back((t / p.kw) * p.dh);
+    taps.dx.push_back((t % p.kw) * p.dw);
+    taps.offset.push_back(taps.dy.back() * src.row + taps.dx.back() * src.pix);
+  }
+  return taps;
+}
+
 // Runs the conv kernel over `count` samples of `src`: ho x wo output pixels whose windows start
 // at source pixel (oy * sh, ox * sw), reduced over `chans` channels per group (group g's start at
 // channel g * chans) and `taps`, with the filter packed in blocks of ocb outputs (conv_width).
@@ -479,29 +490,16 @@ void run_conv(const Kernels& k, const Source& src, int64_t count, int64_t groups
     }
     std::vector<int64_t> every(ntaps);
     for (int64_t t = 0; t < ntaps; ++t) every[t] = t;
+    std::map<std::vector<int64_t>, std::vector<int64_t>> merged;
+    for (const auto& [tap, js] : by_taps) {
+      const bool small = count * static_cast<int64_t>(js.size()) < k.row_block;
+      std::vector<int64_t>& dst = merged[small ? every : tap];
+      dst.insert(dst.end(), js.begin(), js.end());
+    }
     std::vector<Class> classes;
-    std::vector<int64_t> rest;
-    for (auto& [tap, js] : by_taps) {
-      if (tap != every && count * static_cast<int64_t>(js.size()) < k.row_block) {
-        rest.insert(rest.end(), js.begin(), js.end());
-      } else {
-        classes.push_back(make_class(tap));
-        classes.back().pix = std::move(js);  // plane pixels for now
-      }
-    }
-    if (!rest.empty()) {
-      auto full = std::find_if(classes.begin(), classes.end(),
-                               [&](const Class& c) { return c.tap == every; });
-      if (full == classes.end()) {
-        classes.push_back(make_class(every));
-        full = classes.end() - 1;
-      }
-      full->pix.insert(full->pix.end(), rest.begin(), rest.end());
-    }
-    // Sample-major: a shorter last run takes a prefix.
-    for (Class& c : classes) {
-      const std::vector<int64_t> js = std::move(c.pix);
-      c.pix.clear();
+    for (const auto& [tap, js] : merged) {
+      Class& c = classes.emplace_back(make_class(tap));
+      // Sample-major: a shorter last run takes a prefix.
       for (int64_t n = 0; n < run; ++n) {
         for (const int64_t j : js) {
           c.pix.push_back(n * src.sample + j / wo * sh * src.row + j % wo * sw * src.pix);
@@ -639,13 +637,8 @@ inline void forward(const Conv2dParams& p, CpuIsa isa, const at::Tensor& input,
   for (int64_t n0 = 0; n0 < p.n; n0 += step) {
     const int64_t count = std::min(step, p.n - n0);
     const Source src = make_source(k, input, n0, count, rows, cols, p.ph, p.pw);
-    Taps taps{{}, {}, {}, p.ph, p.ph + p.h, p.pw, p.pw + p.w};
-    for (int64_t t = 0; t < ntaps; ++t) {
-      taps.dy.push_back((t / p.kw) * p.dh);
-      taps.dx.push_back((t % p.kw) * p.dw);
-      taps.offset.push_back(taps.dy.back() * src.row + taps.dx.back() * src.pix);
-    }
-    run_conv(k, src, count, p.groups, cin, cout, p.h_out, p.w_out, p.sh, p.sw, taps, *filter, ocb,
+    run_conv(k, src, count, p.groups, cin, cout, p.h_out, p.w_out, p.sh, p.sw, input_taps(p, src),
+             *filter, ocb,
              [&](int64_t n, int64_t g, int64_t o0, int64_t nout, int64_t oy, const float* tile) {
                float* dst = out + (n0 + n) * os.n + (g * cout + o0) * os.c + oy * os.h;
                store_row(k, tile, ocb, p.w_out, nout, dst, os.c, os.w,
@@ -827,9 +820,7 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
         }
       }
     });
-    std::vector<int64_t> taps;
-    for (int64_t t = 0; t < ntaps; ++t)
-      taps.push_back((t / p.kw) * p.dh * src.row + (t % p.kw) * p.dw * src.pix);
+    const Taps taps = input_taps(p, src);
     const int64_t item_work = count * hw * ntaps * run_chans * ocb;
     // Per tap, the rows of each call's block and the columns whose input pixel holds data: the
     // rest would only multiply the zero border (a 4x4 plane's 3x3 windows: 100 of 144 products).
@@ -841,20 +832,12 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
       return s;
     };
     std::vector<std::pair<int64_t, int64_t>> row_span, col_span;
-    for (int64_t t = 0; t < ntaps; ++t) {
-      const int64_t dx = (t % p.kw) * p.dw;
-      col_span.push_back(span(p.w_out, [&](int64_t q) {
-        const int64_t xs = q * p.sw + dx;
-        return xs >= p.pw && xs < p.pw + p.w;
-      }));
-    }
+    for (int64_t t = 0; t < ntaps; ++t)
+      col_span.push_back(span(p.w_out, [&](int64_t q) { return taps.col_reaches(t, q * p.sw); }));
     for (int64_t oy = 0; oy < p.h_out; oy += nrows) {
       for (int64_t t = 0; t < ntaps; ++t) {
-        const int64_t dy = (t / p.kw) * p.dh;
-        row_span.push_back(span(std::min(nrows, p.h_out - oy), [&](int64_t r) {
-          const int64_t ys = (oy + r) * p.sh + dy;
-          return ys >= p.ph && ys < p.ph + p.h;
-        }));
+        row_span.push_back(span(std::min(nrows, p.h_out - oy),
+                                [&](int64_t r) { return taps.row_reaches(t, (oy + r) * p.sh); }));
       }
     }
     // Samples [n, n + m) from output row oy on, as one kernel call reads them.
@@ -921,7 +904,7 @@ inline void grad_weight(const Conv2dParams& p, CpuIsa isa, const at::Tensor& gra
                 if (r0 >= r1 || q0 >= q1) continue;
                 GwArgs at = a;
                 at.nrows = r1 - r0, at.wo = q1 - q0, at.grow = p.w_out * cgo;
-                k.gw_run[nv](at, cb, xr + taps[t] + c + r0 * a.xrow + q0 * a.xstep,
+                k.gw_run[nv](at, cb, xr + taps.offset[t] + c + r0 * a.xrow + q0 * a.xstep,
                              gr + (r0 * p.w_out + q0) * cgo,
                              part.data() + (t * run_chans + c) * ocb);
               }
